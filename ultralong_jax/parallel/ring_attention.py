@@ -1,0 +1,281 @@
+"""Sequence-parallel attention over the mesh's `sequence` axis: ring and all-gather strategies.
+
+q [B, T, N, H], k, v [B, S=T, K, H] arrive sharded as the sharding table says (length over
+`sequence`, batch over data/fsdp, heads over `tensor`); inside `jax.shard_map` every device holds
+T / n tokens in the chosen layout and loops over the n key/value blocks:
+
+  strategy="ring"       K/V (and their segment ids) travel one hop per step with `ppermute`; the
+                        next hop is issued before the current block's compute so the two overlap.
+  strategy="allgather"  K/V are all-gathered once (MaxText's default: with GQA they are N/K times
+                        smaller than Q) and sliced per step; dK/dV are reduce-scattered back.
+
+Partial results merge by log-sum-exp. The backward pass is a custom VJP that runs the same loop
+again from the saved (q, k, v, out, lse) of the local block only: for the ring, dK/dV accumulators
+travel with K/V and take one extra hop home, so per-device memory stays O(T / n).
+
+Causal zigzag schedule (device i holds chunks i and 2n-1-i, c = T / 2n tokens each; at step s it
+holds the K/V of device j = i - s mod n): step 0 is the local block (q0·k0 causal, q1·k0 full,
+q1·k1 causal); a step with j < i needs q0·k0 and q1·k0, one with j > i needs q1·k0 and q1·k1, all
+full c x c blocks. Every device does 3 + 2(n-1) block products of c x c: equal work, and only the
+two diagonal blocks carry masked-out halves. Non-causal attention does one full block per step.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from ultralong_jax.parallel import block_attention, layout as layout_lib, sharding
+
+STRATEGIES = ("ring", "allgather")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static description of one sharded attention call (hashable: a custom_vjp nondiff arg)."""
+  axis: str
+  n: int
+  strategy: str
+  layout: str
+  causal: bool
+  scale: float
+  kernel: str
+
+
+def _blocks(plan: _Plan, step: int, i, j, length: int):
+  """Sub-block products of one step: (q_start, q_len, kv_start, kv_len, causal, valid).
+
+  Starts may be traced (they depend on the device index i); lengths and `causal` are static;
+  `valid` is None (always computed) or a traced bool (computed under lax.cond).
+  """
+  if not plan.causal:
+    return [(0, length, 0, length, False, None)]
+  if plan.layout == "contiguous":
+    if step == 0:
+      return [(0, length, 0, length, True, None)]
+    return [(0, length, 0, length, False, j < i)]
+  c = length // 2
+  if step == 0:
+    return [(0, c, 0, c, True, None), (c, c, 0, c, False, None), (c, c, c, c, True, None)]
+  half = jnp.where(j < i, 0, c)
+  return [(half, c, 0, c, False, None), (c, c, half, c, False, None)]
+
+
+def _slice(x, start, size, axis=1):
+  return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _add_at(acc, update, start, axis=1):
+  size = update.shape[axis]
+  return jax.lax.dynamic_update_slice_in_dim(
+      acc, _slice(acc, start, size, axis) + update, start, axis)
+
+
+class _KVSource:
+  """Yields each step's K/V block: by ring rotation or by slicing an all-gathered copy."""
+
+  def __init__(self, plan: _Plan, kv):
+    self.plan = plan
+    if plan.strategy == "allgather":
+      self.full = jax.tree.map(
+          lambda x: jax.lax.all_gather(x, plan.axis, axis=1, tiled=True), kv)
+      self.local = kv[0].shape[1]
+    else:
+      self.current = kv
+
+  def block(self, j):
+    if self.plan.strategy == "allgather":
+      return jax.tree.map(lambda x: _slice(x, j * self.local, self.local), self.full)
+    return self.current
+
+  def advance(self):
+    if self.plan.strategy == "ring":
+      self.current = _rotate(self.plan, self.current)
+
+
+def _rotate(plan: _Plan, tree):
+  perm = [(d, (d + 1) % plan.n) for d in range(plan.n)]
+  return jax.tree.map(lambda x: jax.lax.ppermute(x, plan.axis, perm), tree)
+
+
+def _forward(plan: _Plan, q, k, v, seg):
+  """Local forward: q [B, T, K, G, H] (this device's tokens), k, v [B, T, K, H], seg [B, T]."""
+  kernel = block_attention.KERNELS[plan.kernel]
+  b, t, kh, g, h = q.shape
+  i = jax.lax.axis_index(plan.axis)
+  out = jnp.zeros((b, t, kh, g, h), jnp.float32)
+  lse = jnp.full((b, kh, g, t), block_attention.NEG_INF, jnp.float32)
+  source = _KVSource(plan, (k, v, seg))
+  for step in range(plan.n):
+    j = (i - step) % plan.n
+    kb, vb, sb = source.block(j)
+    if step + 1 < plan.n:
+      source.advance()  # next hop in flight while this block computes
+    for qs, ql, ks, kl, causal, valid in _blocks(plan, step, i, j, t):
+      args = (_slice(q, qs, ql), _slice(kb, ks, kl), _slice(vb, ks, kl),
+              _slice(seg, qs, ql), _slice(sb, ks, kl))
+      compute = functools.partial(kernel.forward, *args, causal=causal, scale=plan.scale)
+      if valid is None:
+        o_blk, l_blk = compute()
+      else:
+        empty = (jnp.zeros((b, ql, kh, g, h), jnp.float32),
+                 jnp.full((b, kh, g, ql), block_attention.NEG_INF, jnp.float32))
+        o_blk, l_blk = jax.lax.cond(valid, compute, lambda: empty)
+      o_new, l_new = block_attention.merge(
+          _slice(out, qs, ql), _slice(lse, qs, ql, 3), o_blk, l_blk)
+      out = jax.lax.dynamic_update_slice_in_dim(out, o_new, qs, 1)
+      lse = jax.lax.dynamic_update_slice_in_dim(lse, l_new, qs, 3)
+  return out, lse
+
+
+def _backward(plan: _Plan, q, k, v, seg, out, lse, dout):
+  """Local backward: the forward's loop again, dK/dV accumulated per K/V block."""
+  kernel = block_attention.KERNELS[plan.kernel]
+  t = q.shape[1]
+  i = jax.lax.axis_index(plan.axis)
+  delta = jnp.einsum("BTKGH,BTKGH->BKGT", dout.astype(jnp.float32), out)
+  dq = jnp.zeros(q.shape, jnp.float32)
+  source = _KVSource(plan, (k, v, seg))
+  if plan.strategy == "allgather":
+    dk = jnp.zeros(source.full[0].shape, jnp.float32)
+  else:
+    dk = jnp.zeros(k.shape, jnp.float32)
+  dv = jnp.zeros_like(dk)
+  for step in range(plan.n):
+    j = (i - step) % plan.n
+    kb, vb, sb = source.block(j)
+    if step + 1 < plan.n:
+      source.advance()
+    # Ring: this step's dK/dV accumulators are those of block j, which traveled with it.
+    offset = j * t if plan.strategy == "allgather" else 0
+    for qs, ql, ks, kl, causal, valid in _blocks(plan, step, i, j, t):
+      args = (_slice(q, qs, ql), _slice(kb, ks, kl), _slice(vb, ks, kl),
+              _slice(seg, qs, ql), _slice(sb, ks, kl), _slice(out, qs, ql),
+              _slice(lse, qs, ql, 3), _slice(dout, qs, ql), _slice(delta, qs, ql, 3))
+      compute = functools.partial(kernel.backward, *args, causal=causal, scale=plan.scale)
+      if valid is None:
+        dq_b, dk_b, dv_b = compute()
+      else:
+        zeros = lambda: (jnp.zeros(args[0].shape, jnp.float32),
+                         jnp.zeros(args[1].shape, jnp.float32),
+                         jnp.zeros(args[2].shape, jnp.float32))
+        dq_b, dk_b, dv_b = jax.lax.cond(valid, compute, zeros)
+      dq = _add_at(dq, dq_b, qs)
+      dk = _add_at(dk, dk_b, offset + ks)
+      dv = _add_at(dv, dv_b, offset + ks)
+    if plan.strategy == "ring":
+      # After the last step's compute the accumulators take the hop home (n hops in total).
+      dk, dv = _rotate(plan, (dk, dv))
+  if plan.strategy == "allgather":
+    dk, dv = (jax.lax.psum_scatter(x, plan.axis, scatter_dimension=1, tiled=True)
+              for x in (dk, dv))
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(plan, q, k, v, seg):
+  out, _ = _forward(plan, q, k, v, seg)
+  return out.astype(q.dtype)
+
+
+def _attend_fwd(plan, q, k, v, seg):
+  out, lse = _forward(plan, q, k, v, seg)
+  # Residuals are this device's blocks only: O(T / n) memory.
+  return out.astype(q.dtype), (q, k, v, seg, out, lse)
+
+
+def _attend_bwd(plan, res, dout):
+  q, k, v, seg, out, lse = res
+  dq, dk, dv = _backward(plan, q, k, v, seg, out, lse, dout)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _local(plan: _Plan, q, k, v, seg=None):
+  b, t, n_heads, h = q.shape
+  kv_heads = k.shape[2]
+  out = _attend(plan, q.reshape(b, t, kv_heads, n_heads // kv_heads, h), k, v, seg)
+  return out.reshape(b, t, n_heads, h)
+
+
+def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, causal: bool = True,
+                   scale: float | None = None, strategy: str = "ring", layout: str = "zigzag",
+                   kernel: str = "auto"):
+  """Attention with the length sharded over the mesh's sequence axis.
+
+  Args:
+    q: [B, T, N, H] queries, k, v: [B, T, K, H] keys/values (N divisible by K: GQA, never
+      repeated), all in `layout` order (see layout.zigzag_permute) when causal.
+    mesh: the device mesh; axes come from the sharding table (sharding.LOGICAL_AXIS_RULES).
+    positions: unused (RoPE is applied before); causal order comes from the layout.
+    segment_ids: [B, T] int, tokens attend only within equal ids (0 = padding is allowed).
+    causal: causal mask in original token order.
+    scale: score scale, default 1/sqrt(H).
+    strategy: "ring" (ppermute K/V) or "allgather" (gather K/V once).
+    layout: "zigzag" (balanced causal work) or "contiguous" (unbalanced; for comparison).
+    kernel: "auto" | "xla" | "cudnn" | "dpa_xla" (block_attention.select_kernel).
+  Returns:
+    [B, T, N, H] attention output, sharded like q.
+  """
+  del positions
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+    raise ValueError(f"expected q [B,T,N,H], k and v [B,S,K,H]; got {q.shape}, {k.shape}, {v.shape}")
+  b, t, n_heads, h = q.shape
+  if k.shape[0] != b or k.shape[1] != t or k.shape[3] != h:
+    raise ValueError(f"ring attention is self-attention: k/v {k.shape} must be [B={b}, S=T={t}, "
+                     f"K, H={h}]")
+  if n_heads % k.shape[2]:
+    raise ValueError(f"query heads N={n_heads} must be a multiple of kv heads K={k.shape[2]}")
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
+  if segment_ids is not None and segment_ids.shape != (b, t):
+    raise ValueError(f"segment_ids {segment_ids.shape} must be [B, T] = {(b, t)}")
+  axis = sharding.mesh_axes_of("length", mesh)
+  if len(axis) != 1:
+    raise ValueError(f"the sharding table must map 'length' to one mesh axis; got {axis}")
+  axis = axis[0]
+  n = mesh.shape[axis]
+  if causal:
+    layout_lib.check_length(t, n, layout)
+  elif t % n:
+    raise ValueError(f"sequence length {t} is not divisible by the sequence axis size {n}")
+  q_spec = sharding.logical_to_spec(("batch", "length", "heads", "head_dim"), mesh)
+  kv_spec = sharding.logical_to_spec(("batch", "length", "kv_heads", "head_dim"), mesh)
+  for name, x, spec in (("q", q, q_spec), ("k/v", k, kv_spec)):
+    sharding.check_divisible(name, x.shape, spec, mesh)
+  seg_spec = sharding.logical_to_spec(("batch", "length"), mesh)
+  plan = _Plan(axis=axis, n=n, strategy=strategy, layout=layout, causal=causal,
+               scale=float(scale if scale is not None else 1.0 / math.sqrt(h)),
+               kernel=block_attention.select_kernel(
+                   kernel, has_segment_ids=segment_ids is not None,
+                   platform=mesh.devices.flat[0].platform))
+  args, specs = (q, k, v), (q_spec, kv_spec, kv_spec)
+  if segment_ids is not None:
+    args, specs = args + (segment_ids,), specs + (seg_spec,)
+  fn = jax.shard_map(functools.partial(_local, plan), mesh=mesh, in_specs=specs,
+                     out_specs=q_spec, check_vma=False)
+  return fn(*args)
+
+
+def make_attention_fn(mesh: Mesh, **options):
+  """An `attention_fn` for the model: ring_attention when the sequence axis is > 1, else plain.
+
+  The callable has the model's signature `(q, k, v, *, positions, segment_ids, causal, scale)`;
+  `options` are ring_attention's strategy/layout/kernel. With a zigzag layout the batch must have
+  been permuted once with layout.zigzag_permute.
+  """
+  axis = sharding.mesh_axes_of("length", mesh)
+  if not axis or mesh.shape[axis[0]] == 1:
+    from ultralong_jax.modeling.attention import dot_product_attention  # pylint: disable=g-import-not-at-top
+    return dot_product_attention
+
+  def attention_fn(q, k, v, *, positions=None, segment_ids=None, causal=True, scale=None):
+    return ring_attention(q, k, v, mesh=mesh, positions=positions, segment_ids=segment_ids,
+                          causal=causal, scale=scale, **options)
+
+  return attention_fn
