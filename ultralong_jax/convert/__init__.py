@@ -1,0 +1,1 @@
+"""Hugging Face safetensors <-> project checkpoints (API in `api`, CLI in `__main__`)."""

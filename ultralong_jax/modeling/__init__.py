@@ -1,0 +1,1 @@
+"""Flax NNX Llama: config, RoPE scaling, attention reference, layers, presets."""

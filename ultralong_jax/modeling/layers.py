@@ -1,0 +1,79 @@
+"""The math of one Llama decoder layer, as pure functions of arrays.
+
+Shapes: B batch, T length, D width, F MLP width, N query heads, K kv heads, H head dim.
+Parameters of one layer arrive as a dict (a slice of the stacked [L, ...] parameters).
+Formulas follow transformers' `modeling_llama` (LlamaRMSNorm, LlamaMLP, LlamaAttention).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from ultralong_jax.modeling import rope
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """LlamaRMSNorm: normalize in float32, cast back to x's dtype, then scale."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def _dense(x: jax.Array, w: jax.Array, spec: str, bias: jax.Array | None = None) -> jax.Array:
+  y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+def self_attention(
+    p: Mapping[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array, *,
+    positions: jax.Array, segment_ids: jax.Array | None, attention_fn: Callable[..., jax.Array],
+) -> jax.Array:
+  """x [B,T,D] -> [B,T,D]. q/k rotated by cos/sin [B,T,H]; causal attention through attention_fn."""
+  q = _dense(x, p["wq"], "BTD,DNH->BTNH", p.get("bq"))
+  k = _dense(x, p["wk"], "BTD,DKH->BTKH", p.get("bk"))
+  v = _dense(x, p["wv"], "BTD,DKH->BTKH", p.get("bv"))
+  q = checkpoint_name(rope.apply_rope(q, cos, sin), "query")
+  k = checkpoint_name(rope.apply_rope(k, cos, sin), "key")
+  v = checkpoint_name(v, "value")
+  out = attention_fn(q, k, v, positions=positions, segment_ids=segment_ids, causal=True,
+                     scale=q.shape[-1] ** -0.5)
+  out = checkpoint_name(out, "attention_out")
+  return _dense(out, p["wo"], "BTNH,NHD->BTD", p.get("bo"))
+
+
+def swiglu_mlp(p: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
+  """LlamaMLP: down(silu(gate(x)) * up(x)), x [B,T,D] -> [B,T,D] through width F."""
+  gate = _dense(x, p["w_gate"], "BTD,DF->BTF", p.get("b_gate"))
+  up = _dense(x, p["w_up"], "BTD,DF->BTF", p.get("b_up"))
+  return _dense(jax.nn.silu(gate) * up, p["w_down"], "BTF,FD->BTD", p.get("b_down"))
+
+
+def decoder_layer(
+    p: Mapping[str, jax.Array], h: jax.Array, cos: jax.Array, sin: jax.Array, *,
+    positions: jax.Array, segment_ids: jax.Array | None, attention_fn: Callable[..., Any],
+    eps: float,
+) -> jax.Array:
+  """Pre-norm residual block: h + attn(norm(h)), then + mlp(norm(h)). h [B,T,D]."""
+  h = h + self_attention(p, rms_norm(h, p["attn_norm"], eps), cos, sin, positions=positions,
+                         segment_ids=segment_ids, attention_fn=attention_fn)
+  return h + swiglu_mlp(p, rms_norm(h, p["mlp_norm"], eps))
+
+
+def remat_policy(name: str):
+  """Maps a config name to `jax.checkpoint` settings: None (no remat) or a policy callable."""
+  policies = jax.checkpoint_policies
+  return {
+      "none": None,
+      "full": policies.nothing_saveable,
+      "dots": policies.checkpoint_dots,
+      "dots_no_batch": policies.dots_with_no_batch_dims_saveable,
+      # Keep what is costly to recompute at long length (q, k, v and the attention output), redo
+      # the cheap MLP: at 1M tokens attention dominates the FLOPs.
+      "qkv_attention": policies.save_only_these_names("query", "key", "value", "attention_out"),
+  }[name]

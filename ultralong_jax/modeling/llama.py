@@ -1,0 +1,161 @@
+"""Flax NNX Llama (Llama 2/3/3.1/3.2 architecture) with stacked, scanned layers.
+
+Shapes: B batch, T length, D width, F MLP width, V vocab, L layers, N query heads, K kv heads,
+H head dim. Parameters carry logical axis names (`out_sharding` metadata; the one table mapping
+them to mesh axes lives in `ultralong_jax.parallel.sharding`):
+
+  embed        [V, D]        (vocab, embed)
+  layers.*     [L, ...]      (layers, ...)   e.g. wq [L, D, N, H] (layers, embed, heads, head_dim)
+  final_norm   [D]           (embed,)
+  lm_head      [D, V]        (embed, vocab)  absent when embeddings are tied
+
+The layer stack is one `jax.lax.scan` over the [L, ...] parameters, so compile time does not grow
+with depth; each step may be rematerialized by `config.remat_policy`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ultralong_jax.modeling import attention as attention_lib
+from ultralong_jax.modeling import layers, rope
+from ultralong_jax.modeling.config import LlamaConfig
+
+
+def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
+  # eager_sharding=False: sharding is applied from the logical names by parallel/sharding.py's
+  # rules, not at creation under whatever mesh happens to be current.
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+def layer_param_shapes(config: LlamaConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+  """Per-layer parameter name -> (shape without L, logical axis names without `layers`)."""
+  D, F, N, K, H = (config.hidden_size, config.intermediate_size, config.num_heads,
+                   config.num_kv_heads, config.head_dim)
+  shapes = {
+      "attn_norm": ((D,), ("embed",)),
+      "wq": ((D, N, H), ("embed", "heads", "head_dim")),
+      "wk": ((D, K, H), ("embed", "kv_heads", "head_dim")),
+      "wv": ((D, K, H), ("embed", "kv_heads", "head_dim")),
+      "wo": ((N, H, D), ("heads", "head_dim", "embed")),
+      "mlp_norm": ((D,), ("embed",)),
+      "w_gate": ((D, F), ("embed", "mlp")),
+      "w_up": ((D, F), ("embed", "mlp")),
+      "w_down": ((F, D), ("mlp", "embed")),
+  }
+  if config.attention_bias:
+    shapes.update({
+        "bq": ((N, H), ("heads", "head_dim")),
+        "bk": ((K, H), ("kv_heads", "head_dim")),
+        "bv": ((K, H), ("kv_heads", "head_dim")),
+        "bo": ((D,), ("embed",)),
+    })
+  if config.mlp_bias:
+    shapes.update({
+        "b_gate": ((F,), ("mlp",)),
+        "b_up": ((F,), ("mlp",)),
+        "b_down": ((D,), ("embed",)),
+    })
+  return shapes
+
+
+class DecoderStack(nnx.Module):
+  """All L decoder layers, each parameter stacked on a leading `layers` axis."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    L, dtype = config.num_layers, jnp.dtype(config.param_dtype)
+    normal = jax.nn.initializers.normal(config.initializer_range)
+    for name, (shape, names) in layer_param_shapes(config).items():
+      is_norm = name.endswith("norm")
+      init = jax.nn.initializers.ones if is_norm else (
+          jax.nn.initializers.zeros if name.startswith("b") else normal)
+      setattr(self, name, _param(rngs, init, (L, *shape), ("layers", *names), dtype))
+    self.names = tuple(layer_param_shapes(config))
+
+  def stacked(self) -> dict[str, jax.Array]:
+    return {name: getattr(self, name)[...] for name in self.names}
+
+
+class Llama(nnx.Module):
+  """`model(input_ids [B,T], positions=None, segment_ids=None) -> logits [B,T,V]` (float32).
+
+  `positions` are global token positions [B,T] (default 0..T-1); sequence sharding and packing
+  need them explicit. `segment_ids` [B,T] restrict attention to tokens of the same segment.
+  `attention_fn` replaces the single-device attention (e.g. ring attention over a mesh).
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs,
+               attention_fn: Callable[..., jax.Array] | None = None):
+    self.config = config
+    self.attention_fn = attention_fn or attention_lib.dot_product_attention
+    dtype = jnp.dtype(config.param_dtype)
+    normal = jax.nn.initializers.normal(config.initializer_range)
+    V, D = config.vocab_size, config.hidden_size
+    self.embed = _param(rngs, normal, (V, D), ("vocab", "embed"), dtype)
+    self.layers = DecoderStack(config, rngs=rngs)
+    self.final_norm = _param(rngs, jax.nn.initializers.ones, (D,), ("embed",), dtype)
+    if not config.tie_word_embeddings:
+      self.lm_head = _param(rngs, normal, (D, V), ("embed", "vocab"), dtype)
+
+  def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    return self.logits(self.hidden_states(input_ids, positions, segment_ids))
+
+  def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """input_ids [B,T] -> final-normed hidden states [B,T,D] in the compute dtype (no LM head)."""
+    config = self.config
+    B, T = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    compute = jnp.dtype(config.dtype)
+    h = jnp.take(self.embed[...], input_ids, axis=0).astype(compute)
+
+    # RoPE tables once per forward, shared by all layers. `dynamic` needs the sequence length,
+    # which transformers takes as max(position_ids) + 1.
+    seq_len = jnp.max(positions) + 1 if (config.rope_scaling or {}).get("rope_type") == "dynamic" \
+        else None
+    inv_freq, attention_scaling = rope.rope_parameters(
+        config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings,
+        seq_len=seq_len)
+    cos, sin = rope.rope_cos_sin(positions, inv_freq, attention_scaling)
+
+    attention_fn, eps = self.attention_fn, config.rms_norm_eps
+
+    def body(h, p):
+      return layers.decoder_layer(p, h, cos, sin, positions=positions, segment_ids=segment_ids,
+                                  attention_fn=attention_fn, eps=eps), None
+
+    policy = layers.remat_policy(config.remat_policy)
+    if policy is not None:
+      # prevent_cse=False is safe (and faster) inside scan, per the jax.checkpoint docs.
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    h, _ = jax.lax.scan(body, h, self.layers.stacked())
+    return layers.rms_norm(h, self.final_norm[...], eps)
+
+  def lm_head_weight(self) -> jax.Array:
+    """[D, V] output projection (the transposed embedding when tied)."""
+    if self.config.tie_word_embeddings:
+      return self.embed[...].T
+    return self.lm_head[...]
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden [B,T,D] -> logits [B,T,V] in float32 (matmul in the compute dtype)."""
+    w = self.lm_head_weight().astype(hidden.dtype)
+    return jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=jnp.float32)
+
+
+def init_model(config: LlamaConfig, seed: int = 0,
+               attention_fn: Callable[..., jax.Array] | None = None) -> Llama:
+  """A randomly initialized model (HF's init: normal(initializer_range), norms at 1)."""
+  return Llama(config, rngs=nnx.Rngs(params=seed), attention_fn=attention_fn)
+
+
+def abstract_model(config: LlamaConfig,
+                   attention_fn: Callable[..., jax.Array] | None = None) -> Llama:
+  """The model with ShapeDtypeStruct leaves: nothing allocated (for loading and memory analysis)."""
+  return nnx.eval_shape(lambda: init_model(config, attention_fn=attention_fn))

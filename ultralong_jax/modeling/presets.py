@@ -1,0 +1,72 @@
+"""Model presets: Llama-3.1-8B (and its UltraLong 1M/2M/4M RoPE settings), Llama-3.2-1B, tiny.
+
+Shapes are those of the published Hugging Face config.json files; `get_preset(name)` returns a
+LlamaConfig, and keyword overrides change numerics (dtype, remat) without a new preset.
+"""
+
+from __future__ import annotations
+
+from ultralong_jax.modeling import rope
+from ultralong_jax.modeling.config import LlamaConfig
+
+_LLAMA3_EOS = [128001, 128008, 128009]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+
+# Llama 3.1's own 8K -> 128K extension; UltraLong replaces it with factor 128/256/512.
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+_ULTRALONG = {"1m": 128, "2m": 256, "4m": 512}
+
+
+def llama31_8b(**overrides) -> LlamaConfig:
+  kwargs = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                rope_scaling=LLAMA31_ROPE, max_position_embeddings=131072,
+                tie_word_embeddings=False, bos_token_id=128000, eos_token_id=_LLAMA3_EOS)
+  kwargs.update(overrides)
+  return LlamaConfig(**kwargs)
+
+
+def llama32_1b(**overrides) -> LlamaConfig:
+  kwargs = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
+                rope_scaling={**LLAMA31_ROPE, "factor": 32.0}, max_position_embeddings=131072,
+                tie_word_embeddings=True, bos_token_id=128000, eos_token_id=_LLAMA3_EOS)
+  kwargs.update(overrides)
+  return LlamaConfig(**kwargs)
+
+
+def ultralong(base: LlamaConfig, length: str) -> LlamaConfig:
+  """`base` with the paper's RoPE for 1M / 2M / 4M tokens (factor 128 / 256 / 512 over 8K)."""
+  if length not in _ULTRALONG:
+    raise ValueError(f"UltraLong length {length!r}: use one of {sorted(_ULTRALONG)}.")
+  factor = _ULTRALONG[length]
+  return base.replace(rope_scaling=rope.ultralong_rope_scaling(factor),
+                      max_position_embeddings=8192 * factor)
+
+
+def tiny(**overrides) -> LlamaConfig:
+  """A few-hundred-K-parameter Llama for tests and the CPU demo (GQA 2, head_dim != D/N)."""
+  kwargs = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+                max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
+                eos_token_id=2)
+  kwargs.update(overrides)
+  return LlamaConfig(**kwargs)
+
+
+PRESETS = {
+    "llama31_8b": llama31_8b,
+    "llama31_8b_1m": lambda **kw: ultralong(llama31_8b(**kw), "1m"),
+    "llama31_8b_2m": lambda **kw: ultralong(llama31_8b(**kw), "2m"),
+    "llama31_8b_4m": lambda **kw: ultralong(llama31_8b(**kw), "4m"),
+    "llama32_1b": llama32_1b,
+    "llama32_1b_1m": lambda **kw: ultralong(llama32_1b(**kw), "1m"),
+    "tiny": tiny,
+}
+
+
+def get_preset(name: str, **overrides) -> LlamaConfig:
+  if name not in PRESETS:
+    raise ValueError(f"model preset {name!r} is unknown; use one of {sorted(PRESETS)}.")
+  return PRESETS[name](**overrides)
