@@ -15,3 +15,51 @@ import jax  # noqa: E402
 # The parity tests compare float32 against PyTorch float32; default TPU/GPU-style reduced
 # matmul precision would hide real bugs behind tolerance.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def make_hf_llama(tmp_path):
+  """Factory: a tiny random transformers LlamaForCausalLM saved (safetensors) under tmp_path.
+
+  Returns (torch model in eval mode, directory). Eager attention: the plain reference.
+  """
+  import torch
+  import transformers
+
+  counter = iter(range(1000))
+
+  def make(seed=0, **config_kwargs):
+    kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=2048, rope_theta=10000.0)
+    kwargs.update(config_kwargs)
+    config = transformers.LlamaConfig(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    # transformers initializes norms to 1 and biases to 0; randomize them so the parity tests
+    # would notice a swapped or dropped norm/bias.
+    with torch.no_grad():
+      for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or name.endswith(".bias"):
+          p.add_(0.1 * torch.randn_like(p))
+    out = tmp_path / f"hf_{next(counter)}"
+    model.save_pretrained(out)
+    return model, str(out)
+
+  return make
+
+
+@pytest.fixture
+def hf_logits():
+  """Function: logits of a transformers model for numpy ids/positions, as float32 numpy."""
+  import torch
+
+  def run(model, input_ids, positions=None):
+    with torch.no_grad():
+      pos = None if positions is None else torch.as_tensor(positions)
+      return model(torch.as_tensor(input_ids), position_ids=pos).logits.float().numpy()
+
+  return run

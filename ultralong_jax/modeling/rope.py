@@ -106,10 +106,25 @@ def normalize_rope_scaling(rope_scaling: Mapping[str, Any] | None) -> dict[str, 
   return {"rope_type": rope_type, **params}
 
 
+def _div(a, b) -> jax.Array:
+  """IEEE float32 a / b, as torch computes `tensor / scalar`.
+
+  XLA rewrites division by a constant into multiplication by its reciprocal (not correctly
+  rounded); dividing two materialized arrays, evaluated op by op, is exact.
+  """
+  a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+  return jax.lax.div(a, b)
+
+
+def _rdiv(scalar: float, t: jax.Array) -> jax.Array:
+  """`scalar / tensor` as torch computes it: `tensor.reciprocal() * scalar` (Tensor.__rtruediv__)."""
+  return _div(1.0, t) * jnp.float32(scalar)
+
+
 def _default_inv_freq(base: float, dim: int) -> jax.Array:
   # transformers `_compute_default_rope_parameters`: exponent arange/dim in float32, then pow.
-  exponent = jnp.arange(0, dim, 2, dtype=jnp.int32).astype(jnp.float32) / dim
-  return 1.0 / (jnp.float32(base) ** exponent)
+  exponent = _div(jnp.arange(0, dim, 2, dtype=jnp.int32).astype(jnp.float32), dim)
+  return _rdiv(1.0, jnp.float32(base) ** exponent)
 
 
 def rope_parameters(
@@ -125,34 +140,48 @@ def rope_parameters(
   it may be traced. Mirrors transformers' `ROPE_INIT_FUNCTIONS[rope_type](config, seq_len=...)`.
   """
   params = normalize_rope_scaling(rope_scaling) or {"rope_type": "default"}
+  if params["rope_type"] == "dynamic" and seq_len is not None:
+    return _dynamic_inv_freq(head_dim, rope_theta, params, max_position_embeddings, seq_len), 1.0
+  # Everything else depends on the config only: evaluate it op by op even inside a jit trace, so
+  # XLA's fusion (FMA contraction, constant-division rewrites) cannot perturb the last bits.
+  with jax.ensure_compile_time_eval():
+    return _static_parameters(head_dim, rope_theta, params, max_position_embeddings)
+
+
+def _static_parameters(dim, rope_theta, params, max_position_embeddings):
   rope_type = params["rope_type"]
-  dim = head_dim
   if rope_type == "default":
     return _default_inv_freq(rope_theta, dim), 1.0
 
   if rope_type == "linear":
     # `_compute_linear_scaling_rope_parameters`: scaling positions == scaling frequencies.
-    return _default_inv_freq(rope_theta, dim) / jnp.float32(params["factor"]), 1.0
+    return _div(_default_inv_freq(rope_theta, dim), params["factor"]), 1.0
 
-  if rope_type == "dynamic":
-    # `_compute_dynamic_ntk_parameters`, as re-run by `dynamic_rope_update` when the sequence grows
-    # past max_position_embeddings. Stateless here: the base follows max(seq_len, max_pos).
-    if seq_len is None:
-      return _default_inv_freq(rope_theta, dim), 1.0
-    factor = params["factor"]
-    seq = jnp.maximum(jnp.asarray(seq_len, jnp.int32), max_position_embeddings)
-    seq = seq.astype(jnp.float32)
-    base = rope_theta * ((factor * seq / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
-    exponent = jnp.arange(0, dim, 2, dtype=jnp.int32).astype(jnp.float32) / dim
-    # At seq <= max_pos the formula gives exactly rope_theta in real arithmetic; take the plain
-    # frequencies there so float32 rounding of `base` cannot perturb them.
-    grown = 1.0 / (base.astype(jnp.float32) ** exponent)
-    return jnp.where(seq > max_position_embeddings, grown, _default_inv_freq(rope_theta, dim)), 1.0
+  if rope_type == "dynamic":  # without a sequence length: the init-time (unscaled) frequencies
+    return _default_inv_freq(rope_theta, dim), 1.0
 
   if rope_type == "llama3":
     return _llama3_inv_freq(rope_theta, dim, params), 1.0
 
   return _yarn_parameters(rope_theta, dim, params, max_position_embeddings)
+
+
+def _dynamic_inv_freq(dim, rope_theta, params, max_position_embeddings, seq_len) -> jax.Array:
+  """`_compute_dynamic_ntk_parameters` as re-run by `dynamic_rope_update` once the sequence grows
+  past max_position_embeddings; stateless here: the base follows max(seq_len, max_pos). seq_len
+  may be traced, so this part runs inside the jit (a few ulp from transformers at most)."""
+  factor = params["factor"]
+  seq = jnp.maximum(jnp.asarray(seq_len, jnp.int32), max_position_embeddings)
+  seq_f = seq.astype(jnp.float32)
+  base = rope_theta * (_div(factor * seq_f, max_position_embeddings) - (factor - 1)) ** (
+      dim / (dim - 2))
+  exponent = _div(jnp.arange(0, dim, 2, dtype=jnp.int32).astype(jnp.float32), dim)
+  grown = _rdiv(1.0, base.astype(jnp.float32) ** exponent)
+  # At seq <= max_pos the formula gives exactly rope_theta in real arithmetic; take the plain
+  # frequencies there so float32 rounding of `base` cannot perturb them.
+  with jax.ensure_compile_time_eval():
+    plain = _default_inv_freq(rope_theta, dim)
+  return jnp.where(seq > max_position_embeddings, grown, plain)
 
 
 def _llama3_inv_freq(base: float, dim: int, params: Mapping[str, Any]) -> jax.Array:
@@ -164,10 +193,11 @@ def _llama3_inv_freq(base: float, dim: int, params: Mapping[str, Any]) -> jax.Ar
   old_context_len = params["original_max_position_embeddings"]
   low_freq_wavelen = old_context_len / low_freq_factor
   high_freq_wavelen = old_context_len / high_freq_factor
-  wavelen = 2 * math.pi / inv_freq
-  inv_freq_llama = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-  smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-  smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+  wavelen = _rdiv(2 * math.pi, inv_freq)
+  inv_freq_llama = jnp.where(wavelen > low_freq_wavelen, _div(inv_freq, factor), inv_freq)
+  smooth_factor = _div(_rdiv(old_context_len, wavelen) - low_freq_factor,
+                       high_freq_factor - low_freq_factor)
+  smoothed = _div((1 - smooth_factor) * inv_freq_llama, factor) + smooth_factor * inv_freq_llama
   is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
   return jnp.where(is_medium, smoothed, inv_freq_llama)
 
@@ -205,10 +235,10 @@ def _yarn_parameters(
   if low == high:
     high += 0.001  # transformers' guard against a zero-width ramp
 
-  pos_freqs = jnp.float32(base) ** (jnp.arange(0, dim, 2).astype(jnp.float32) / dim)
-  inv_freq_extrapolation = 1.0 / pos_freqs
-  inv_freq_interpolation = 1.0 / (factor * pos_freqs)
-  ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  pos_freqs = jnp.float32(base) ** _div(jnp.arange(0, dim, 2).astype(jnp.float32), dim)
+  inv_freq_extrapolation = _rdiv(1.0, pos_freqs)
+  inv_freq_interpolation = _rdiv(1.0, jnp.float32(factor) * pos_freqs)
+  ramp = jnp.clip(_div(jnp.arange(dim // 2, dtype=jnp.float32) - low, high - low), 0, 1)
   extrapolation_factor = 1 - ramp
   inv_freq = (inv_freq_interpolation * (1 - extrapolation_factor)
               + inv_freq_extrapolation * extrapolation_factor)
