@@ -1,0 +1,183 @@
+"""The `data` section of a training config: every key documented once, validated in one place.
+
+`default_data_config(stage)` returns the ConfigDict that `configs/*.py` embed as `config.data`;
+`validate_data_config(cfg)` checks it before anything is built and raises `ValueError` naming
+the key and what would work. Pipeline builders (`pretrain.build_pretrain_pipeline`,
+`sft.build_sft_pipeline`) call the validator themselves.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Llama 3 special token ids (meta-llama/Llama-3.1-8B-Instruct tokenizer.json, `added_tokens`).
+LLAMA3_BEGIN_OF_TEXT = 128000
+LLAMA3_END_OF_TEXT = 128001
+LLAMA3_VOCAB_SIZE = 128256
+
+
+def default_data_config(stage: int) -> ml_collections.ConfigDict:
+  """Returns the documented default data config for recipe stage 1 (pretrain) or 2 (SFT).
+
+  Keys shared by both stages:
+    stage: 1 = long-document continued pretraining, 2 = chat instruction tuning.
+    seq_len: L, tokens per row the model sees. Rows are built with L + 1 tokens so that
+      `inputs = row[:-1]`, `targets = row[1:]`. Paper: 1M / 2M / 4M (stage 1), 8K-ish (stage 2).
+    global_batch_size: rows per step over all JAX processes; each process yields
+      `global_batch_size // process_count` rows per batch (paper stage 1: 2).
+    seed: one seed for shuffling, resampling and bin shuffling; same seed -> same batches.
+    num_epochs: passes over the (resampled) data; 0 repeats forever.
+    tokenizer: path to a SentencePiece `.model` or a Hugging Face `tokenizer.json` (or a
+      directory holding one). Stage 1 only needs it for `prepare`; stage 2 tokenizes on the fly.
+    vocab_size: the model's vocabulary size V; any token id >= V is bad input (counted,
+      dropped, or fatal in strict mode).
+    strict: False = skip, count and log bad input; True = raise at the first bad record,
+      naming file and line.
+    num_workers: Grain `mp_prefetch` worker processes (0 = in-process). Packing state lives in
+      the workers, so a resumed run must use the same value.
+    worker_buffer_size: batches each worker prefetches.
+
+  Stage 1 keys:
+    domains: ConfigDict name -> {path, weight[, resample]}: `path` is a directory written by
+      `python -m ultralong_jax.data.prepare`; `weight` is the domain's share of *tokens*
+      (normalized over domains); an optional `resample` sub-dict overrides any of the global
+      resample keys for that domain.
+    resample.short_threshold / short_rate: documents with fewer tokens than the threshold are
+      kept with probability min(rate, 1) (rate < 1 down-samples). Paper section 3.1: < 4K.
+    resample.long_threshold / long_rate: documents with more tokens than the threshold appear
+      `rate` times in expectation (floor(rate) copies + one more with probability frac(rate)).
+      Paper: > 8K. The paper gives the thresholds, not the rates; 0.5 / 2.0 are our defaults.
+    separator_id: token placed between consecutive documents in a row (default Llama 3
+      `<|end_of_text|>`); -1 for none.
+    bos_id: token prepended to every document (-1 = none, the paper's setting).
+    document_mask: False (paper default) = documents attend to each other, positions run
+      0..L-1 over the row, segment_ids are 1 on every real token; True = positions restart
+      per document and segment_ids number the documents in the row (ablation).
+
+  Stage 2 keys:
+    chat_files: comma-separated JSONL (or .jsonl.gz) paths or globs; one chat per line as
+      `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`.
+    max_example_len: token limit per rendered chat (paper: < 8K).
+    over_limit: "drop" or "truncate" examples longer than `max_example_len` (counted).
+    packing: "first_fit" or "best_fit" (Grain's packers) for rows of L + 1 tokens.
+    num_packing_bins: rows a packer fills at once (more bins = less padding, more memory).
+    chat.date_preamble: True renders the official Llama 3.1 template's system block
+      ("Cutting Knowledge Date: December 2023\\nToday Date: <date>\\n\\n") on every chat,
+      also chats without a system message, as `apply_chat_template` does; False emits a
+      system block only for chats that have a system message, without the preamble.
+    chat.date_string: the "Today Date" the template inserts (official default "26 Jul 2024").
+  """
+  if stage not in (1, 2):
+    raise ValueError(f"data.stage: got {stage!r}; use 1 (pretrain) or 2 (SFT).")
+  cfg = ml_collections.ConfigDict()
+  cfg.stage = stage
+  cfg.seq_len = 1_048_576 if stage == 1 else 8192
+  cfg.global_batch_size = 2 if stage == 1 else 8
+  cfg.seed = 0
+  cfg.num_epochs = 0
+  cfg.tokenizer = ""
+  cfg.vocab_size = LLAMA3_VOCAB_SIZE
+  cfg.strict = False
+  cfg.num_workers = 0
+  cfg.worker_buffer_size = 2
+  if stage == 1:
+    cfg.domains = ml_collections.ConfigDict()
+    cfg.resample = ml_collections.ConfigDict(dict(
+        short_threshold=4096, short_rate=0.5, long_threshold=8192, long_rate=2.0))
+    cfg.separator_id = LLAMA3_END_OF_TEXT
+    cfg.bos_id = -1
+    cfg.document_mask = False
+  else:
+    cfg.chat_files = ""
+    cfg.max_example_len = 8192
+    cfg.over_limit = "drop"
+    cfg.packing = "first_fit"
+    cfg.num_packing_bins = 16
+    cfg.chat = ml_collections.ConfigDict(dict(date_preamble=True, date_string="26 Jul 2024"))
+  return cfg
+
+
+_COMMON = {"stage", "seq_len", "global_batch_size", "seed", "num_epochs", "tokenizer",
+           "vocab_size", "strict", "num_workers", "worker_buffer_size"}
+_STAGE_KEYS = {
+    1: _COMMON | {"domains", "resample", "separator_id", "bos_id", "document_mask"},
+    2: _COMMON | {"chat_files", "max_example_len", "over_limit", "packing", "num_packing_bins",
+                  "chat"},
+}
+_RESAMPLE_KEYS = {"short_threshold", "short_rate", "long_threshold", "long_rate"}
+
+
+def _fail(key: str, got, fix: str):
+  raise ValueError(f"data.{key}: got {got!r}; {fix}")
+
+
+def _check_resample(prefix: str, r) -> None:
+  unknown = set(r.keys()) - _RESAMPLE_KEYS
+  if unknown:
+    _fail(f"{prefix}.{sorted(unknown)[0]}", "unknown key", f"use one of {sorted(_RESAMPLE_KEYS)}.")
+  for rate in ("short_rate", "long_rate"):
+    if rate in r and not r[rate] >= 0:
+      _fail(f"{prefix}.{rate}", r[rate], "rates must be >= 0 (0 drops the class, 1 keeps it).")
+  lo, hi = r.get("short_threshold", 0), r.get("long_threshold", 0)
+  if "short_threshold" in r and "long_threshold" in r and lo > hi:
+    _fail(f"{prefix}.short_threshold", lo, f"must be <= long_threshold ({hi}).")
+
+
+def validate_data_config(cfg: ml_collections.ConfigDict, process_count: int = 1) -> None:
+  """Raises ValueError naming the first bad key of `cfg` and what would work."""
+  stage = cfg.get("stage")
+  if stage not in (1, 2):
+    _fail("stage", stage, "use 1 (pretrain) or 2 (SFT).")
+  unknown = set(cfg.keys()) - _STAGE_KEYS[stage]
+  if unknown:
+    _fail(sorted(unknown)[0], "unknown key",
+          f"stage {stage} takes {sorted(_STAGE_KEYS[stage])} (see default_data_config).")
+  missing = _STAGE_KEYS[stage] - set(cfg.keys())
+  if missing:
+    _fail(sorted(missing)[0], "missing", "start from default_data_config(stage).")
+  if cfg.seq_len < 2:
+    _fail("seq_len", cfg.seq_len, "use a positive length of at least 2 tokens.")
+  if cfg.global_batch_size < 1 or cfg.global_batch_size % process_count:
+    _fail("global_batch_size", cfg.global_batch_size,
+          f"use a positive multiple of the JAX process count ({process_count}).")
+  if cfg.num_epochs < 0:
+    _fail("num_epochs", cfg.num_epochs, "use 0 (repeat forever) or a positive count.")
+  if cfg.vocab_size < 1:
+    _fail("vocab_size", cfg.vocab_size, "use the model's vocabulary size (Llama 3: 128256).")
+  if cfg.num_workers < 0 or cfg.worker_buffer_size < 1:
+    _fail("num_workers", cfg.num_workers, "use >= 0 workers and worker_buffer_size >= 1.")
+  if stage == 1:
+    if not cfg.domains:
+      _fail("domains", "{}", "add at least one domain: "
+            "cfg.domains.web = ConfigDict(dict(path='/data/web_tok', weight=1.0)).")
+    for name, dom in cfg.domains.items():
+      extra = set(dom.keys()) - {"path", "weight", "resample"}
+      if extra or "path" not in dom:
+        _fail(f"domains.{name}", sorted(dom.keys()),
+              "a domain takes `path` (a prepared directory), `weight` and optional `resample`.")
+      if not dom.get("weight", 1.0) > 0:
+        _fail(f"domains.{name}.weight", dom.get("weight"), "weights must be > 0.")
+      if "resample" in dom:
+        _check_resample(f"domains.{name}.resample", dom.resample)
+    _check_resample("resample", cfg.resample)
+    if missing_r := _RESAMPLE_KEYS - set(cfg.resample.keys()):
+      _fail(f"resample.{sorted(missing_r)[0]}", "missing", "set all four resample keys.")
+    for key in ("separator_id", "bos_id"):
+      if not -1 <= cfg[key] < cfg.vocab_size:
+        _fail(key, cfg[key], f"use -1 (none) or a token id below vocab_size ({cfg.vocab_size}).")
+  else:
+    if not cfg.chat_files:
+      _fail("chat_files", cfg.chat_files, "give comma-separated JSONL paths or globs.")
+    if not 1 < cfg.max_example_len <= cfg.seq_len + 1:
+      _fail("max_example_len", cfg.max_example_len,
+            f"use 2..seq_len + 1 ({cfg.seq_len + 1}); an example must fit in one row.")
+    if cfg.over_limit not in ("drop", "truncate"):
+      _fail("over_limit", cfg.over_limit, 'use "drop" or "truncate".')
+    if cfg.packing not in ("first_fit", "best_fit"):
+      _fail("packing", cfg.packing, 'use "first_fit" or "best_fit".')
+    if cfg.num_packing_bins < 1:
+      _fail("num_packing_bins", cfg.num_packing_bins, "use at least 1 bin.")
+    if not cfg.tokenizer:
+      _fail("tokenizer", cfg.tokenizer, "stage 2 tokenizes chats: give a tokenizer path.")
+    if set(cfg.chat.keys()) != {"date_preamble", "date_string"}:
+      _fail("chat", sorted(cfg.chat.keys()), "chat takes date_preamble and date_string.")

@@ -1,0 +1,164 @@
+"""Stage-1 pipeline: prepared long documents -> resampled, mixed, separator-joined rows.
+
+  prepared shards (per domain)  --plan-->  resampled document indices (per domain)
+    -> shuffle (per epoch) -> repeat -> this process's slice -> read tokens, append separator
+                                                           (Grain MapDataset, random access)
+    -> mix domains by token weight                         (grain.IterDataset.mix)
+    -> count the realized mix, drop bad documents          (stats.CountingIterDataset)
+    -> grain.experimental.ConcatThenSplitIterDataset       (rows of exactly seq_len + 1)
+    -> features (features.pretrain_features) -> batch -> mp_prefetch workers
+
+Concat-then-split is the packer that matches the recipe: documents run on across row
+boundaries, no padding, so no token is lost or duplicated; first/best-fit would pad instead.
+Memory: the pipeline holds the length arrays (8 bytes per document) and one row in flight per
+worker plus Grain's small read-ahead, never the corpus.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from ultralong_jax.data import bad_input as bi
+from ultralong_jax.data import config as config_lib
+from ultralong_jax.data import features
+from ultralong_jax.data import pipeline
+from ultralong_jax.data import resample
+from ultralong_jax.data import shards
+from ultralong_jax.data import stats
+
+log = logging.getLogger(__name__)
+
+# Documents read ahead per process by Grain's reader threads; bounds memory for long documents.
+_READ_THREADS = 4
+_READ_AHEAD = 32
+
+
+def rates_for(cfg: ml_collections.ConfigDict, domain: ml_collections.ConfigDict
+              ) -> resample.ResampleRates:
+  merged = dict(cfg.resample)
+  if "resample" in domain:
+    merged.update(dict(domain.resample))
+  return resample.ResampleRates(**merged)
+
+
+class _LoadDocument:
+  """Domain document index -> {"tokens": [n + extras], "domain": d} or a Dropped marker."""
+
+  def __init__(self, corpus: shards.PreparedCorpus, domain_id: int, bos_id: int,
+               separator_id: int, vocab_size: int, strict: bool):
+    self._reader = shards.DocumentReader(corpus.shard_paths)
+    self._path = corpus.path
+    self._domain_id = domain_id
+    self._prefix = np.asarray([bos_id] if bos_id >= 0 else [], np.int32)
+    self._suffix = np.asarray([separator_id] if separator_id >= 0 else [], np.int32)
+    self._vocab_size = vocab_size
+    self._strict = strict
+
+  def __call__(self, index: int) -> dict[str, Any] | bi.Dropped:
+    tokens = self._reader(index)
+    if tokens.size == 0:
+      return bi.reject(bi.EMPTY_DOCUMENT, f"{self._path}[document {index}]", "", self._strict)
+    if tokens.min() < 0 or tokens.max() >= self._vocab_size:
+      return bi.reject(bi.TOKEN_OUT_OF_VOCAB, f"{self._path}[document {index}]",
+                       f"ids in [{tokens.min()}, {tokens.max()}], vocab_size {self._vocab_size}",
+                       self._strict)
+    return {"tokens": np.concatenate([self._prefix, tokens, self._suffix]),
+            "domain": self._domain_id}
+
+
+class _CountMix:
+  """Counts documents and tokens (separators excluded) per domain as they enter packing."""
+
+  def __init__(self, domain_names: list[str], extras: int):
+    self._names = domain_names
+    self._extras = extras
+
+  def __call__(self, element):
+    if isinstance(element, bi.Dropped):
+      return None, {element.kind: 1}
+    name = self._names[element["domain"]]
+    return ({"tokens": element["tokens"]},
+            {f"{name}/documents": 1, f"{name}/tokens": len(element["tokens"]) - self._extras})
+
+
+class _Features:
+
+  def __init__(self, document_mask: bool):
+    self._document_mask = document_mask
+
+  def __call__(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return features.pretrain_features(packed["tokens"], packed["tokens_segment_ids"],
+                                      packed["tokens_positions"], self._document_mask)
+
+
+def build_pretrain_pipeline(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
+                            process_count: int | None = None) -> pipeline.Pipeline:
+  """Builds the stage-1 pipeline of `cfg` (a `default_data_config(1)`) for one JAX process."""
+  process_index, process_count = pipeline.process_info(process_index, process_count)
+  config_lib.validate_data_config(cfg, process_count)
+  names = sorted(cfg.domains.keys())
+  extras = int(cfg.bos_id >= 0) + int(cfg.separator_id >= 0)
+  domain_datasets, doc_weights, plan_stats = [], [], {}
+  for domain_id, name in enumerate(names):
+    dom = cfg.domains[name]
+    corpus = shards.load_prepared(dom.path)
+    if corpus.manifest["max_token_id"] >= cfg.vocab_size:
+      raise ValueError(f"data.domains.{name}.path: {dom.path} holds token id "
+                       f"{corpus.manifest['max_token_id']} >= data.vocab_size {cfg.vocab_size}; "
+                       "prepare it with the model's tokenizer (or fix vocab_size).")
+    rates = rates_for(cfg, dom)
+    plan = resample.plan_domain(name, corpus.lengths, rates, cfg.seed)
+    plan_stats[name] = plan.summary(rates)
+    plan_stats[name]["prepare_bad_input"] = corpus.manifest.get("bad_input", {})
+    if len(plan.doc_indices) == 0:
+      raise ValueError(f"data.domains.{name}: no document survives resampling "
+                       f"({plan_stats[name]}); raise the rates or drop the domain.")
+    # MapDataset.mix draws documents; turn the token weight into a document weight by the
+    # domain's mean tokens per sampled document (separators included, they fill rows too).
+    mean_tokens = plan.tokens_after / len(plan.doc_indices) + extras
+    doc_weights.append(dom.get("weight", 1.0) / mean_tokens)
+    ds = grain.MapDataset.source(plan.doc_indices)
+    # Shuffling before repeat gives each epoch its own order (Grain reseeds per epoch).
+    ds = ds.shuffle(seed=resample.shuffle_seed(cfg.seed, name))
+    ds = ds.repeat(cfg.num_epochs if cfg.num_epochs > 0 else None)
+    # Slice per domain, before mixing: a slice of the mixed stream could give one process
+    # (or one mp_prefetch worker, which Grain slices the same way) a single domain.
+    ds = ds[process_index::process_count]
+    ds = ds.map(_LoadDocument(corpus, domain_id, cfg.bos_id, cfg.separator_id, cfg.vocab_size,
+                              cfg.strict))
+    domain_datasets.append(ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=_READ_THREADS, prefetch_buffer_size=_READ_AHEAD)))
+  ds = (grain.IterDataset.mix(domain_datasets, weights=doc_weights) if len(names) > 1
+        else domain_datasets[0])
+  ds = stats.CountingIterDataset(ds, _CountMix(names, extras), name="mix")
+  ds = grain.experimental.ConcatThenSplitIterDataset(
+      ds, length_struct={"tokens": cfg.seq_len + 1}, split_full_length_features=True)
+  ds = ds.map(_Features(cfg.document_mask))
+  batch_size = cfg.global_batch_size // process_count
+  ds = pipeline.batch_and_prefetch(ds, batch_size, cfg)
+  _log_plan(plan_stats, names, [cfg.domains[n].get("weight", 1.0) for n in names])
+  return pipeline.Pipeline(ds, batch_size, cfg.seq_len, {"domains": plan_stats})
+
+
+def _log_plan(plan_stats: dict[str, dict], names: list[str], weights: list[float]) -> None:
+  total_w = sum(weights)
+  for name, w in zip(names, weights):
+    s = plan_stats[name]
+    log.info("domain %s: target token share %.3f; documents %d -> %d after resampling "
+             "(short %d -> %d, long %d -> %d); tokens %d -> %d; prepare dropped %s", name,
+             w / total_w, s["documents_before"], s["documents_after"], s["short_documents_before"],
+             s["short_documents_after"], s["long_documents_before"], s["long_documents_after"],
+             s["tokens_before"], s["tokens_after"], s["prepare_bad_input"])
+
+
+def realized_mix(run_stats: dict[str, Any]) -> dict[str, float]:
+  """Token share per domain among the documents packed so far (from `Pipeline.stats`)."""
+  mix = run_stats.get("mix", {})
+  tokens = {k[: -len("/tokens")]: v for k, v in mix.items() if k.endswith("/tokens")}
+  total = sum(tokens.values()) or 1
+  return {k: v / total for k, v in sorted(tokens.items())}
