@@ -91,3 +91,9 @@ def text_corpus(n_docs: int, seed: int, min_words: int = 3, max_words: int = 200
 @pytest.fixture
 def tmp(tmp_path) -> str:
   return os.fspath(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def jsonl_writer():
+  """`write_jsonl` for test modules (importlib import mode keeps conftest off sys.path)."""
+  return write_jsonl

@@ -35,6 +35,11 @@ def process_info(process_index: int | None, process_count: int | None) -> tuple[
 def batch_and_prefetch(ds: grain.IterDataset, batch_size: int, cfg) -> grain.IterDataset:
   ds = ds.batch(batch_size, drop_remainder=True)
   if cfg.num_workers > 0:
+    # Grain's workers read absl flags; outside an absl app (tests, notebooks, benchmarks)
+    # nothing parsed them, so accept their defaults. A parsed command line is left alone.
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
   return ds
