@@ -68,12 +68,6 @@ def _slice(x, start, size, axis=1):
   return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _add_at(acc, update, start, axis=1):
-  size = update.shape[axis]
-  return jax.lax.dynamic_update_slice_in_dim(
-      acc, _slice(acc, start, size, axis) + update, start, axis)
-
-
 class _KVSource:
   """Yields each step's K/V block: by ring rotation or by slicing an all-gathered copy."""
 
@@ -117,15 +111,12 @@ def _forward(plan: _Plan, q, k, v, seg):
     for qs, ql, ks, kl, causal, valid in _blocks(plan, step, i, j, t):
       args = (_slice(q, qs, ql), _slice(kb, ks, kl), _slice(vb, ks, kl),
               _slice(seg, qs, ql), _slice(sb, ks, kl))
-      compute = functools.partial(kernel.forward, *args, causal=causal, scale=plan.scale)
-      if valid is None:
-        o_blk, l_blk = compute()
-      else:
-        empty = (jnp.zeros((b, ql, kh, g, h), jnp.float32),
-                 jnp.full((b, kh, g, ql), block_attention.NEG_INF, jnp.float32))
-        o_blk, l_blk = jax.lax.cond(valid, compute, lambda: empty)
-      o_new, l_new = block_attention.merge(
-          _slice(out, qs, ql), _slice(lse, qs, ql, 3), o_blk, l_blk)
+      acc = (_slice(out, qs, ql), _slice(lse, qs, ql, 3))
+      update = lambda args=args, causal=causal, acc=acc: block_attention.merge(
+          *acc, *kernel.forward(*args, causal=causal, scale=plan.scale))
+      # A skipped block keeps the accumulator (not a constant: under check_vma both branches
+      # must be device-varying).
+      o_new, l_new = update() if valid is None else jax.lax.cond(valid, update, lambda: acc)
       out = jax.lax.dynamic_update_slice_in_dim(out, o_new, qs, 1)
       lse = jax.lax.dynamic_update_slice_in_dim(lse, l_new, qs, 3)
   return out, lse
@@ -155,17 +146,16 @@ def _backward(plan: _Plan, q, k, v, seg, out, lse, dout):
       args = (_slice(q, qs, ql), _slice(kb, ks, kl), _slice(vb, ks, kl),
               _slice(seg, qs, ql), _slice(sb, ks, kl), _slice(out, qs, ql),
               _slice(lse, qs, ql, 3), _slice(dout, qs, ql), _slice(delta, qs, ql, 3))
-      compute = functools.partial(kernel.backward, *args, causal=causal, scale=plan.scale)
-      if valid is None:
-        dq_b, dk_b, dv_b = compute()
-      else:
-        zeros = lambda: (jnp.zeros(args[0].shape, jnp.float32),
-                         jnp.zeros(args[1].shape, jnp.float32),
-                         jnp.zeros(args[2].shape, jnp.float32))
-        dq_b, dk_b, dv_b = jax.lax.cond(valid, compute, zeros)
-      dq = _add_at(dq, dq_b, qs)
-      dk = _add_at(dk, dk_b, offset + ks)
-      dv = _add_at(dv, dv_b, offset + ks)
+      acc = (_slice(dq, qs, ql), _slice(dk, offset + ks, kl), _slice(dv, offset + ks, kl))
+
+      def update(args=args, causal=causal, acc=acc):
+        grads = kernel.backward(*args, causal=causal, scale=plan.scale)
+        return tuple(a + d for a, d in zip(acc, grads))
+
+      dq_s, dk_s, dv_s = update() if valid is None else jax.lax.cond(valid, update, lambda: acc)
+      dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_s, qs, 1)
+      dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_s, offset + ks, 1)
+      dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_s, offset + ks, 1)
     if plan.strategy == "ring":
       # After the last step's compute the accumulators take the hop home (n hops in total).
       dk, dv = _rotate(plan, (dk, dv))
@@ -258,7 +248,7 @@ def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, cau
   if segment_ids is not None:
     args, specs = args + (segment_ids,), specs + (seg_spec,)
   fn = jax.shard_map(functools.partial(_local, plan), mesh=mesh, in_specs=specs,
-                     out_specs=q_spec, check_vma=False)
+                     out_specs=q_spec, check_vma=True)
   return fn(*args)
 
 
