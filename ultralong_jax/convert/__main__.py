@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -43,7 +44,9 @@ def hf_to_jax(args) -> None:
   if dtype is not None:
     config = config.replace(param_dtype=dtype.name, dtype=dtype.name)
   reader = hf.SafetensorsReader(args.hf_dir)
-  params = hf.load_hf_params(reader, config, dtype=dtype)
+  # Each stacked parameter becomes a jax array as soon as it is assembled and its numpy copy is
+  # dropped: Orbax would otherwise copy a numpy tree once more while saving.
+  params = hf.load_hf_params(reader, config, dtype=dtype, put=lambda _, a: jnp.asarray(a))
   stored = np.dtype(params["embed"].dtype).name
   config = config.replace(param_dtype=stored, dtype=config.dtype if dtype else stored)
   checkpoint.save_params(args.out, config, params)

@@ -103,23 +103,20 @@ class SafetensorsReader:
               "re-save the model with `save_pretrained(..., safe_serialization=True)`." if unsafe
               else "")
       raise FileNotFoundError(f"{hf_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}.{hint}")
-    self._files: dict[str, object] = {}
-
-  def _file(self, filename: str):
-    if filename not in self._files:
-      path = os.path.join(self.hf_dir, filename)
-      if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is listed in {INDEX_FILE} but missing.")
-      self._files[filename] = safe_open(path, framework="numpy")
-    return self._files[filename]
 
   def keys(self) -> list[str]:
     return list(self.weight_map)
 
   def get(self, name: str) -> np.ndarray:
+    """A copy of one tensor. The file is opened per call: a mapping kept open would leave every
+    page read so far resident in this process (a second copy of the weights in RSS)."""
     if name not in self.weight_map:
       raise KeyError(f"tensor {name!r} is missing from the checkpoint in {self.hf_dir}.")
-    return self._file(self.weight_map[name]).get_tensor(name)
+    path = os.path.join(self.hf_dir, self.weight_map[name])
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} is listed in {INDEX_FILE} but missing.")
+    with safe_open(path, framework="numpy") as f:
+      return f.get_tensor(name)
 
   def where(self, name: str) -> str:
     return os.path.join(self.hf_dir, self.weight_map.get(name, "?"))
