@@ -262,6 +262,12 @@ def test_domain_mix_follows_token_weights(tmp_path):
   mix = pretrain.realized_mix(pipe.stats(it))
   # Weights are token shares although "a" has ~6x shorter documents.
   assert mix["a"] == pytest.approx(0.75, abs=0.03)
+  # The mixed stream resumes exactly too.
+  state = it.get_state()
+  want = [next(it)["inputs"] for _ in range(3)]
+  fresh = pipe.iterator()
+  fresh.set_state(state)
+  assert all((next(fresh)["inputs"] == w).all() for w in want)
 
 
 def test_vocab_mismatch_is_a_config_error(corpus):
