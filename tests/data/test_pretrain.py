@@ -298,3 +298,27 @@ def test_workers_resume_and_count(corpus):
   assert 0 < counted <= 5 * 2 * 49
   it.close()
   fresh.close()
+
+
+def test_corrupt_document_counted_or_fatal_with_shard_and_record(tmp_path):
+  docs = make_docs(10, seed=4)
+  docs[3] = docs[3].copy()
+  docs[3][-1] = VOCAB + 5  # an id the manifest does not admit: a corrupt record
+  path = str(tmp_path / "web")
+  write_prepared(path, docs, "web")
+  manifest_path = os.path.join(path, shards.MANIFEST)
+  with open(manifest_path) as f:
+    manifest = json.load(f)
+  manifest["max_token_id"] = VOCAB - 1
+  with open(manifest_path, "w") as f:
+    json.dump(manifest, f)
+  cfg = make_cfg({"web": path}, num_epochs=1, global_batch_size=1, seq_len=16)
+  pipe = pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1)
+  batches, it = all_batches(pipe)
+  got = split_docs(np.concatenate(rows_of(batches)))
+  assert sorted(got) == sorted(tuple(d) + (SEP,) for i, d in enumerate(docs) if i != 3)
+  assert pipe.stats(it)["mix"]["token_out_of_vocab"] == 1
+  cfg.strict = True
+  # Document 3 is record 1 of shard 1 (document k -> shard k % 2).
+  with pytest.raises(Exception, match=r"docs-00001-of-00002.arrayrecord:1: token_out_of_vocab"):
+    all_batches(pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1))

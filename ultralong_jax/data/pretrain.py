@@ -51,8 +51,7 @@ class _LoadDocument:
 
   def __init__(self, corpus: shards.PreparedCorpus, domain_id: int, bos_id: int,
                separator_id: int, vocab_size: int, strict: bool):
-    self._reader = shards.DocumentReader(corpus.shard_paths)
-    self._path = corpus.path
+    self._reader = shards.DocumentReader(corpus)
     self._domain_id = domain_id
     self._prefix = np.asarray([bos_id] if bos_id >= 0 else [], np.int32)
     self._suffix = np.asarray([separator_id] if separator_id >= 0 else [], np.int32)
@@ -62,9 +61,9 @@ class _LoadDocument:
   def __call__(self, index: int) -> dict[str, Any] | bi.Dropped:
     tokens = self._reader(index)
     if tokens.size == 0:
-      return bi.reject(bi.EMPTY_DOCUMENT, f"{self._path}[document {index}]", "", self._strict)
+      return bi.reject(bi.EMPTY_DOCUMENT, self._reader.where(index), "", self._strict)
     if tokens.min() < 0 or tokens.max() >= self._vocab_size:
-      return bi.reject(bi.TOKEN_OUT_OF_VOCAB, f"{self._path}[document {index}]",
+      return bi.reject(bi.TOKEN_OUT_OF_VOCAB, self._reader.where(index),
                        f"ids in [{tokens.min()}, {tokens.max()}], vocab_size {self._vocab_size}",
                        self._strict)
     return {"tokens": np.concatenate([self._prefix, tokens, self._suffix]),

@@ -74,13 +74,15 @@ def load_prepared(path: str) -> PreparedCorpus:
 class DocumentReader:
   """Random access to documents of one prepared corpus; opens its files lazily per process."""
 
-  def __init__(self, shard_paths: tuple[str, ...]):
-    self._shard_paths = shard_paths
+  def __init__(self, corpus: PreparedCorpus):
+    self._shard_paths = corpus.shard_paths
+    sizes = [s["num_documents"] for s in corpus.manifest["shards"]]
+    self._first = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     self._source = None
 
   def __getstate__(self):
     # Grain pickles the pipeline into worker processes: ship paths, not open files.
-    return {"_shard_paths": self._shard_paths, "_source": None}
+    return {**self.__dict__, "_source": None}
 
   def __call__(self, index: int) -> np.ndarray:
     if self._source is None:
@@ -89,4 +91,6 @@ class DocumentReader:
     return decode_doc(self._source[int(index)])
 
   def where(self, index: int) -> str:
-    return f"{','.join(self._shard_paths)}[record {index}]"
+    """"shard path:record index" of a global document index."""
+    shard = int(np.searchsorted(self._first, index, side="right") - 1)
+    return f"{self._shard_paths[shard]}:{int(index) - int(self._first[shard])}"
