@@ -30,21 +30,37 @@ def _dense(x: jax.Array, w: jax.Array, spec: str, bias: jax.Array | None = None)
   return y.astype(x.dtype)
 
 
-def self_attention(
-    p: Mapping[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array, *,
-    positions: jax.Array, segment_ids: jax.Array | None, attention_fn: Callable[..., jax.Array],
-) -> jax.Array:
-  """x [B,T,D] -> [B,T,D]. q/k rotated by cos/sin [B,T,H]; causal attention through attention_fn."""
+def attention_qkv(
+    p: Mapping[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """x [B,T,D] -> q [B,T,N,H], k, v [B,T,K,H]; q and k rotated by cos/sin [B,T,H].
+
+  Split from `self_attention` so cached decoding (modeling/decode.py) projects the same way and
+  stores k/v after RoPE.
+  """
   q = _dense(x, p["wq"], "BTD,DNH->BTNH", p.get("bq"))
   k = _dense(x, p["wk"], "BTD,DKH->BTKH", p.get("bk"))
   v = _dense(x, p["wv"], "BTD,DKH->BTKH", p.get("bv"))
   q = checkpoint_name(rope.apply_rope(q, cos, sin), "query")
   k = checkpoint_name(rope.apply_rope(k, cos, sin), "key")
-  v = checkpoint_name(v, "value")
-  out = attention_fn(q, k, v, positions=positions, segment_ids=segment_ids, causal=True,
-                     scale=q.shape[-1] ** -0.5)
+  return q, k, checkpoint_name(v, "value")
+
+
+def attention_output(p: Mapping[str, jax.Array], out: jax.Array) -> jax.Array:
+  """Attention output [B,T,N,H] -> [B,T,D] through wo."""
   out = checkpoint_name(out, "attention_out")
   return _dense(out, p["wo"], "BTNH,NHD->BTD", p.get("bo"))
+
+
+def self_attention(
+    p: Mapping[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array, *,
+    positions: jax.Array, segment_ids: jax.Array | None, attention_fn: Callable[..., jax.Array],
+) -> jax.Array:
+  """x [B,T,D] -> [B,T,D]. q/k rotated by cos/sin [B,T,H]; causal attention through attention_fn."""
+  q, k, v = attention_qkv(p, x, cos, sin)
+  out = attention_fn(q, k, v, positions=positions, segment_ids=segment_ids, causal=True,
+                     scale=q.shape[-1] ** -0.5)
+  return attention_output(p, out)
 
 
 def swiglu_mlp(p: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
