@@ -83,10 +83,11 @@ def run(lengths, sizes, *, batch, heads, kv_heads, head_dim, dtype, strategy, ke
   dt = jnp.dtype(dtype)
   for t in lengths:
     full = None
-    for n in [1] + [s for s in sizes if s > 1]:
+    for n in [None] + sizes:  # None: the single-device full-attention baseline
+      baseline, n = n is None, n or 1
       mesh = mesh_lib.make_mesh({"sequence": n}, devices=devices[:n])
       args = _abstract(mesh, batch, t, heads, kv_heads, head_dim, dt)
-      if n == 1:
+      if baseline:
         fn = _grad_fn(lambda q, k, v: dot_product_attention(q, k, v, causal=True))
         impl = "full (1 device)"
       else:
@@ -113,7 +114,8 @@ def run(lengths, sizes, *, batch, heads, kv_heads, head_dim, dtype, strategy, ke
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--lengths", default="4096,16384")
-  parser.add_argument("--sizes", default="2,4,8", help="sequence-axis sizes besides 1")
+  parser.add_argument("--sizes", default="2,4,8",
+                      help="sequence-axis sizes for ring rows (1 = the ring's kernel on one device)")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--heads", type=int, default=8)
   parser.add_argument("--kv-heads", type=int, default=2)

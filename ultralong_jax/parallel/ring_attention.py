@@ -89,6 +89,18 @@ class _KVSource:
     if self.plan.strategy == "ring":
       self.current = _rotate(self.plan, self.current)
 
+  def fence(self, accumulators):
+    """Orders the unrolled steps: the next step's blocks depend on this step's accumulators.
+
+    Without it XLA may hoist every step's score computation ahead of the merges and hold all n
+    blocks' temporaries at once (O(T^2 / n) memory instead of one block's).
+    """
+    if self.plan.strategy == "ring":
+      accumulators, self.current = jax.lax.optimization_barrier((accumulators, self.current))
+    else:
+      accumulators, self.full = jax.lax.optimization_barrier((accumulators, self.full))
+    return accumulators
+
 
 def _rotate(plan: _Plan, tree):
   perm = [(d, (d + 1) % plan.n) for d in range(plan.n)]
@@ -119,6 +131,7 @@ def _forward(plan: _Plan, q, k, v, seg):
       o_new, l_new = update() if valid is None else jax.lax.cond(valid, update, lambda: acc)
       out = jax.lax.dynamic_update_slice_in_dim(out, o_new, qs, 1)
       lse = jax.lax.dynamic_update_slice_in_dim(lse, l_new, qs, 3)
+    out, lse = source.fence((out, lse))
   return out, lse
 
 
@@ -159,6 +172,7 @@ def _backward(plan: _Plan, q, k, v, seg, out, lse, dout):
     if plan.strategy == "ring":
       # After the last step's compute the accumulators take the hop home (n hops in total).
       dk, dv = _rotate(plan, (dk, dv))
+    dq, dk, dv = source.fence((dq, dk, dv))
   if plan.strategy == "allgather":
     dk, dv = (jax.lax.psum_scatter(x, plan.axis, scatter_dimension=1, tiled=True)
               for x in (dk, dv))
