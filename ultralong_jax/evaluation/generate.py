@@ -1,0 +1,221 @@
+"""Text generation with a KV cache: chunked (sequence-sharded) prefill, then one token per step.
+
+Batched prompts of different lengths are LEFT-padded to a common length P (a multiple of the
+prefill chunk), so every row's prompt ends at slot P - 1 and decoding writes one shared slot per
+step; each row's RoPE positions count its own tokens only (0 .. len-1, then len, len+1, ...) and
+padding is masked by segment ids, so a row's tokens do not depend on the other rows (the tests
+check this against transformers' `generate` run prompt by prompt).
+
+On a mesh, the prompt's chunks are split over the `sequence` axis: the first chunk runs the
+training ring attention (zigzag layout), later chunks and every decode step attend to the
+sequence-sharded cache with the log-sum-exp merge (evaluation/sharded_cache.py). Sampling: greedy
+(temperature 0) or temperature + top-p (nucleus) sampling; stop tokens end a row (the stop token
+is kept, as transformers does; later steps are not returned).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ultralong_jax.evaluation import sharded_cache
+from ultralong_jax.modeling import decode
+
+
+def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
+  """Logits [B,V] with every token outside the smallest set of probability >= top_p at -inf.
+
+  The most likely token is always kept (transformers' TopPLogitsWarper keeps min 1 token).
+  """
+  if top_p >= 1.0:
+    return logits
+  order = jnp.argsort(-logits, axis=-1)
+  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep_sorted = mass_before < top_p
+  keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
+      keep_sorted)
+  return jnp.where(keep, logits, -jnp.inf)
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+  """Next tokens [B] from logits [B,V]: argmax at temperature 0, else softmax(logits / T) sampling
+  restricted to the top-p nucleus."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  filtered = top_p_filter(logits.astype(jnp.float32) / temperature, top_p)
+  return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+@dataclasses.dataclass
+class Batch:
+  """Left-padded prompts: ids, positions, segment_ids [B,P] (segment 1 = token, 0 = padding)."""
+  ids: np.ndarray
+  positions: np.ndarray
+  segment_ids: np.ndarray
+  lengths: np.ndarray
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> Batch:
+  """Left-pads token lists to `length`; raises ValueError for empty or too long prompts."""
+  B = len(prompts)
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  if B == 0 or lengths.min() == 0:
+    raise ValueError("generate: every prompt needs at least one token.")
+  if lengths.max() > length:
+    raise ValueError(f"generate: a prompt has {lengths.max()} tokens, more than {length}.")
+  ids = np.full((B, length), pad_id, np.int32)
+  positions = np.zeros((B, length), np.int32)
+  segment_ids = np.zeros((B, length), np.int32)
+  for b, p in enumerate(prompts):
+    n = len(p)
+    ids[b, length - n:] = np.asarray(p, np.int32)
+    positions[b, length - n:] = np.arange(n)
+    segment_ids[b, length - n:] = 1
+  return Batch(ids, positions, segment_ids, lengths)
+
+
+class CachedModel:
+  """A model ready for cached forwards on an optional mesh.
+
+  `model`: a `modeling.llama.Llama` (e.g. from `ultralong_jax.from_pretrained`); on a mesh its
+  parameters are re-sharded in place by their logical names. `kv_block` bounds the attention
+  temporaries ([B, N, T, kv_block] scores per block); `ring=False` prefills the first chunk through
+  the cache path too (for comparison).
+  """
+
+  def __init__(self, model, mesh=None, *, kv_block: int = 512, ring: bool = True, **ring_options):
+    self.config, self.mesh = model.config, mesh
+    self.params = sharded_cache.place_params(model, mesh)
+    self.n = sharded_cache.sequence_size(mesh)
+    self.kv_block = kv_block
+    self._cache_attention = sharded_cache.cache_attention_fn(mesh, kv_block=kv_block)
+    self._ring = sharded_cache.ring_prefill_fn(mesh, **ring_options) if ring else None
+    self._constrain = sharded_cache.constrain_fn(mesh)
+    self._compiled = {}
+
+  def chunk_multiple(self) -> int:
+    """Prefill chunks are multiples of this (2 x sequence size: the zigzag layout's chunks)."""
+    return 2 * self.n
+
+  def new_cache(self, batch: int, needed_slots: int) -> decode.KVCache:
+    """An empty cache with at least `needed_slots` slots, padded so each device's share is a
+    multiple of kv_block (or one block)."""
+    local = -(-needed_slots // self.n)
+    local = _round_up(local, min(self.kv_block, local))
+    cache = decode.init_cache(self.config, batch, local * self.n)
+    return sharded_cache.place_cache(cache, self.mesh)
+
+  def _fn(self, head: str, ring: bool, length: int):
+    key = (head, ring, length)
+    if key in self._compiled:
+      return self._compiled[key]
+    ring_fn, perm = (self._ring[0], self._ring[1](length)) if ring else (None, None)
+    forward = functools.partial(
+        decode.forward, self.config, cache_attention_fn=self._cache_attention,
+        ring_attention_fn=ring_fn, layout_perm=perm, constrain=self._constrain)
+
+    def run(params, cache, ids, positions, segment_ids, start, targets):
+      hidden, cache = forward(params, cache, ids, positions, segment_ids, start)
+      if head == "last":
+        return decode.logits(params, hidden[:, -1:])[:, 0], cache
+      # Per-token negative log-likelihood of `targets` [B,T] (float32).
+      logp = jax.nn.log_softmax(decode.logits(params, hidden), axis=-1)
+      return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], cache
+
+    self._compiled[key] = jax.jit(run, donate_argnums=(1,))
+    return self._compiled[key]
+
+  def step(self, cache, ids, positions, segment_ids, start: int, *, head="last", targets=None):
+    """T tokens at slots [start, start+T) -> (last-token logits [B,V] | NLL [B,T], cache)."""
+    T = ids.shape[1]
+    ring = (self._ring is not None and start == 0 and T > 1 and T % self.chunk_multiple() == 0)
+    targets = jnp.zeros_like(ids) if targets is None else targets
+    fn = self._fn(head, ring, T)
+    return fn(self.params, cache, jnp.asarray(ids), jnp.asarray(positions),
+              jnp.asarray(segment_ids), jnp.asarray(start, jnp.int32), jnp.asarray(targets))
+
+  def prefill(self, batch: Batch, cache, chunk: int):
+    """All prompt chunks through the cache; returns (last-token logits [B,V], cache)."""
+    P = batch.ids.shape[1]
+    logits = None
+    for start in range(0, P, chunk):
+      s = slice(start, start + chunk)
+      logits, cache = self.step(cache, batch.ids[:, s], batch.positions[:, s],
+                                batch.segment_ids[:, s], start)
+    return logits, cache
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+               temperature: float = 0.0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
+               seed: int = 0, prefill_chunk: int = 8192, pad_id: int = 0) -> list[list[int]]:
+    """New tokens for each prompt (token id lists), at most `max_new_tokens` each."""
+    if max_new_tokens < 1:
+      raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if temperature < 0 or not 0 < top_p <= 1:
+      raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got "
+                       f"temperature={temperature}, top_p={top_p}.")
+    longest = max(len(p) for p in prompts) if prompts else 0
+    chunk = _round_up(min(prefill_chunk, max(longest, 1)), self.chunk_multiple())
+    batch = left_pad(prompts, _round_up(max(longest, 1), chunk), pad_id)
+    P = batch.ids.shape[1]
+    if P + max_new_tokens > self.config.max_position_embeddings:
+      # Not an error: extrapolation is a thing to measure; but say so.
+      logging.warning("generate: %d slots exceed the model's max_position_embeddings %d.",
+                      P + max_new_tokens, self.config.max_position_embeddings)
+    cache = self.new_cache(len(prompts), P + max_new_tokens)
+    logits, cache = self.prefill(batch, cache, chunk)
+    key = jax.random.PRNGKey(seed)
+    stops = np.asarray(list(stop_tokens), np.int32)
+    positions = batch.lengths.copy()
+    done = np.zeros(len(prompts), bool)
+    out = [[] for _ in prompts]
+    ones = np.ones((len(prompts), 1), np.int32)
+    for step in range(max_new_tokens):
+      key, sub = jax.random.split(key)
+      tokens = np.asarray(sample(logits, sub, temperature, top_p))
+      for b in np.flatnonzero(~done):
+        out[b].append(int(tokens[b]))
+      done |= np.isin(tokens, stops)
+      if done.all() or step == max_new_tokens - 1:
+        break
+      logits, cache = self.step(cache, tokens[:, None], positions[:, None], ones, P + step)
+      positions += 1
+    return out
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, mesh=None, **options) -> list[list[int]]:
+  """One-off `CachedModel(model, mesh).generate(prompts, **options)`."""
+  kv_block = options.pop("kv_block", 512)
+  return CachedModel(model, mesh, kv_block=kv_block).generate(prompts, **options)
+
+
+def chat_prompt(tokenizer, messages: Sequence[dict], *, date_preamble: bool = True) -> list[int]:
+  """Llama 3.1 chat prompt ids ending with the assistant header (add_generation_prompt=True)."""
+  from ultralong_jax.data.chat_template import Llama31ChatTemplate  # pylint: disable=g-import-not-at-top
+  ids, _ = Llama31ChatTemplate(tokenizer, date_preamble=date_preamble).render(messages)
+  header = [tokenizer.token_id("<|start_header_id|>"), *tokenizer.encode("assistant"),
+            tokenizer.token_id("<|end_header_id|>"), *tokenizer.encode("\n\n")]
+  return [int(i) for i in ids] + header
+
+
+def stop_ids(tokenizer) -> list[int]:
+  """Llama 3.1's end-of-turn and end-of-text ids that the tokenizer has."""
+  ids = []
+  for token in ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"):
+    try:
+      ids.append(tokenizer.token_id(token))
+    except KeyError:
+      pass
+  return ids
+
