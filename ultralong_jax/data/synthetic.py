@@ -1,0 +1,99 @@
+"""A generated corpus for the offline demo and tests: filler prose with pass keys, chats, and a
+byte-level BPE tokenizer shaped like Llama 3's (same special tokens), trained on it here.
+
+Documents state a numeric pass key early and ask for it again at the end, so a model trained on
+them has a retrieval task whose difficulty grows with the distance between the two: the same skill
+the needle-in-a-haystack eval measures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+from ultralong_jax.data.tokenizer import LLAMA3_SPECIAL_TOKENS
+
+_SUBJECTS = ("the river", "a small town", "the old library", "the mountain road", "a quiet garden",
+             "the harbor", "an autumn market", "the northern forest", "a long train", "the bridge")
+_VERBS = ("winds past", "looks over", "hides", "leads to", "waits beside", "opens onto",
+          "turns toward", "shelters", "stretches across", "remembers")
+_OBJECTS = ("the valley", "a field of wheat", "the sleeping city", "the grey sea", "a stone wall",
+            "the evening sky", "an empty square", "the distant hills", "a row of houses",
+            "the morning fog")
+# Llama 3's pre-tokenizer split (meta-llama/Llama-3.1-8B-Instruct tokenizer.json).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def filler_sentence(rng: random.Random) -> str:
+  return f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."
+
+
+def filler(rng: random.Random, n_sentences: int) -> str:
+  return " ".join(filler_sentence(rng) for _ in range(n_sentences))
+
+
+def passkey_document(rng: random.Random, n_sentences: int) -> str:
+  key = rng.randint(10000, 99999)
+  before = rng.randint(0, n_sentences)
+  return (f"{filler(rng, before)} The pass key is {key}. Remember it. {key} is the pass key. "
+          f"{filler(rng, n_sentences - before)} What is the pass key? The pass key is {key}.")
+
+
+def write_documents(path: str, n_docs: int, seed: int, min_sentences: int = 4,
+                    max_sentences: int = 120, passkey_fraction: float = 0.5) -> str:
+  """JSONL of {"text": ...}; about `passkey_fraction` of the documents carry a pass key."""
+  rng = random.Random(seed)
+  with open(path, "w") as f:
+    for i in range(n_docs):
+      n = rng.randint(min_sentences, max_sentences)
+      text = passkey_document(rng, n) if rng.random() < passkey_fraction else filler(rng, n)
+      f.write(json.dumps({"text": text, "id": i}) + "\n")
+  return path
+
+
+def write_chats(path: str, n_chats: int, seed: int, max_sentences: int = 30) -> str:
+  """JSONL of {"messages": [...]} chats: pass-key questions about a text, and small sums."""
+  rng = random.Random(seed)
+  with open(path, "w") as f:
+    for _ in range(n_chats):
+      messages = []
+      if rng.random() < 0.3:
+        messages.append({"role": "system", "content": "You are a helpful assistant."})
+      if rng.random() < 0.6:
+        key = rng.randint(10000, 99999)
+        n = rng.randint(1, max_sentences)
+        before = rng.randint(0, n)
+        text = (f"{filler(rng, before)} The pass key is {key}. Remember it. "
+                f"{filler(rng, n - before)}")
+        messages += [{"role": "user", "content": f"{text}\nWhat is the pass key?"},
+                     {"role": "assistant", "content": f"The pass key is {key}."}]
+      else:
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        messages += [{"role": "user", "content": f"What is {a} plus {b}?"},
+                     {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+      f.write(json.dumps({"messages": messages}) + "\n")
+  return path
+
+
+def build_tokenizer(path: str, vocab_size: int = 512, seed: int = 0) -> str:
+  """Trains a byte-level BPE (Llama 3's split regex and special tokens) on generated text and
+  saves it as a HF `tokenizer.json` at `path`."""
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+  rng = random.Random(seed)
+  texts = [passkey_document(rng, rng.randint(2, 20)) for _ in range(300)]
+  texts += ["system", "user", "assistant", "You are a helpful assistant.", "What is 12 plus 7?",
+            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n", "\n\n"]
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(LLAMA3_SPECIAL_TOKENS),
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(texts, trainer)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tok.save(path)
+  return path

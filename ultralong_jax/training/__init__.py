@@ -1,0 +1,1 @@
+"""Training: loss, optimizer, sharded train step, Orbax checkpoints, metrics, the loop."""

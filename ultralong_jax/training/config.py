@@ -1,0 +1,197 @@
+"""The training config: every key documented once (here), validated in one place before compiling.
+
+`configs/*.py` build on `base_config(stage)` and change only what differs. Run with
+  python -m ultralong_jax.train --config=configs/X.py --config.optim.learning_rate=1e-5 --workdir=DIR
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import ml_collections
+
+from ultralong_jax.data.config import default_data_config, validate_data_config
+from ultralong_jax.modeling import presets, rope
+from ultralong_jax.modeling.config import LlamaConfig
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+
+def base_config(stage: int) -> ml_collections.ConfigDict:
+  """Defaults for recipe stage 1 (continued pretraining at 1M-4M) or 2 (chat SFT).
+
+  stage: 1 or 2 (also data.stage).
+  model.preset: a name from ultralong_jax.modeling.presets: the network's shape for init.mode
+    random (hf / checkpoint take the shape from the checkpoint's config).
+  model.dtype / model.param_dtype: compute and parameter dtypes (bf16 compute, fp32 master).
+  model.remat_policy: none | full | dots | dots_no_batch | qkv_attention.
+  model.ultralong: "" or 1m | 2m | 4m: apply the paper's llama3 RoPE (factor 128/256/512 over 8K).
+  model.rope_scaling_json: "" or a HF rope_scaling dict as JSON (overrides the preset's; ablations
+    such as yarn); max_position_embeddings then defaults to factor x original.
+  model.max_position_embeddings: 0 = the preset's / as implied by the RoPE override.
+  model.overrides_json: "" or JSON of other LlamaConfig fields (e.g. '{"num_layers": 4}').
+  init.mode: random | hf | checkpoint — random weights, a HF Llama directory (stage 1 starts from
+    Llama-3.1-8B-Instruct), or a project/stage checkpoint (stage 2 starts from stage 1).
+  init.path: directory for hf / checkpoint.
+  mesh.{data,fsdp,sequence,tensor}: mesh axis sizes, one may be -1 ("the rest").
+  attention.strategy: ring | allgather (sequence-parallel attention when mesh.sequence > 1).
+  attention.layout: zigzag | contiguous (causal load balance; applied once to the batch).
+  attention.kernel: auto | xla | cudnn — the per-block kernel.
+  data: see ultralong_jax.data.config.default_data_config.
+  optim.learning_rate / warmup_steps / schedule (constant|cosine|linear) / final_lr_fraction.
+  optim.b1, b2, eps, weight_decay: AdamW; grad_clip_norm: global-norm clip (0 = off).
+  optim.state_dtype: float32 | bfloat16 (Adam's first moment in bf16).
+  train.steps: optimizer steps; train.microbatches: gradient accumulation per step (the global
+    batch is split into this many microbatches); train.loss_chunk_size: tokens per loss chunk
+    (never [T, V] logits); train.z_loss_weight: 0 = off; train.seed: parameter init seed.
+  train.log_every: steps between metric lines.
+  checkpoint.every_steps: save interval (0 = only at the end); checkpoint.keep: newest K kept;
+  checkpoint.async_save: write in the background while training continues.
+  export.hf: write a HF directory (save_pretrained) at the end; export.dtype: its weights' dtype.
+  metrics.peak_tflops: per-device peak for MFU (0 = from the device table).
+  """
+  if stage not in (1, 2):
+    raise ValueError(f"stage={stage!r}; use 1 (continued pretraining) or 2 (SFT).")
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.model = ml_collections.ConfigDict(dict(
+      preset="llama31_8b", dtype="bfloat16", param_dtype="float32", remat_policy="dots",
+      ultralong="1m" if stage == 1 else "", rope_scaling_json="", max_position_embeddings=0,
+      overrides_json=""))
+  c.init = ml_collections.ConfigDict(dict(mode="hf", path=""))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, sequence=1, tensor=1))
+  c.attention = ml_collections.ConfigDict(dict(strategy="ring", layout="zigzag", kernel="auto"))
+  c.data = default_data_config(stage)
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=3e-5 if stage == 1 else 5e-6, warmup_steps=0, schedule="constant",
+      final_lr_fraction=0.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0,
+      state_dtype="float32"))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=480 if stage == 1 else 1000, microbatches=1, loss_chunk_size=4096, z_loss_weight=0.0,
+      seed=0, log_every=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=3, async_save=True))
+  c.export = ml_collections.ConfigDict(dict(hf=True, dtype="bfloat16"))
+  c.metrics = ml_collections.ConfigDict(dict(peak_tflops=0.0))
+  return c
+
+
+def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
+  """The LlamaConfig a training config describes: the shape from model.preset (random init) or
+  from the checkpoint being loaded (init.mode hf / checkpoint), then RoPE and numerics overrides."""
+  m = c.model
+  overrides = _json(m.overrides_json, "model.overrides_json")
+  overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy)
+  try:
+    if c.init.mode in ("hf", "checkpoint"):
+      from ultralong_jax.convert import api  # pylint: disable=import-outside-toplevel
+      config = api.load_config(c.init.path, **overrides)
+    else:
+      config = presets.get_preset(m.preset, **overrides)
+  except (TypeError, ValueError, FileNotFoundError) as e:
+    raise ValueError(f"model (init.mode={c.init.mode}): {e}") from None
+  return apply_rope_override(config, c)
+
+
+def apply_rope_override(config: LlamaConfig, c: ml_collections.ConfigDict) -> LlamaConfig:
+  m = c.model
+  scaling = None
+  if m.ultralong and m.rope_scaling_json:
+    raise ValueError("model.ultralong and model.rope_scaling_json both set; use one.")
+  if m.ultralong:
+    factors = {"1m": 128, "2m": 256, "4m": 512}
+    if m.ultralong not in factors:
+      raise ValueError(f"model.ultralong={m.ultralong!r}; use one of {sorted(factors)} or ''.")
+    scaling = rope.ultralong_rope_scaling(factors[m.ultralong])
+  elif m.rope_scaling_json:
+    scaling = _json(m.rope_scaling_json, "model.rope_scaling_json")
+  changes = {}
+  if scaling is not None:
+    changes["rope_scaling"] = scaling
+    if "original_max_position_embeddings" in scaling and "factor" in scaling:
+      changes["max_position_embeddings"] = int(
+          scaling["factor"] * scaling["original_max_position_embeddings"])
+  if m.max_position_embeddings:
+    changes["max_position_embeddings"] = m.max_position_embeddings
+  try:
+    return config.replace(**changes) if changes else config
+  except ValueError as e:
+    raise ValueError(f"model.rope_scaling: {e}") from None
+
+
+def _json(text: str, key: str) -> dict:
+  if not text:
+    return {}
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{key} is not valid JSON ({e.msg}): {text!r}") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{key} must be a JSON object, got {text!r}.")
+  return value
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> LlamaConfig:
+  """Checks the whole config against the device count before anything compiles.
+
+  Raises ValueError naming the key and what would work. Returns the model config.
+  """
+  if c.stage not in (1, 2) or c.data.stage != c.stage:
+    raise ValueError(f"stage={c.stage} and data.stage={c.data.stage} must agree and be 1 or 2.")
+  if c.init.mode not in ("random", "hf", "checkpoint"):
+    raise ValueError(f"init.mode={c.init.mode!r}; use random, hf or checkpoint.")
+  if c.init.mode != "random" and not c.init.path:
+    raise ValueError(f"init.mode={c.init.mode} needs init.path (a directory).")
+  model = model_config(c)
+  sizes = {a: c.mesh[a] for a in MESH_AXES}
+  rest = [a for a, s in sizes.items() if s == -1]
+  if len(rest) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+    raise ValueError(f"mesh sizes {sizes}: each must be positive, one may be -1 (the rest).")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if num_devices % fixed or (not rest and fixed != num_devices):
+    raise ValueError(f"mesh sizes {sizes} (product {fixed}) do not fit {num_devices} devices; "
+                     f"make the product {num_devices} or set one axis to -1.")
+  if rest:
+    sizes[rest[0]] = num_devices // fixed
+  L, B = c.data.seq_len, c.data.global_batch_size
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  if B % (batch_shards * c.train.microbatches):
+    raise ValueError(
+        f"data.global_batch_size={B} must be divisible by mesh.data x mesh.fsdp "
+        f"({batch_shards}) x train.microbatches ({c.train.microbatches}); e.g. set "
+        f"data.global_batch_size={batch_shards * c.train.microbatches * max(1, B // (batch_shards * c.train.microbatches))}.")
+  if B % process_count:
+    raise ValueError(f"data.global_batch_size={B} must be divisible by the {process_count} "
+                     "processes (each feeds its own rows).")
+  n = sizes["sequence"]
+  if n > 1:
+    unit = 2 * n if c.attention.layout == "zigzag" else n
+    if L % unit:
+      raise ValueError(f"data.seq_len={L} must be divisible by {unit} (2 x mesh.sequence for the "
+                       f"zigzag layout); e.g. {L - L % unit}.")
+  if c.attention.strategy not in ("ring", "allgather"):
+    raise ValueError(f"attention.strategy={c.attention.strategy!r}; use ring or allgather.")
+  if c.attention.layout not in ("zigzag", "contiguous"):
+    raise ValueError(f"attention.layout={c.attention.layout!r}; use zigzag or contiguous.")
+  t = sizes["tensor"]
+  for key, value in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads)):
+    if value % t:
+      raise ValueError(f"model {key}={value} is not divisible by mesh.tensor={t}; use a tensor "
+                       f"size dividing {math.gcd(model.num_heads, model.num_kv_heads)}.")
+  chunk = min(c.train.loss_chunk_size, L // n)
+  if (L // n) % chunk:
+    raise ValueError(f"train.loss_chunk_size={c.train.loss_chunk_size} must divide the per-device "
+                     f"length {L // n}; use a power of two.")
+  if L > model.max_position_embeddings:
+    raise ValueError(f"data.seq_len={L} exceeds the model's max_position_embeddings="
+                     f"{model.max_position_embeddings}; set model.ultralong or "
+                     "model.max_position_embeddings.")
+  if c.data.vocab_size != model.vocab_size:
+    raise ValueError(f"data.vocab_size={c.data.vocab_size} != the model's vocab_size="
+                     f"{model.vocab_size}; token ids must index the embedding.")
+  if c.optim.state_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"optim.state_dtype={c.optim.state_dtype!r}; use float32 or bfloat16.")
+  if c.train.steps <= 0 or c.train.microbatches <= 0:
+    raise ValueError("train.steps and train.microbatches must be positive.")
+  validate_data_config(c.data)
+  return model

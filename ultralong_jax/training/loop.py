@@ -1,0 +1,194 @@
+"""One training loop for both stages: build, resume, step, watch, checkpoint, export.
+
+  summary = run(config, workdir)
+
+Stage 1 (continued pretraining on packed long documents) and stage 2 (chat SFT) differ only in
+their data pipeline and whether attention is restricted by segment ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from ultralong_jax.convert import api as convert_api
+from ultralong_jax.convert import checkpoint as model_checkpoint
+from ultralong_jax.data import pretrain, sft
+from ultralong_jax.modeling import llama
+from ultralong_jax.parallel import layout, mesh as mesh_lib
+from ultralong_jax.parallel.ring_attention import make_attention_fn
+from ultralong_jax.training import checkpointing, metrics as metrics_lib, optimizer, train_step
+from ultralong_jax.training import config as config_lib
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del signum, frame
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. some notebook kernels): no handler
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _initial_params(c: ml_collections.ConfigDict, model_cfg, shardings: dict) -> dict:
+  """Parameters placed by `shardings`: random (created sharded inside a jit, never whole on one
+  host), or loaded from a HF directory / project checkpoint."""
+  if c.init.mode == "random":
+    make = lambda: nnx.to_pure_dict(nnx.state(llama.init_model(model_cfg, c.train.seed), nnx.Param))
+    return jax.jit(make, out_shardings=shardings)()
+  overrides = dict(dtype=model_cfg.dtype, remat_policy=model_cfg.remat_policy,
+                   rope_scaling=model_cfg.rope_scaling,
+                   max_position_embeddings=model_cfg.max_position_embeddings)
+  model = convert_api.from_pretrained(c.init.path, dtype=model_cfg.param_dtype, **overrides)
+  return jax.device_put(convert_api.model_params(model), shardings)
+
+
+def build_pipeline(c: ml_collections.ConfigDict):
+  return (pretrain.build_pretrain_pipeline if c.stage == 1 else sft.build_sft_pipeline)(c.data)
+
+
+def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None,
+        progress: bool = True) -> dict[str, Any]:
+  """Trains per `c` in `workdir`, resuming from its newest complete checkpoint if any.
+
+  max_steps stops after that many steps *of this invocation* (tests use it to interrupt a run);
+  the run is otherwise complete at c.train.steps. Returns a summary dict (also summary.json).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  model_cfg = config_lib.validate(c, jax.device_count(), jax.process_count())
+  mesh = mesh_lib.make_mesh({a: c.mesh[a] for a in config_lib.MESH_AXES})
+  n_seq = mesh.shape["sequence"]
+  attention_fn = make_attention_fn(mesh, strategy=c.attention.strategy, layout=c.attention.layout,
+                                   kernel=c.attention.kernel)
+  graphdef, abstract_state = nnx.split(llama.abstract_model(model_cfg, attention_fn=attention_fn))
+  abstract_params = nnx.to_pure_dict(abstract_state)
+  tx, schedule = optimizer.make_optimizer(c.optim, c.train.steps)
+  params_sharding = train_step.param_shardings(mesh, llama.abstract_model(model_cfg))
+  state_sharding = train_step.state_shardings(mesh, tx, params_sharding, abstract_params)
+  seq_len, batch_size = c.data.seq_len, c.data.global_batch_size
+  batch_sharding = train_step.batch_sharding(mesh, seq_len, batch_size)
+  options = train_step.StepOptions(
+      microbatches=c.train.microbatches, loss_chunk_size=min(c.train.loss_chunk_size, seq_len),
+      z_loss_weight=c.train.z_loss_weight,
+      use_segment_ids=c.stage == 2 or bool(c.data.get("document_mask", False)))
+  step_fn = train_step.jit_train_step(train_step.make_train_step(graphdef, tx, schedule, options),
+                                      mesh, state_sharding, batch_sharding)
+
+  pipe = build_pipeline(c)
+  data_iter = pipe.iterator()
+  ckpt = checkpointing.RunCheckpointer(workdir, every_steps=c.checkpoint.every_steps,
+                                       keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+  writer = metrics_lib.MetricsWriter(workdir)
+  start_step = ckpt.latest_step()
+  with jax.set_mesh(mesh):
+    if start_step is not None:
+      abstract = checkpointing.abstract_with_shardings(
+          jax.eval_shape(lambda p: train_step.init_state(p, tx), abstract_params), state_sharding)
+      state = ckpt.restore(start_step, abstract, data_iter)
+      logging.info("resumed from step %d in %s", start_step, ckpt.directory)
+    else:
+      start_step = 0
+      params = _initial_params(c, model_cfg, params_sharding)
+      state = jax.jit(lambda p: train_step.init_state(p, tx), out_shardings=state_sharding)(params)
+
+    flops_per_token = metrics_lib.train_flops_per_token(model_cfg, seq_len)
+    peak = metrics_lib.peak_tflops(override=c.metrics.peak_tflops)
+    tokens_per_step = batch_size * seq_len
+    end_step = c.train.steps if max_steps is None else min(c.train.steps, start_step + max_steps)
+    bar = tqdm(total=c.train.steps, initial=start_step, disable=not progress or jax.process_index(),
+               desc=f"stage {c.stage}", unit="step", dynamic_ncols=True)
+    last = {}
+    preempted = False
+    step = saved_step = start_step
+    t_prev = time.perf_counter()
+    with _Preemption() as preemption:
+      while step < end_step:
+        batch = next(data_iter)
+        if n_seq > 1:
+          batch = layout.zigzag_permute(batch, n_seq, layout=c.attention.layout)
+        state, step_metrics = step_fn(state, train_step.put_batch(batch, batch_sharding))
+        step += 1
+        if step % c.train.log_every == 0 or step == end_step:
+          last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          now = time.perf_counter()
+          seconds = (now - t_prev) / c.train.log_every
+          t_prev = now
+          last.update(step_time_s=seconds, tokens_per_s=tokens_per_step / seconds)
+          tflops = flops_per_token * last["tokens_per_s"] / jax.device_count() / 1e12
+          last["tflops_per_device"] = tflops
+          if peak:
+            last["mfu"] = tflops / peak
+          writer.write(step, last)
+          bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
+                          tok_s=f"{last['tokens_per_s']:,.0f}", tflops=f"{tflops:.3g}",
+                          **({"mfu": f"{last['mfu']:.1%}"} if peak else {}))
+        bar.update(1)
+        saved_step = step if ckpt.save(step, state, data_iter, c,
+                                       force=preemption.requested) else saved_step
+        if preemption.requested:
+          preempted = True
+          logging.warning("SIGTERM: saved step %d, exiting", step)
+          break
+    bar.close()
+    if step != saved_step and (step == c.train.steps or max_steps is not None):
+      ckpt.save(step, state, data_iter, c, force=True)  # the end of this invocation
+    ckpt.close()
+    writer.close()
+    summary = {"stage": c.stage, "start_step": start_step, "end_step": step,
+               "complete": step == c.train.steps, "preempted": preempted,
+               "checkpoints": ckpt.directory, "metrics": writer.path,
+               "last_metrics": last, "data": _jsonable(pipe.stats(data_iter)),
+               "mesh": dict(mesh.shape), "model_params": model_cfg.num_params}
+    if summary["complete"] and jax.process_index() == 0:
+      summary.update(_finish(c, workdir, model_cfg, state, writer.path))
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def _finish(c, workdir, model_cfg, state, metrics_path) -> dict[str, str]:
+  """The final model as a project checkpoint (stage 2 starts from it) and a HF directory; the
+  loss curve as a PNG."""
+  out = {}
+  params = jax.tree.map(np.asarray, jax.device_get(state["params"]))
+  final = os.path.join(workdir, "final")
+  if not os.path.exists(os.path.join(final, model_checkpoint.PARAMS_DIR)):
+    model_checkpoint.save_params(final, model_cfg, params)
+  out["final_checkpoint"] = final
+  if c.export.hf:
+    hf_dir = os.path.join(workdir, "hf")
+    convert_api.export_hf(hf_dir, model_cfg, convert_api.params_getter(params),
+                          dtype=c.export.dtype)
+    out["hf_export"] = hf_dir
+  if os.path.exists(metrics_path):
+    out["loss_plot"] = metrics_lib.plot_loss(
+        metrics_path, os.path.join(workdir, "loss.png"), title=f"stage {c.stage} loss")
+  return out
+
+
+def _jsonable(x):
+  return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))

@@ -1,0 +1,137 @@
+"""The jit-compiled, sharded train step: explicit in/out shardings, donated state, microbatches.
+
+The train state is a plain pytree {"params", "opt_state", "step"}: parameters as the model's pure
+dict (nnx.to_pure_dict), so Orbax, optax and the sharding rules all see ordinary nested dicts.
+The step rebuilds the NNX model inside the trace with `nnx.merge(graphdef, params)` (the
+functional pattern the Flax performance guide recommends over nnx.jit in hot loops).
+
+Batch features (from ultralong_jax.data): inputs, targets, positions, segment_ids [B, T] int32 and
+loss_mask [B, T]; B is split over data x fsdp, T over sequence (already in zigzag order when the
+sequence axis is > 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ultralong_jax.modeling.llama import Llama
+from ultralong_jax.parallel import sharding
+from ultralong_jax.training import loss as loss_lib
+
+FEATURES = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  microbatches: int = 1
+  loss_chunk_size: int = 4096
+  z_loss_weight: float = 0.0
+  use_segment_ids: bool = False  # document masking / SFT packing; False: one causal row
+
+
+def param_shardings(mesh: Mesh, model: Llama) -> dict:
+  """NamedShardings of the parameters (pure dict), from their logical axis names."""
+  state = nnx.state(model, nnx.Param)
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+  shapes = nnx.to_pure_dict(state)
+  return jax.tree.map(lambda spec, x: sharding.named_sharding(mesh, tuple(spec), x.shape),
+                      specs, shapes, is_leaf=lambda s: isinstance(s, P))
+
+
+def state_shardings(mesh: Mesh, tx: optax.GradientTransformation, params_sharding: dict,
+                    abstract_params: dict) -> dict:
+  """Shardings of the whole train state: Adam moments follow their parameter, scalars replicate."""
+  replicated = NamedSharding(mesh, P())
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sharding,
+                              transform_non_params=lambda _: replicated,
+                              is_leaf=lambda x: isinstance(x, NamedSharding))
+  return {"params": params_sharding, "opt_state": opt, "step": replicated}
+
+
+def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def _microbatches(batch: dict, m: int) -> dict:
+  """[B, T] -> [m, B/m, T] taking rows b = j*m + i into microbatch i: each device's contiguous
+  rows spread evenly over microbatches, so no microbatch gathers rows from other devices."""
+  def split(x):
+    b = x.shape[0]
+    return jnp.moveaxis(x.reshape(b // m, m, *x.shape[1:]), 1, 0)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable,
+                    options: StepOptions) -> Callable[[dict, dict], tuple[dict, dict]]:
+  """The un-jitted step function (state, batch) -> (new state, metrics)."""
+
+  def loss_fn(params, mb):
+    model = nnx.merge(graphdef, params)
+    segment_ids = mb["segment_ids"] if options.use_segment_ids else None
+    hidden = model.hidden_states(mb["inputs"], mb["positions"], segment_ids)
+    sums = loss_lib.chunked_cross_entropy(hidden, model.lm_head_weight(), mb["targets"],
+                                          mb["loss_mask"], chunk_size=options.loss_chunk_size)
+    return sums.loss + options.z_loss_weight * sums.z_loss, sums
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state, batch):
+    params = state["params"]
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    zero_sums = loss_lib.LossSums(*(jnp.zeros((), jnp.float32) for _ in range(4)))
+
+    def accumulate(carry, mb):
+      grads, sums = carry
+      (_, mb_sums), mb_grads = grad_fn(params, mb)
+      return (jax.tree.map(jnp.add, grads, mb_grads), jax.tree.map(jnp.add, sums, mb_sums)), None
+
+    if options.microbatches == 1:
+      (_, sums), grads = grad_fn(params, batch)
+    else:
+      (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums),
+                                      _microbatches(batch, options.microbatches))
+    # Gradients of token *sums*, normalized once by the tokens of the whole global batch, so
+    # microbatches (and rows with different numbers of loss tokens) weigh every token equally.
+    weight = jnp.maximum(sums.weight, 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                 "step": state["step"] + 1}
+    metrics = {
+        "loss": sums.loss / weight,
+        "z_loss": sums.z_loss / weight,
+        "accuracy": sums.correct / weight,
+        "loss_tokens": sums.weight,
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(state["step"]),
+    }
+    return new_state, metrics
+
+  return step
+
+
+def jit_train_step(step: Callable, mesh: Mesh, state_sharding: dict, batch_sharding: Any):
+  """jit with explicit shardings; the old state is donated (its buffers become the new state)."""
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+
+def batch_sharding(mesh: Mesh, seq_len: int, batch_size: int) -> dict:
+  """Shardings of the global batch dict (checked for divisibility)."""
+  example = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32) for k in FEATURES}
+  return sharding.batch_shardings(mesh, example)
+
+
+def put_batch(batch: dict, shardings: dict) -> dict:
+  """This process's rows (numpy) -> global jax arrays laid out by `shardings` (multi-host safe)."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], batch[k]) for k in FEATURES}
