@@ -102,7 +102,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     # microbatches (and rows with different numbers of loss tokens) weigh every token equally.
     weight = jnp.maximum(sums.weight, 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1}
