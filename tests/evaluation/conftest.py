@@ -41,3 +41,23 @@ def tokenizer_path(tmp_path_factory) -> str:
 def tokenizer(tokenizer_path):
   from ultralong_jax.data.tokenizer import load_tokenizer
   return load_tokenizer(tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+  """A tiny random Llama (vocab 512, matching `tokenizer`) saved as a Hugging Face directory."""
+  import ultralong_jax
+  from ultralong_jax.modeling import llama
+  from ultralong_jax.modeling.config import LlamaConfig
+  config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2,
+                       num_heads=4, num_kv_heads=2, rope_theta=10000.0,
+                       max_position_embeddings=4096)
+  out = str(tmp_path_factory.mktemp("tiny_model"))
+  ultralong_jax.save_pretrained(llama.init_model(config, seed=0), out)
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+  import ultralong_jax
+  return ultralong_jax.from_pretrained(tiny_model_dir)

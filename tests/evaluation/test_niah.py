@@ -1,0 +1,129 @@
+"""Needle-in-a-haystack grid construction, scoring and output formats (tiny random model).
+
+The tiny random model cannot retrieve anything (scores ~0); these tests check that prompts are
+what the grid asks for and that every output is complete and well-formed.
+"""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from ultralong_jax.evaluation import generate as gen, haystack as hay, niah, scoring
+
+
+def test_default_grid_is_the_papers():
+  lengths = niah.default_lengths(1 << 20)
+  assert len(lengths) == 40 and lengths[-1] == 1 << 20
+  np.testing.assert_allclose(np.diff(lengths), (1 << 20) / 40, atol=1)  # evenly spaced
+  depths = niah.default_depths()
+  assert len(depths) == 10 and depths[0] == 0.0 and depths[-1] == 1.0
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_prompts_have_target_length_and_needle_at_depth(tokenizer, chat):
+  haystack = hay.Haystack(tokenizer, hay.filler_text(3000, seed=1))
+  lengths, depths = [300, 1000, 2500], [0.0, 0.1, 0.33, 0.5, 0.9, 1.0]
+  cells = niah.make_cells(tokenizer, haystack, lengths, depths, needle="passkey", chat=chat)
+  assert len(cells) == len(lengths) * len(depths)
+  for cell in cells:
+    ids, start = cell.prompt.ids, cell.prompt.needle_start
+    assert abs(len(ids) - cell.length) <= 0.01 * cell.length  # the issue's bound; in fact exact
+    assert len(ids) == cell.length
+    needle_ids = tokenizer.encode(cell.needle.text)
+    assert ids[start:start + len(needle_ids)] == needle_ids
+    # The needle's depth in the haystack, recomputed from the prompt itself.
+    prefix, suffix = hay.prompt_parts(tokenizer, cell.needle.question, chat=chat)
+    assert ids[:len(prefix)] == prefix and ids[len(ids) - len(suffix):] == suffix
+    n_hay = len(ids) - len(prefix) - len(suffix) - len(needle_ids)
+    depth = (start - len(prefix)) / n_hay
+    assert depth == pytest.approx(cell.prompt.depth_actual)
+    assert abs(depth - cell.depth) <= 0.01 + 1 / n_hay  # moved back to a sentence end at most 1%
+    # The needle lands between sentences, and its number is the only number in the text.
+    text = tokenizer.decode(ids)
+    assert cell.needle.text.strip() in text
+    assert scoring.passkey_exact(text, cell.needle.answer) == 1.0
+    assert len(set(c for c in text if c.isdigit()) - set(cell.needle.answer + "0123456789")) == 0
+
+
+def test_passkeys_differ_per_cell_and_are_seeded(tokenizer):
+  haystack = hay.Haystack(tokenizer, hay.filler_text(500))
+  keys = lambda seed: [c.needle.answer for c in niah.make_cells(  # noqa: E731
+      tokenizer, haystack, [200, 300], [0.0, 1.0], seed=seed)]
+  assert len(set(keys(0))) == 4 and keys(0) == keys(0) and keys(0) != keys(1)
+
+
+def test_scoring_hand_computed():
+  assert scoring.passkey_exact("The number is 1234567.", "1234567") == 1.0
+  assert scoring.passkey_exact("12345678", "1234567") == 0.0
+  assert scoring.passkey_exact("123 4567", "1234567") == 0.0
+  ref = "eat a sandwich and sit in Dolores Park on a sunny day"  # 11 distinct words
+  assert scoring.word_recall("Eat a sandwich in Dolores Park!", ref) == pytest.approx(6 / 11)
+  assert scoring.word_recall("", ref) == 0.0
+  assert scoring.all_present("keys: ALPHA and beta", ["alpha", "beta", "gamma"]) == pytest.approx(
+      2 / 3)
+  with pytest.raises(ValueError, match="kind"):
+    scoring.score("fuzzy", "a", "b")
+
+
+def test_run_niah_writes_every_cell(tiny_model, tokenizer, tmp_path):
+  lengths, depths = [256, 384], [0.0, 0.5, 1.0]
+  res = niah.run_niah(tiny_model, tokenizer, lengths=lengths, depths=depths,
+                      out_dir=str(tmp_path), max_new_tokens=4, batch_size=2, training_length=100,
+                      progress=False, prefill_chunk=128)
+  assert res.scores.shape == (3, 2) and len(res.cells) == 6
+  # The random model answers garbage: scores are ~0, but each is a valid score of its answer.
+  for row in res.cells:
+    assert row["prompt_tokens"] == row["length"]
+    assert row["score"] == scoring.passkey_exact(row["answer"], row["expected"])
+  data = json.load(open(res.paths["json"]))
+  assert len(data["cells"]) == 6 and np.array(data["scores"]).shape == (3, 2)
+  assert data["settings"]["lengths"] == lengths
+  with open(res.paths["csv"]) as f:
+    rows = list(csv.DictReader(f))
+  assert [(int(r["length"]), float(r["depth"])) for r in rows] == [
+      (n, d) for n in lengths for d in depths]
+  assert tuple(rows[0]) == niah.CSV_FIELDS
+  with open(res.paths["heatmap"], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # A cell's answer is what greedy generation gives for its prompt alone.
+  cell = niah.make_cells(tokenizer, hay.Haystack(tokenizer, hay.filler_text(20_000, 0)),
+                         [384], [0.5])[0]
+  out = gen.generate(tiny_model, [cell.prompt.ids], max_new_tokens=4,
+                     stop_tokens=gen.stop_ids(tokenizer))[0]
+  stops = gen.stop_ids(tokenizer)
+  assert tokenizer.decode([t for t in out if t not in stops]) == res.cells[4]["answer"]
+
+
+def test_cli_with_haystack_files_and_sentence_needle(tiny_model_dir, tokenizer_path, tmp_path):
+  essay = tmp_path / "essay.txt"
+  essay.write_text(hay.filler_text(800, seed=3))
+  out = tmp_path / "out"
+  res = niah.main(["--ckpt", tiny_model_dir, "--tokenizer", tokenizer_path, "--out", str(out),
+                   "--dtype", "float32", "--lengths", "256,320", "--depths", "0,100",
+                   "--haystack", str(essay), "--needle", "sentence", "--max-new-tokens", "3",
+                   "--mesh", "sequence=2"])
+  assert res.scores.shape == (2, 2)
+  assert all(r["kind"] == "sentence" for r in res.cells)
+  assert (out / "niah_heatmap.png").exists()
+
+
+def test_cli_bad_inputs_name_the_flag(tiny_model_dir, tokenizer_path, tmp_path):
+  base = ["--ckpt", tiny_model_dir, "--tokenizer", tokenizer_path, "--out", str(tmp_path)]
+  with pytest.raises(FileNotFoundError, match="--haystack"):
+    niah.main(base + ["--haystack", str(tmp_path / "missing.txt")])
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"\xff\xfe\x00bad")
+  with pytest.raises(ValueError, match="--haystack.*bad.txt"):
+    niah.main(base + ["--haystack", str(bad)])
+  with pytest.raises(FileNotFoundError, match="--ckpt"):
+    niah.main(["--ckpt", str(tmp_path / "nope"), "--tokenizer", tokenizer_path, "--out", "x"])
+  with pytest.raises(FileNotFoundError, match="--tokenizer"):
+    niah.main(["--ckpt", tiny_model_dir, "--tokenizer", str(tmp_path / "t"), "--out", "x"])
+  with pytest.raises(ValueError, match="--depths"):
+    niah.main(base + ["--depths", "0,150", "--lengths", "128"])
+  with pytest.raises(ValueError, match="--mesh"):
+    niah.main(base + ["--mesh", "sequence=16", "--lengths", "128"])
+  with pytest.raises(ValueError, match="--question"):
+    niah.main(base + ["--needle", "The key is under the mat."])
