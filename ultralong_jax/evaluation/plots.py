@@ -15,7 +15,8 @@ def _pyplot():
 
 
 def _short(n: float) -> str:
-  return f"{n / 2**20:.3g}M" if n >= 2**20 else f"{n / 1000:.3g}K" if n >= 1000 else str(int(n))
+  # Binary units, as context lengths are quoted (128K = 131072).
+  return f"{n / 2**20:.3g}M" if n >= 2**20 else f"{n / 1024:.3g}K" if n >= 1024 else str(int(n))
 
 
 def heatmap(scores: np.ndarray, lengths: Sequence[int], depths: Sequence[float], path: str, *,
