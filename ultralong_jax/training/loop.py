@@ -8,6 +8,7 @@ their data pipeline and whether attention is restricted by segment ids.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -60,15 +61,51 @@ def _initial_params(c: ml_collections.ConfigDict, model_cfg, shardings: dict) ->
   if c.init.mode == "random":
     make = lambda: nnx.to_pure_dict(nnx.state(llama.init_model(model_cfg, c.train.seed), nnx.Param))
     return jax.jit(make, out_shardings=shardings)()
-  overrides = dict(dtype=model_cfg.dtype, remat_policy=model_cfg.remat_policy,
-                   rope_scaling=model_cfg.rope_scaling,
-                   max_position_embeddings=model_cfg.max_position_embeddings)
-  model = convert_api.from_pretrained(c.init.path, dtype=model_cfg.param_dtype, **overrides)
+  model = convert_api.from_pretrained(
+      c.init.path, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype,
+      remat_policy=model_cfg.remat_policy, rope_scaling=model_cfg.rope_scaling,
+      max_position_embeddings=model_cfg.max_position_embeddings)
   return jax.device_put(convert_api.model_params(model), shardings)
 
 
 def build_pipeline(c: ml_collections.ConfigDict):
   return (pretrain.build_pretrain_pipeline if c.stage == 1 else sft.build_sft_pipeline)(c.data)
+
+
+@dataclasses.dataclass
+class _Run:
+  """Everything built from a config before the first step."""
+  model_cfg: Any
+  mesh: Any
+  tx: Any
+  abstract_params: dict
+  params_sharding: dict
+  state_sharding: dict
+  batch_sharding: dict
+  step_fn: Any
+  pipe: Any
+
+
+def _build(c: ml_collections.ConfigDict) -> _Run:
+  model_cfg = config_lib.validate(c, jax.device_count(), jax.process_count())
+  mesh = mesh_lib.make_mesh({a: c.mesh[a] for a in config_lib.MESH_AXES})
+  attention_fn = make_attention_fn(mesh, strategy=c.attention.strategy, layout=c.attention.layout,
+                                   kernel=c.attention.kernel)
+  graphdef, abstract_state = nnx.split(llama.abstract_model(model_cfg, attention_fn=attention_fn))
+  abstract_params = nnx.to_pure_dict(abstract_state)
+  tx, schedule = optimizer.make_optimizer(c.optim, c.train.steps)
+  params_sharding = train_step.param_shardings(mesh, llama.abstract_model(model_cfg))
+  state_sharding = train_step.state_shardings(mesh, tx, params_sharding, abstract_params)
+  batch_sharding = train_step.batch_sharding(mesh, c.data.seq_len, c.data.global_batch_size)
+  options = train_step.StepOptions(
+      microbatches=c.train.microbatches,
+      loss_chunk_size=min(c.train.loss_chunk_size, c.data.seq_len),
+      z_loss_weight=c.train.z_loss_weight,
+      use_segment_ids=c.stage == 2 or bool(c.data.get("document_mask", False)))
+  step_fn = train_step.jit_train_step(train_step.make_train_step(graphdef, tx, schedule, options),
+                                      mesh, state_sharding, batch_sharding)
+  return _Run(model_cfg, mesh, tx, abstract_params, params_sharding, state_sharding,
+              batch_sharding, step_fn, build_pipeline(c))
 
 
 def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None,
@@ -79,102 +116,97 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = N
   the run is otherwise complete at c.train.steps. Returns a summary dict (also summary.json).
   """
   os.makedirs(workdir, exist_ok=True)
-  model_cfg = config_lib.validate(c, jax.device_count(), jax.process_count())
-  mesh = mesh_lib.make_mesh({a: c.mesh[a] for a in config_lib.MESH_AXES})
-  n_seq = mesh.shape["sequence"]
-  attention_fn = make_attention_fn(mesh, strategy=c.attention.strategy, layout=c.attention.layout,
-                                   kernel=c.attention.kernel)
-  graphdef, abstract_state = nnx.split(llama.abstract_model(model_cfg, attention_fn=attention_fn))
-  abstract_params = nnx.to_pure_dict(abstract_state)
-  tx, schedule = optimizer.make_optimizer(c.optim, c.train.steps)
-  params_sharding = train_step.param_shardings(mesh, llama.abstract_model(model_cfg))
-  state_sharding = train_step.state_shardings(mesh, tx, params_sharding, abstract_params)
-  seq_len, batch_size = c.data.seq_len, c.data.global_batch_size
-  batch_sharding = train_step.batch_sharding(mesh, seq_len, batch_size)
-  options = train_step.StepOptions(
-      microbatches=c.train.microbatches, loss_chunk_size=min(c.train.loss_chunk_size, seq_len),
-      z_loss_weight=c.train.z_loss_weight,
-      use_segment_ids=c.stage == 2 or bool(c.data.get("document_mask", False)))
-  step_fn = train_step.jit_train_step(train_step.make_train_step(graphdef, tx, schedule, options),
-                                      mesh, state_sharding, batch_sharding)
-
-  pipe = build_pipeline(c)
-  data_iter = pipe.iterator()
+  built = _build(c)  # validation and everything that can fail on bad input, before any compile
   ckpt = checkpointing.RunCheckpointer(workdir, every_steps=c.checkpoint.every_steps,
                                        keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
   writer = metrics_lib.MetricsWriter(workdir)
-  start_step = ckpt.latest_step()
-  with jax.set_mesh(mesh):
-    if start_step is not None:
-      abstract = checkpointing.abstract_with_shardings(
-          jax.eval_shape(lambda p: train_step.init_state(p, tx), abstract_params), state_sharding)
-      state = ckpt.restore(start_step, abstract, data_iter)
-      logging.info("resumed from step %d in %s", start_step, ckpt.directory)
-    else:
-      start_step = 0
-      params = _initial_params(c, model_cfg, params_sharding)
-      state = jax.jit(lambda p: train_step.init_state(p, tx), out_shardings=state_sharding)(params)
-
-    flops_per_token = metrics_lib.train_flops_per_token(model_cfg, seq_len)
-    peak = metrics_lib.peak_tflops(override=c.metrics.peak_tflops)
-    tokens_per_step = batch_size * seq_len
-    end_step = c.train.steps if max_steps is None else min(c.train.steps, start_step + max_steps)
-    bar = tqdm(total=c.train.steps, initial=start_step, disable=not progress or jax.process_index(),
-               desc=f"stage {c.stage}", unit="step", dynamic_ncols=True)
-    last = {}
-    preempted = False
-    step = saved_step = start_step
-    t_prev = time.perf_counter()
-    with _Preemption() as preemption:
-      while step < end_step:
-        batch = next(data_iter)
-        if n_seq > 1:
-          batch = layout.zigzag_permute(batch, n_seq, layout=c.attention.layout)
-        state, step_metrics = step_fn(state, train_step.put_batch(batch, batch_sharding))
-        step += 1
-        if step % c.train.log_every == 0 or step == end_step:
-          last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-          now = time.perf_counter()
-          seconds = (now - t_prev) / c.train.log_every
-          t_prev = now
-          last.update(step_time_s=seconds, tokens_per_s=tokens_per_step / seconds)
-          tflops = flops_per_token * last["tokens_per_s"] / jax.device_count() / 1e12
-          last["tflops_per_device"] = tflops
-          if peak:
-            last["mfu"] = tflops / peak
-          writer.write(step, last)
-          bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
-                          tok_s=f"{last['tokens_per_s']:,.0f}", tflops=f"{tflops:.3g}",
-                          **({"mfu": f"{last['mfu']:.1%}"} if peak else {}))
-        bar.update(1)
-        saved_step = step if ckpt.save(step, state, data_iter, c,
-                                       force=preemption.requested) else saved_step
-        if preemption.requested:
-          preempted = True
-          logging.warning("SIGTERM: saved step %d, exiting", step)
-          break
-    bar.close()
-    if step != saved_step and (step == c.train.steps or max_steps is not None):
-      ckpt.save(step, state, data_iter, c, force=True)  # the end of this invocation
+  try:
+    summary = _train(c, workdir, built, ckpt, writer, max_steps, progress)
+  finally:
     ckpt.close()
     writer.close()
-    summary = {"stage": c.stage, "start_step": start_step, "end_step": step,
-               "complete": step == c.train.steps, "preempted": preempted,
-               "checkpoints": ckpt.directory, "metrics": writer.path,
-               "last_metrics": last, "data": _jsonable(pipe.stats(data_iter)),
-               "mesh": dict(mesh.shape), "model_params": model_cfg.num_params}
-    if summary["complete"] and jax.process_index() == 0:
-      summary.update(_finish(c, workdir, model_cfg, state, writer.path))
+  if summary["complete"] and jax.process_index() == 0:
+    summary.update(_finish(c, workdir, built.model_cfg, summary.pop("_params"), writer.path))
+  summary.pop("_params", None)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
 
 
-def _finish(c, workdir, model_cfg, state, metrics_path) -> dict[str, str]:
+def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[str, Any]:
+  seq_len, batch_size = c.data.seq_len, c.data.global_batch_size
+  n_seq = built.mesh.shape["sequence"]
+  tx = built.tx
+  data_iter = built.pipe.iterator()
+  start_step = ckpt.latest_step()
+  if start_step is not None:
+    abstract = checkpointing.abstract_with_shardings(
+        jax.eval_shape(lambda p: train_step.init_state(p, tx), built.abstract_params),
+        built.state_sharding)
+    state = ckpt.restore(start_step, abstract, data_iter)
+    logging.info("resumed from step %d in %s", start_step, ckpt.directory)
+  else:
+    start_step = 0
+    params = _initial_params(c, built.model_cfg, built.params_sharding)
+    state = jax.jit(lambda p: train_step.init_state(p, tx),
+                    out_shardings=built.state_sharding)(params)
+
+  flops_per_token = metrics_lib.train_flops_per_token(built.model_cfg, seq_len)
+  peak = metrics_lib.peak_tflops(override=c.metrics.peak_tflops)
+  tokens_per_step = batch_size * seq_len
+  end_step = c.train.steps if max_steps is None else min(c.train.steps, start_step + max_steps)
+  bar = tqdm(total=c.train.steps, initial=start_step, disable=not progress or jax.process_index(),
+             desc=f"stage {c.stage}", unit="step", dynamic_ncols=True)
+  last, preempted = {}, False
+  step = saved_step = start_step
+  t_prev = time.perf_counter()
+  # The mesh context serves activation sharding hints inside the step; model construction and
+  # loading stay outside it (NNX would read logical names as mesh axes there).
+  with _Preemption() as preemption, jax.set_mesh(built.mesh):
+    while step < end_step:
+      batch = next(data_iter)
+      if n_seq > 1:
+        batch = layout.zigzag_permute(batch, n_seq, layout=c.attention.layout)
+      state, step_metrics = built.step_fn(state, train_step.put_batch(batch, built.batch_sharding))
+      step += 1
+      if step % c.train.log_every == 0 or step == end_step:
+        last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        now = time.perf_counter()
+        seconds = (now - t_prev) / c.train.log_every
+        t_prev = now
+        last.update(step_time_s=seconds, tokens_per_s=tokens_per_step / seconds)
+        tflops = flops_per_token * last["tokens_per_s"] / jax.device_count() / 1e12
+        last["tflops_per_device"] = tflops
+        if peak:
+          last["mfu"] = tflops / peak
+        writer.write(step, last)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
+                        tok_s=f"{last['tokens_per_s']:,.0f}", tflops=f"{tflops:.3g}",
+                        **({"mfu": f"{last['mfu']:.1%}"} if peak else {}))
+      bar.update(1)
+      if ckpt.save(step, state, data_iter, c, force=preemption.requested):
+        saved_step = step
+      if preemption.requested:
+        preempted = True
+        logging.warning("SIGTERM: saved step %d, exiting", step)
+        break
+  bar.close()
+  if step != saved_step and (step == c.train.steps or max_steps is not None):
+    ckpt.save(step, state, data_iter, c, force=True)  # the end of this invocation
+  ckpt.wait()
+  complete = step == c.train.steps
+  return {"stage": c.stage, "start_step": start_step, "end_step": step, "complete": complete,
+          "preempted": preempted, "checkpoints": ckpt.directory, "metrics": writer.path,
+          "last_metrics": last, "data": _jsonable(built.pipe.stats(data_iter)),
+          "mesh": dict(built.mesh.shape), "model_params": built.model_cfg.num_params,
+          "_params": state["params"] if complete else None}
+
+
+def _finish(c, workdir, model_cfg, params, metrics_path) -> dict[str, str]:
   """The final model as a project checkpoint (stage 2 starts from it) and a HF directory; the
   loss curve as a PNG."""
   out = {}
-  params = jax.tree.map(np.asarray, jax.device_get(state["params"]))
+  params = jax.tree.map(np.asarray, jax.device_get(params))
   final = os.path.join(workdir, "final")
   if not os.path.exists(os.path.join(final, model_checkpoint.PARAMS_DIR)):
     model_checkpoint.save_params(final, model_cfg, params)

@@ -1,0 +1,75 @@
+"""The embedded demo: the whole recipe in miniature on CPU (8 simulated devices).
+
+  python -m ultralong_jax.demo      # generates the data, then runs base -> stage 1 -> stage 2
+
+`get_config("base" | "stage1" | "stage2")`; `python -m ultralong_jax.train
+--config=configs/demo.py:stage1 --workdir=...` runs one stage on the data the demo generated.
+A 4-layer Llama (vocab 512) is trained at 128 tokens ("the base"), extended 8x to 1,024 tokens
+with llama3 RoPE (factor 8 over the base's 128, low/high freq factor 1/4, as the paper does with
+factor 128 over 8K) on packed documents with ring attention over sequence=4 x data=2 devices,
+then tuned on chats.
+"""
+
+import json
+
+import ml_collections
+
+from ultralong_jax.training.config import base_config
+
+DATA = "runs/demo/data"  # the demo writes its generated corpus, tokenizer and chats here
+BASE_LEN, LONG_LEN = 128, 1024
+MODEL = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_layers": 4,
+         "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "rope_theta": 500000.0,
+         "max_position_embeddings": BASE_LEN, "bos_token_id": 0, "eos_token_id": 4}
+
+
+def _common(stage: int) -> ml_collections.ConfigDict:
+  c = base_config(stage)
+  c.model.preset, c.model.dtype, c.model.remat_policy, c.model.ultralong = (
+      "tiny", "float32", "none", "")
+  c.data.vocab_size = MODEL["vocab_size"]
+  c.data.tokenizer = f"{DATA}/tokenizer.json"
+  c.optim.grad_clip_norm = 1.0
+  c.checkpoint.every_steps, c.checkpoint.keep = 50, 2
+  c.export.dtype = "float32"
+  c.train.loss_chunk_size = 128
+  return c
+
+
+def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
+  if arg == "base":  # "pretraining" at the short length, data parallel over the 8 devices
+    c = _common(1)
+    c.init.mode = "random"
+    c.model.overrides_json = json.dumps(MODEL)  # later stages take the shape from the checkpoint
+    c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 8, 1, 1, 1
+    c.data.seq_len, c.data.global_batch_size = BASE_LEN, 16
+    c.train.steps = 150
+    c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = 3e-3, 10, "cosine"
+  elif arg == "stage1":  # context extension 8x with ring attention
+    c = _common(1)
+    c.init.mode, c.init.path = "checkpoint", "runs/demo/base/final"
+    c.model.rope_scaling_json = json.dumps({
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": BASE_LEN})
+    c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 2, 1, 4, 1
+    c.data.seq_len, c.data.global_batch_size = LONG_LEN, 2
+    c.train.steps = 60
+    c.optim.learning_rate, c.optim.warmup_steps = 1e-3, 5
+  elif arg == "stage2":  # chat SFT at short length, rows packed with per-example masks
+    c = _common(2)
+    c.init.mode, c.init.path = "checkpoint", "runs/demo/stage1/final"
+    c.data.chat_files = f"{DATA}/chats.jsonl"
+    c.data.max_example_len = 512
+    c.data.chat.date_preamble = False  # a 512-token budget has no room for the date block
+    c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 4, 1, 1, 2
+    c.data.seq_len, c.data.global_batch_size = 512, 8
+    c.train.steps = 60
+    c.optim.learning_rate, c.optim.warmup_steps = 5e-4, 5
+  else:
+    raise ValueError(f"configs/demo.py:{arg}: use base, stage1 or stage2.")
+  if c.stage == 1:
+    c.data.separator_id = 1  # <|end_of_text|> in the demo tokenizer
+    c.data.resample.short_threshold, c.data.resample.long_threshold = 64, 512
+    c.data.domains = ml_collections.ConfigDict(
+        {"synthetic": {"path": f"{DATA}/prepared", "weight": 1.0}})
+  return c
