@@ -14,10 +14,11 @@ prompt ends at the same slot, so all rows write the same slot when decoding (one
 while `positions` (for RoPE) count each row's own tokens. A query at slot t sees the keys at slots
 <= t with its own segment id: tokens see tokens, padding sees padding (never an empty row).
 
-Attention to the cache (`cached_attention`) runs inside `jax.shard_map` over `sequence`: each
-device attends the (all-gathered) new queries to its own cache slots with an online softmax over
-key blocks, and the per-device partial results are merged by log-sum-exp (pmax / psum). Writing the
-new keys happens in the same shard_map (each device stores the slots it owns), so the cache is never
+Attention to the cache is `update_and_attend`: write the new keys/values, then attend with an
+online softmax over blocks of `kv_block` slots. Under `jax.shard_map` over `sequence` (the
+`cache_attention_fn` built by evaluation/sharded_cache.py; this module stays mesh-agnostic) each
+device writes only the slots it owns and attends the (all-gathered) new queries to them, and the
+per-device partial results are merged by log-sum-exp (pmax / psum), so the cache is never
 gathered. A prompt's first chunk may instead use the training ring attention (`ring_attention_fn`):
 its queries, keys and values stay sharded in the zigzag layout and the cache is empty, so
 self-attention over the chunk is the whole answer; later chunks and decoding use the cache path.
