@@ -43,7 +43,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     c.model.overrides_json = json.dumps(MODEL)  # later stages take the shape from the checkpoint
     c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 8, 1, 1, 1
     c.data.seq_len, c.data.global_batch_size = BASE_LEN, 16
-    c.train.steps = 150
+    c.train.steps = 400
     c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = 3e-3, 10, "cosine"
   elif arg == "stage1":  # context extension 8x with ring attention
     c = _common(1)
@@ -53,17 +53,16 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
         "original_max_position_embeddings": BASE_LEN})
     c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 2, 1, 4, 1
     c.data.seq_len, c.data.global_batch_size = LONG_LEN, 2
-    c.train.steps = 60
+    c.train.steps = 200
     c.optim.learning_rate, c.optim.warmup_steps = 1e-3, 5
   elif arg == "stage2":  # chat SFT at short length, rows packed with per-example masks
     c = _common(2)
     c.init.mode, c.init.path = "checkpoint", "runs/demo/stage1/final"
     c.data.chat_files = f"{DATA}/chats.jsonl"
     c.data.max_example_len = 512
-    c.data.chat.date_preamble = False  # a 512-token budget has no room for the date block
     c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 4, 1, 1, 2
     c.data.seq_len, c.data.global_batch_size = 512, 8
-    c.train.steps = 60
+    c.train.steps = 200
     c.optim.learning_rate, c.optim.warmup_steps = 5e-4, 5
   else:
     raise ValueError(f"configs/demo.py:{arg}: use base, stage1 or stage2.")

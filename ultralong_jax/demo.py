@@ -8,7 +8,7 @@
 3. stage 1: its context extended 8x to 1,024 tokens with llama3 RoPE scaling, on packed documents
    with separators, ring attention over sequence=4 x data=2 devices;
 4. stage 2: chat SFT with loss on assistant tokens only, examples packed with per-example masks;
-5. needle-in-a-haystack heatmaps of the stage-1 and stage-2 models;
+5. needle-in-a-haystack heatmaps of the base, stage-1 and stage-2 models (lengths up to 1,024);
 6. the final model exported as a Hugging Face directory (stage2/hf).
 Configs: configs/demo.py. Everything lands under --workdir.
 """
@@ -58,6 +58,40 @@ def make_data(data_dir: str, separator_id: int, quick: bool) -> dict:
   return {"tokenizer": tokenizer_path, "documents": docs}
 
 
+def run_needle_evals(root: str, tokenizer_path: str, get_config, quick: bool) -> dict:
+  """Needle-in-a-haystack grids for the base (trained at 128 tokens), stage-1 and stage-2 models
+  over lengths up to the extended 1,024, with the corpus's pass-key phrasing."""
+  import ultralong_jax  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.evaluation import haystack, niah  # pylint: disable=import-outside-toplevel
+  import random  # pylint: disable=import-outside-toplevel
+
+  tokenizer = load_tokenizer(tokenizer_path)
+  long_len = get_config("stage1").data.seq_len
+  lengths = [long_len // 4, long_len] if quick else list(range(long_len // 8, long_len + 1,
+                                                                long_len // 8))
+  depths = [0.0, 1.0] if quick else [0.0, 0.25, 0.5, 0.75, 1.0]
+
+  def needle(seed: int) -> haystack.Needle:
+    key = random.Random(seed).randint(10000, 99999)
+    return haystack.Needle(text=synthetic.passkey_sentence(key), question=synthetic.QUESTION,
+                           answer=str(key), kind="passkey")
+
+  filler = synthetic.filler(random.Random(7), 400)
+  results = {}
+  for stage, chat in (("base", False), ("stage1", False), ("stage2", True)):
+    model = ultralong_jax.from_pretrained(os.path.join(root, stage, "final"))
+    print(f"\n[niah {stage}] {len(lengths)} lengths x {len(depths)} depths, "
+          f"{'chat' if chat else 'plain'} prompts")
+    results[stage] = niah.run_niah(
+        model, tokenizer, lengths=lengths, depths=depths, out_dir=os.path.join(root, stage, "niah"),
+        needle=needle, haystack_text=filler, chat=chat, max_new_tokens=12,
+        training_length=get_config(stage).data.seq_len,
+        title=f"demo {stage}: pass key retrieval")
+  return results
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +119,7 @@ def main(argv=None) -> int:
     print(f"\n[{stage}] seq_len {c.data.seq_len}, batch {c.data.global_batch_size}, "
           f"mesh {dict(c.mesh)}, {c.train.steps} steps")
     summaries[stage] = loop.run(c, os.path.join(root, stage))
+  niah = run_needle_evals(root, data["tokenizer"], get_config, quick=args.quick)
   elapsed = time.time() - start
 
   print(f"\nUltraLong recipe in miniature: done in {elapsed / 60:.1f} min on "
@@ -94,6 +129,9 @@ def main(argv=None) -> int:
     rows = [json.loads(line) for line in open(s["metrics"])]
     print(f"  {stage:<8} {get_config(stage).data.seq_len:>7} {rows[0]['loss']:>10.3f} "
           f"{rows[-1]['loss']:>10.3f}  {s.get('loss_plot', '-')}")
+  print("\n  needle in a haystack (pass key retrieval, exact match; lengths x depths):")
+  for name, result in niah.items():
+    print(f"  {name:<8} mean {result.mean:6.1%}   {result.paths['heatmap']}")
   print(f"\n  tokenizer        {data['tokenizer']}")
   print(f"  corpus           {data['documents']}")
   for stage, s in summaries.items():

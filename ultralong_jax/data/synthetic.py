@@ -34,11 +34,21 @@ def filler(rng: random.Random, n_sentences: int) -> str:
   return " ".join(filler_sentence(rng) for _ in range(n_sentences))
 
 
+# The retrieval format shared by the corpus, the chats and the demo's needle-in-a-haystack eval
+# (ultralong_jax.evaluation: intro, document, question, then "Answer:" for base models).
+INTRO = "Read the document below and answer the question after it."
+QUESTION = "What is the pass key?"
+
+
+def passkey_sentence(key: int) -> str:
+  return f" The pass key is {key}. Remember it. "
+
+
 def passkey_document(rng: random.Random, n_sentences: int) -> str:
   key = rng.randint(10000, 99999)
   before = rng.randint(0, n_sentences)
-  return (f"{filler(rng, before)} The pass key is {key}. Remember it. {key} is the pass key. "
-          f"{filler(rng, n_sentences - before)} What is the pass key? The pass key is {key}.")
+  return (f"{INTRO}\n\n{filler(rng, before)}{passkey_sentence(key)}"
+          f"{filler(rng, n_sentences - before)}\n\n{QUESTION}\nAnswer: The pass key is {key}.")
 
 
 def write_documents(path: str, n_docs: int, seed: int, min_sentences: int = 4,
@@ -65,9 +75,8 @@ def write_chats(path: str, n_chats: int, seed: int, max_sentences: int = 30) -> 
         key = rng.randint(10000, 99999)
         n = rng.randint(1, max_sentences)
         before = rng.randint(0, n)
-        text = (f"{filler(rng, before)} The pass key is {key}. Remember it. "
-                f"{filler(rng, n - before)}")
-        messages += [{"role": "user", "content": f"{text}\nWhat is the pass key?"},
+        text = f"{filler(rng, before)}{passkey_sentence(key)}{filler(rng, n - before)}"
+        messages += [{"role": "user", "content": f"{INTRO}\n\n{text}\n\n{QUESTION}"},
                      {"role": "assistant", "content": f"The pass key is {key}."}]
       else:
         a, b = rng.randint(1, 99), rng.randint(1, 99)

@@ -53,8 +53,8 @@ class Cell:
 def make_cells(tokenizer, haystack: hay.Haystack, lengths: Sequence[int], depths: Sequence[float],
                *, needle: hay.Needle | str = "passkey", chat: bool = True,
                seed: int = 0) -> list[Cell]:
-  """Every (length, depth) prompt. needle: a Needle, "passkey" (a new number per cell, seeded)
-  or "sentence" (hay.SENTENCE_NEEDLE)."""
+  """Every (length, depth) prompt. needle: a Needle, "passkey" (a new number per cell, seeded),
+  "sentence" (hay.SENTENCE_NEEDLE), or a callable seed -> Needle (a new needle per cell)."""
   cells = []
   for i, length in enumerate(lengths):
     for j, depth in enumerate(depths):
@@ -62,6 +62,8 @@ def make_cells(tokenizer, haystack: hay.Haystack, lengths: Sequence[int], depths
         n = hay.passkey_needle(seed * 1_000_003 + i * len(depths) + j)
       elif needle == "sentence":
         n = hay.SENTENCE_NEEDLE
+      elif callable(needle):
+        n = needle(seed * 1_000_003 + i * len(depths) + j)
       else:
         n = needle
       prefix, suffix = hay.prompt_parts(tokenizer, n.question, chat=chat)

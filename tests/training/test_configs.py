@@ -1,0 +1,69 @@
+"""Every shipped config loads, carries the paper's numbers and validates for its intended mesh."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from ultralong_jax.modeling import presets
+from ultralong_jax.training import config as config_lib
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+
+
+def _load(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+@pytest.fixture
+def hf_8b_dir(tmp_path):
+  """A config.json of Llama-3.1-8B-Instruct (no weights needed to validate)."""
+  (tmp_path / "config.json").write_text(json.dumps(presets.llama31_8b().to_hf_dict()))
+  return str(tmp_path)
+
+
+@pytest.mark.parametrize("length, seq_len, steps, cp, devices", [
+    ("1m", 1 << 20, 480, 4, 64), ("2m", 1 << 21, 240, 8, 128), ("4m", 1 << 22, 150, 16, 256)])
+def test_stage1_8b_configs(length, seq_len, steps, cp, devices, hf_8b_dir):
+  c = _load(f"llama31_8b_stage1_{length}")
+  assert (c.data.seq_len, c.train.steps, c.mesh.sequence, c.mesh.tensor) == (seq_len, steps, cp, 8)
+  assert c.optim.learning_rate == 3e-5 and c.data.global_batch_size == 2
+  # ~1B tokens per run, as in the paper (2 x 4M x 150 = 1.26B at 4M).
+  assert 0.9e9 < seq_len * 2 * steps < 1.3e9
+  c.init.path = hf_8b_dir
+  model = config_lib.validate(c, num_devices=devices)
+  assert model.rope_scaling["factor"] == {"1m": 128, "2m": 256, "4m": 512}[length]
+  assert model.max_position_embeddings == seq_len
+
+
+def test_stage2_and_1b_configs(hf_8b_dir, tmp_path):
+  sft = _load("llama31_8b_stage2_sft")
+  assert sft.optim.learning_rate == 5e-6 and sft.data.max_example_len == 8192
+  ckpt = tmp_path / "stage1"
+  ckpt.mkdir()
+  (ckpt / "model_config.json").write_text(presets.get_preset("llama31_8b_1m").to_json())
+  sft.init.path = str(ckpt)
+  sft.data.chat_files, sft.data.tokenizer = "chats.jsonl", "tokenizer.json"
+  assert config_lib.validate(sft, num_devices=64).rope_scaling["factor"] == 128
+  one_b = _load("llama32_1b_stage1_1m")
+  (tmp_path / "config.json").write_text(json.dumps(presets.llama32_1b().to_hf_dict()))
+  one_b.init.path = str(tmp_path)
+  assert config_lib.validate(one_b, num_devices=8).num_layers == 16
+
+
+@pytest.mark.parametrize("arg", ["base", "stage1", "stage2"])
+def test_demo_config_stages(arg):
+  c = _load("demo", arg)
+  assert c.stage == (2 if arg == "stage2" else 1)
+  if arg == "base":
+    assert config_lib.validate(c, num_devices=8).vocab_size == 512
+
+
+def test_a_config_without_its_paths_says_which_key_to_set():
+  c = _load("llama31_8b_stage1_1m")
+  with pytest.raises(ValueError, match="init.path"):
+    config_lib.validate(c, num_devices=64)
