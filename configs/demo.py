@@ -2,8 +2,9 @@
 
   python -m ultralong_jax.demo      # generates the data, then runs base -> stage 1 -> stage 2
 
-`get_config("base" | "stage1" | "stage2")`; `python -m ultralong_jax.train
---config=configs/demo.py:stage1 --workdir=...` runs one stage on the data the demo generated.
+`get_config("base" | "stage1" | "stage2")`; one stage on the data the demo generated:
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m ultralong_jax.train \
+      --config=configs/demo.py:stage1 --workdir=runs/demo/stage1
 A 4-layer Llama (vocab 512) is trained at 128 tokens ("the base"), extended 8x to 1,024 tokens
 with llama3 RoPE (factor 8 over the base's 128, low/high freq factor 1/4, as the paper does with
 factor 128 over 8K) on packed documents with ring attention over sequence=4 x data=2 devices,

@@ -43,6 +43,10 @@ def load_config(path: str, rope_scaling: Mapping[str, Any] | None = None,
                 max_position_embeddings: int | None = None, **config_overrides) -> LlamaConfig:
   """The LlamaConfig of a HF directory or project checkpoint, with overrides applied."""
   overrides = {**_rope_overrides(rope_scaling, max_position_embeddings), **config_overrides}
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path} is not a directory: give a Hugging Face model directory "
+                            "(config.json + *.safetensors) or a project checkpoint "
+                            "(model_config.json + params/).")
   if checkpoint.is_project_checkpoint(path):
     return checkpoint.read_config(path, **overrides)
   return LlamaConfig.from_hf_dict(hf.read_hf_config(path),

@@ -89,7 +89,8 @@ def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
     else:
       config = presets.get_preset(m.preset, **overrides)
   except (TypeError, ValueError, FileNotFoundError) as e:
-    raise ValueError(f"model (init.mode={c.init.mode}): {e}") from None
+    where = f"init.path ({c.init.mode})" if c.init.mode != "random" else "model.preset/overrides"
+    raise ValueError(f"{where}: {e}") from None
   return apply_rope_override(config, c)
 
 

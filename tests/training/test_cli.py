@@ -1,0 +1,28 @@
+"""`python -m ultralong_jax.train`: bad input is one clear line before anything compiles."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+def _train(*flags, tmp_path):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "ultralong_jax.train",
+                         "--config=configs/demo.py:stage1", f"--workdir={tmp_path}", *flags],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_missing_checkpoint_names_init_path(tmp_path):
+  result = _train(f"--config.init.path={tmp_path}/nowhere", tmp_path=tmp_path)
+  assert result.returncode == 2
+  assert "error: init.path (checkpoint)" in result.stderr and "nowhere" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+  result = _train("--config.data.seq_lenn=5", tmp_path=tmp_path)
+  assert result.returncode != 0
+  assert 'Did you mean "seq_len"' in result.stderr
