@@ -10,10 +10,6 @@ import pytest
 
 from ultralong_jax.data.tokenizer import LLAMA3_SPECIAL_TOKENS
 
-# Llama 3's pre-tokenizer split (meta-llama/Llama-3.1-8B-Instruct tokenizer.json).
-LLAMA3_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                      r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
 WORDS = ("the cat sat on a mat while long context models read whole books about rivers, "
          "numbers 12 345 and 6789; questions? answers! data pipelines pack tokens into rows "
          "ünïcödé 漢字 emoji 🙂 tab\tnew\nline").split(" ")
@@ -32,18 +28,8 @@ def training_texts(n: int = 400, seed: int = 0) -> list[str]:
 
 def build_hf_tokenizer(path: str, vocab_size: int = 600) -> str:
   """A byte-level BPE shaped like Llama 3's (same split regex and special tokens)."""
-  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(LLAMA3_SPLIT_REGEX), behavior="isolated"),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(LLAMA3_SPECIAL_TOKENS),
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tok.train_from_iterator(training_texts(), trainer)
-  tok.save(path)
-  return path
+  from ultralong_jax.data import synthetic
+  return synthetic.build_tokenizer(path, vocab_size, texts=training_texts())
 
 
 def build_sp_model(prefix: str, vocab_size: int = 500) -> str:

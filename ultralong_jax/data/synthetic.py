@@ -86,14 +86,16 @@ def write_chats(path: str, n_chats: int, seed: int, max_sentences: int = 30) -> 
   return path
 
 
-def build_tokenizer(path: str, vocab_size: int = 512, seed: int = 0) -> str:
-  """Trains a byte-level BPE (Llama 3's split regex and special tokens) on generated text and
-  saves it as a HF `tokenizer.json` at `path`."""
+def build_tokenizer(path: str, vocab_size: int = 512, seed: int = 0,
+                    texts: list[str] | None = None) -> str:
+  """Trains a byte-level BPE (Llama 3's split regex and special tokens) on `texts` (default:
+  generated documents and chat words) and saves it as a HF `tokenizer.json` at `path`."""
   from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-  rng = random.Random(seed)
-  texts = [passkey_document(rng, rng.randint(2, 20)) for _ in range(300)]
-  texts += ["system", "user", "assistant", "You are a helpful assistant.", "What is 12 plus 7?",
-            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n", "\n\n"]
+  if texts is None:
+    rng = random.Random(seed)
+    texts = [passkey_document(rng, rng.randint(2, 20)) for _ in range(300)]
+    texts += ["system", "user", "assistant", "You are a helpful assistant.", "What is 12 plus 7?",
+              "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n", "\n\n"]
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),

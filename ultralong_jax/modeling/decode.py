@@ -168,12 +168,7 @@ def forward(config: LlamaConfig, params: dict, cache: KVCache, input_ids: jax.Ar
     inverse = jnp.asarray(np.argsort(layout_perm))
   h = jnp.take(params["embed"], input_ids, axis=0).astype(compute)
   h = constrain(h, ("batch", "length", "embed"))
-  seq_len = jnp.max(positions) + 1 if (config.rope_scaling or {}).get("rope_type") == "dynamic" \
-      else None
-  inv_freq, attention_scaling = rope.rope_parameters(
-      config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings,
-      seq_len=seq_len)
-  cos, sin = rope.rope_cos_sin(positions, inv_freq, attention_scaling)
+  cos, sin = rope.rope_tables(config, positions)
   eps = config.rms_norm_eps
 
   def body(carry, p):

@@ -115,14 +115,7 @@ class Llama(nnx.Module):
     compute = jnp.dtype(config.dtype)
     h = jnp.take(self.embed[...], input_ids, axis=0).astype(compute)
 
-    # RoPE tables once per forward, shared by all layers. `dynamic` needs the sequence length,
-    # which transformers takes as max(position_ids) + 1.
-    seq_len = jnp.max(positions) + 1 if (config.rope_scaling or {}).get("rope_type") == "dynamic" \
-        else None
-    inv_freq, attention_scaling = rope.rope_parameters(
-        config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings,
-        seq_len=seq_len)
-    cos, sin = rope.rope_cos_sin(positions, inv_freq, attention_scaling)
+    cos, sin = rope.rope_tables(config, positions)  # once per forward, shared by all layers
 
     attention_fn, eps = self.attention_fn, config.rms_norm_eps
 

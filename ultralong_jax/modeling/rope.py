@@ -258,6 +258,18 @@ def rope_cos_sin(
   return jnp.cos(angles) * attention_scaling, jnp.sin(angles) * attention_scaling
 
 
+def rope_tables(config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [B, T, H] for a model config (head_dim, rope_theta, rope_scaling,
+  max_position_embeddings) at `positions` [B, T]. `dynamic` needs the sequence length, which
+  transformers takes as max(position_ids) + 1."""
+  scaling = config.rope_scaling or {}
+  seq_len = jnp.max(positions) + 1 if scaling.get("rope_type") == "dynamic" else None
+  inv_freq, attention_scaling = rope_parameters(
+      config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings,
+      seq_len=seq_len)
+  return rope_cos_sin(positions, inv_freq, attention_scaling)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """Rotates x [B, T, N, H] by cos/sin [B, T, H] (transformers' `apply_rotary_pos_emb`).
 
