@@ -44,8 +44,10 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     c.model.overrides_json = json.dumps(MODEL)  # later stages take the shape from the checkpoint
     c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 8, 1, 1, 1
     c.data.seq_len, c.data.global_batch_size = BASE_LEN, 16
-    c.train.steps = 400
-    c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = 3e-3, 10, "cosine"
+    c.train.steps = 1500  # the copy skill behind pass-key retrieval appears after ~1000 steps
+    c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = 3e-3, 20, "cosine"
+    c.data.domains = ml_collections.ConfigDict({"short": {"path": f"{DATA}/short", "weight": 1.0}})
+    c.data.resample.short_rate = c.data.resample.long_rate = 1.0  # keep every short document
   elif arg == "stage1":  # context extension 8x with ring attention
     c = _common(1)
     c.init.mode, c.init.path = "checkpoint", "runs/demo/base/final"
@@ -63,13 +65,17 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     c.data.max_example_len = 512
     c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 4, 1, 1, 2
     c.data.seq_len, c.data.global_batch_size = 512, 8
-    c.train.steps = 200
+    c.train.steps = 150
     c.optim.learning_rate, c.optim.warmup_steps = 5e-4, 5
   else:
     raise ValueError(f"configs/demo.py:{arg}: use base, stage1 or stage2.")
+  if arg == "stage1":
+    # Long documents, with the paper's length resampling scaled down: < 128 tokens down-sampled,
+    # > 512 up-sampled (the paper: < 4K and > 8K).
+    c.data.resample.short_threshold, c.data.resample.long_threshold = 128, 512
+    c.data.domains = ml_collections.ConfigDict({
+        "long": {"path": f"{DATA}/long", "weight": 0.8},
+        "short": {"path": f"{DATA}/short", "weight": 0.2}})
   if c.stage == 1:
     c.data.separator_id = 1  # <|end_of_text|> in the demo tokenizer
-    c.data.resample.short_threshold, c.data.resample.long_threshold = 64, 512
-    c.data.domains = ml_collections.ConfigDict(
-        {"synthetic": {"path": f"{DATA}/prepared", "weight": 1.0}})
   return c

@@ -50,12 +50,16 @@ def make_data(data_dir: str, separator_id: int, quick: bool) -> dict:
   if tokenizer.token_id("<|end_of_text|>") != separator_id:
     raise RuntimeError("configs/demo.py: data.separator_id does not match the demo tokenizer's "
                        f"<|end_of_text|> ({tokenizer.token_id('<|end_of_text|>')}).")
-  docs = synthetic.write_documents(os.path.join(data_dir, "docs.jsonl"),
-                                   600 if quick else 4000, seed=0)
-  prepare.prepare([docs], os.path.join(data_dir, "prepared"), tokenizer_path, num_shards=4,
-                  num_workers=1, domain="synthetic", progress=True)
-  synthetic.write_chats(os.path.join(data_dir, "chats.jsonl"), 500 if quick else 3000, seed=1)
-  return {"tokenizer": tokenizer_path, "documents": docs}
+  # Two domains: short documents (pass key and question within the base's 128 tokens) and long
+  # ones (up to ~1,000 tokens) for the context extension.
+  n = 500 if quick else 5000
+  for domain, (lo, hi, seed) in {"short": (1, 10, 0), "long": (10, 110, 1)}.items():
+    docs = synthetic.write_documents(os.path.join(data_dir, f"{domain}.jsonl"), n, seed=seed,
+                                     min_sentences=lo, max_sentences=hi, passkey_fraction=0.9)
+    prepare.prepare([docs], os.path.join(data_dir, domain), tokenizer_path, num_shards=4,
+                    num_workers=1, domain=domain, progress=True)
+  synthetic.write_chats(os.path.join(data_dir, "chats.jsonl"), 500 if quick else 3000, seed=2)
+  return {"tokenizer": tokenizer_path, "documents": os.path.join(data_dir, "{short,long}.jsonl")}
 
 
 def run_needle_evals(root: str, tokenizer_path: str, get_config, quick: bool) -> dict:

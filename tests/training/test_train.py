@@ -36,6 +36,8 @@ def test_each_stage_trains_exports_and_the_loss_falls(stage, tiny_config, tmp_pa
     assert os.path.exists(summary[key]), key
   assert os.path.exists(os.path.join(summary["hf_export"], "config.json"))
   assert summary["last_metrics"]["loss_tokens"] > 0
+  if stage == 1:  # one domain: it has every token
+    assert summary["data"]["realized_mix"] == {"synthetic": 1.0}
 
 
 def _step_on(mesh, config, params, batch, layout_name="zigzag"):

@@ -195,9 +195,13 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
     ckpt.save(step, state, data_iter, c, force=True)  # the end of this invocation
   ckpt.wait()
   complete = step == c.train.steps
+  data_stats = _jsonable(built.pipe.stats(data_iter))
+  if c.stage == 1:  # the mix the resampling actually produced, next to the configured weights
+    data_stats["realized_mix"] = pretrain.realized_mix(data_stats)
+    logging.info("stage-1 realized domain mix (token shares): %s", data_stats["realized_mix"])
   return {"stage": c.stage, "start_step": start_step, "end_step": step, "complete": complete,
           "preempted": preempted, "checkpoints": ckpt.directory, "metrics": writer.path,
-          "last_metrics": last, "data": _jsonable(built.pipe.stats(data_iter)),
+          "last_metrics": last, "data": data_stats,
           "mesh": dict(built.mesh.shape), "model_params": built.model_cfg.num_params,
           "_params": state["params"] if complete else None}
 
