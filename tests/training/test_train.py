@@ -35,6 +35,8 @@ def test_each_stage_trains_exports_and_the_loss_falls(stage, tiny_config, tmp_pa
   for key in ("final_checkpoint", "hf_export", "loss_plot"):
     assert os.path.exists(summary[key]), key
   assert os.path.exists(os.path.join(summary["hf_export"], "config.json"))
+  events = os.listdir(os.path.join(str(tmp_path), "tensorboard"))
+  assert any(name.startswith("events.out.tfevents") for name in events)
   assert summary["last_metrics"]["loss_tokens"] > 0
   if stage == 1:  # one domain: it has every token
     assert summary["data"]["realized_mix"] == {"synthetic": 1.0}
