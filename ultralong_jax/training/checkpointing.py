@@ -4,20 +4,31 @@
   workdir/checkpoints/<step>/data_iter  the Grain iterator's state, one JSON per process
   workdir/checkpoints/<step>/config     the run's config (JSON)
 
-Orbax writes each step into a temporary directory and renames it when complete, so `latest_step`
-never returns a partial checkpoint. Restores take abstract arrays carrying the *current* mesh's
-shardings, so a run may resume on a different mesh shape.
+Orbax writes each step into a temporary directory (`<step>.orbax-checkpoint-tmp-*`) and renames
+it when complete, so `latest_step` never returns a partial checkpoint (a SIGKILL mid-write leaves
+only the tmp directory, which Orbax ignores and cleans up). Restores take abstract arrays carrying
+the *current* mesh's shardings, so a run may resume on a different mesh shape.
+
+A complete but damaged checkpoint (a truncated file, a bad disk) fails to restore: `restore_latest`
+raises CorruptCheckpointError naming the step directory, or, when asked to fall back, moves it to
+`checkpoints_corrupt/` and resumes from the newest older step that restores.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from typing import Any
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint directory that exists and is complete but cannot be restored."""
 
 
 class RunCheckpointer:
@@ -53,6 +64,50 @@ class RunCheckpointer:
         state=ocp.args.StandardRestore(abstract_state),
         data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
     return restored["state"]
+
+  def restore_latest(self, abstract_state: Any, data_iter, *,
+                     fallback: bool) -> tuple[int | None, Any]:
+    """(step, state) of the newest checkpoint that restores; (None, None) when there is none.
+
+    A newer checkpoint that fails is moved aside only once an older one restores: if every step
+    fails, the cause is more likely the config (a changed model shape) than the disk, and nothing
+    is moved.
+    """
+    failed = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, abstract_state, data_iter)
+      except Exception as e:  # pylint: disable=broad-except  # tensorstore/json/grain all differ
+        failed.append((step, e))
+        path = os.path.join(self.directory, str(step))
+        if not fallback:
+          raise CorruptCheckpointError(
+              f"checkpoint {path} could not be restored ({type(e).__name__}: {e}); set "
+              "checkpoint.fallback_on_corrupt=True to move it aside and resume from the previous "
+              "checkpoint, or delete that directory.") from e
+        logging.warning("checkpoint %s could not be restored (%s); trying an older one", path, e)
+        continue
+      for bad, _ in failed:
+        self._quarantine(bad)
+      return step, state
+    if failed:
+      step, e = failed[0]
+      raise CorruptCheckpointError(
+          f"no checkpoint in {self.directory} could be restored; the newest, step {step}, failed "
+          f"with {type(e).__name__}: {e}. Does the config match the run that wrote them?") from e
+    return None, None
+
+  def _quarantine(self, step: int) -> None:
+    """Moves a damaged step out of Orbax's sight, so a new save of that step can succeed and the
+    bytes stay available for a post-mortem."""
+    if jax.process_index() == 0:
+      target = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt", str(step))
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      if os.path.exists(target):
+        shutil.rmtree(target)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+      logging.warning("moved the unreadable checkpoint of step %d to %s", step, target)
+    self.manager.reload()
 
   def restore_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[

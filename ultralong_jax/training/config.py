@@ -46,8 +46,19 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
     batch is split into this many microbatches); train.loss_chunk_size: tokens per loss chunk
     (never [T, V] logits); train.z_loss_weight: 0 = off; train.seed: parameter init seed.
   train.log_every: steps between metric lines.
+  train.nonfinite: skip | stop — a step whose loss or gradient is NaN/Inf never updates the
+    weights (checked on device); skip counts it and goes on, stop ends the run at the next log
+    step with a message naming the step and the last good checkpoint.
+  train.max_nonfinite_steps: with skip, stop anyway once more steps than this were skipped
+    (a run that keeps diverging is not recovering; 0 = no limit).
   checkpoint.every_steps: save interval (0 = only at the end); checkpoint.keep: newest K kept;
   checkpoint.async_save: write in the background while training continues.
+  checkpoint.fallback_on_corrupt: when the newest checkpoint cannot be restored, move it aside
+    to checkpoints_corrupt/ and resume from the previous one (False: stop with an error naming it).
+  preflight.check_paths: before compiling, check that data paths / chat files / tokenizer exist
+    and are readable, and the tokenizer's vocabulary fits the model's embedding.
+  preflight.check_memory: before compiling, estimate bytes per device and stop if they exceed
+    the device's memory (skipped where the memory is unknown, e.g. CPU).
   export.hf: write a HF directory (save_pretrained) at the end; export.dtype: its weights' dtype.
   metrics.peak_tflops: per-device peak for MFU (0 = from the device table).
   """
@@ -69,8 +80,10 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
       state_dtype="float32"))
   c.train = ml_collections.ConfigDict(dict(
       steps=480 if stage == 1 else 1000, microbatches=1, loss_chunk_size=4096, z_loss_weight=0.0,
-      seed=0, log_every=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=3, async_save=True))
+      seed=0, log_every=1, nonfinite="skip", max_nonfinite_steps=20))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=3, async_save=True,
+                                                fallback_on_corrupt=False))
+  c.preflight = ml_collections.ConfigDict(dict(check_paths=True, check_memory=True))
   c.export = ml_collections.ConfigDict(dict(hf=True, dtype="bfloat16"))
   c.metrics = ml_collections.ConfigDict(dict(peak_tflops=0.0))
   return c
@@ -194,5 +207,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     raise ValueError(f"optim.state_dtype={c.optim.state_dtype!r}; use float32 or bfloat16.")
   if c.train.steps <= 0 or c.train.microbatches <= 0:
     raise ValueError("train.steps and train.microbatches must be positive.")
+  if c.train.get("nonfinite", "skip") not in ("skip", "stop"):
+    raise ValueError(f"train.nonfinite={c.train.nonfinite!r}; use skip or stop.")
+  if c.train.get("max_nonfinite_steps", 0) < 0:
+    raise ValueError(f"train.max_nonfinite_steps={c.train.max_nonfinite_steps}; use >= 0 "
+                     "(0 = no limit).")
   validate_data_config(c.data)
   return model

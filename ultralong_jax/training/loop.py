@@ -29,8 +29,13 @@ from ultralong_jax.data import pretrain, sft
 from ultralong_jax.modeling import llama
 from ultralong_jax.parallel import layout, mesh as mesh_lib
 from ultralong_jax.parallel.ring_attention import make_attention_fn
-from ultralong_jax.training import checkpointing, metrics as metrics_lib, optimizer, train_step
+from ultralong_jax.training import checkpointing, metrics as metrics_lib, optimizer, preflight
+from ultralong_jax.training import train_step
 from ultralong_jax.training import config as config_lib
+
+
+class NonFiniteError(ValueError):
+  """The run stopped on a NaN/Inf loss or gradient (train.nonfinite=stop, or too many skipped)."""
 
 
 class _Preemption:
@@ -88,6 +93,7 @@ class _Run:
 
 def _build(c: ml_collections.ConfigDict) -> _Run:
   model_cfg = config_lib.validate(c, jax.device_count(), jax.process_count())
+  preflight.check(c, model_cfg)  # files, tokenizer, memory: before any compile
   mesh = mesh_lib.make_mesh({a: c.mesh[a] for a in config_lib.MESH_AXES})
   attention_fn = make_attention_fn(mesh, strategy=c.attention.strategy, layout=c.attention.layout,
                                    kernel=c.attention.kernel)
@@ -138,14 +144,15 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
   n_seq = built.mesh.shape["sequence"]
   tx = built.tx
   data_iter = built.pipe.iterator()
-  start_step = ckpt.latest_step()
-  if start_step is not None:
+  start_step, state = None, None
+  if ckpt.latest_step() is not None:
     abstract = checkpointing.abstract_with_shardings(
         jax.eval_shape(lambda p: train_step.init_state(p, tx), built.abstract_params),
         built.state_sharding)
-    state = ckpt.restore(start_step, abstract, data_iter)
-    logging.info("resumed from step %d in %s", start_step, ckpt.directory)
-  else:
+    start_step, state = ckpt.restore_latest(
+        abstract, data_iter, fallback=c.checkpoint.get("fallback_on_corrupt", False))
+    logging.info("resumed from step %s in %s", start_step, ckpt.directory)
+  if start_step is None:
     start_step = 0
     params = _initial_params(c, built.model_cfg, built.params_sharding)
     state = jax.jit(lambda p: train_step.init_state(p, tx),
@@ -158,6 +165,7 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
   bar = tqdm(total=c.train.steps, initial=start_step, disable=not progress or jax.process_index(),
              desc=f"stage {c.stage}", unit="step", dynamic_ncols=True)
   last, preempted = {}, False
+  stop_on_nonfinite = c.train.get("nonfinite", "skip") == "stop"
   step = saved_step = start_step
   t_prev = time.perf_counter()
   # The mesh context serves activation sharding hints inside the step; model construction and
@@ -171,6 +179,7 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
       step += 1
       if step % c.train.log_every == 0 or step == end_step:
         last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        _check_numerics(c, last, ckpt)
         now = time.perf_counter()
         seconds = (now - t_prev) / c.train.log_every
         t_prev = now
@@ -184,6 +193,9 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
                         tok_s=f"{last['tokens_per_s']:,.0f}", tflops=f"{tflops:.3g}",
                         **({"mfu": f"{last['mfu']:.1%}"} if peak else {}))
       bar.update(1)
+      if stop_on_nonfinite and (preemption.requested or ckpt.manager.should_save(step)):
+        # Never checkpoint past a non-finite step under `stop`: one small sync per save.
+        _check_numerics(c, {k: float(step_metrics[k]) for k in _NONFINITE_KEYS}, ckpt)
       if ckpt.save(step, state, data_iter, c, force=preemption.requested):
         saved_step = step
       if preemption.requested:
@@ -192,6 +204,8 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
         break
   bar.close()
   if step != saved_step and (step == c.train.steps or max_steps is not None):
+    if stop_on_nonfinite and step > start_step:
+      _check_numerics(c, {k: float(step_metrics[k]) for k in _NONFINITE_KEYS}, ckpt)
     ckpt.save(step, state, data_iter, c, force=True)  # the end of this invocation
   ckpt.wait()
   complete = step == c.train.steps
@@ -202,8 +216,34 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
   return {"stage": c.stage, "start_step": start_step, "end_step": step, "complete": complete,
           "preempted": preempted, "checkpoints": ckpt.directory, "metrics": writer.path,
           "last_metrics": last, "data": data_stats,
+          "nonfinite_steps": int(state["nonfinite_steps"]),
           "mesh": dict(built.mesh.shape), "model_params": built.model_cfg.num_params,
           "_params": state["params"] if complete else None}
+
+
+_NONFINITE_KEYS = ("nonfinite_steps", "first_nonfinite_step")
+
+
+def _check_numerics(c, metrics: dict, ckpt) -> None:
+  """Applies train.nonfinite to the device-side counters (read only when the host syncs anyway)."""
+  skipped, first = int(metrics["nonfinite_steps"]), int(metrics["first_nonfinite_step"])
+  if not skipped:
+    return
+  limit = c.train.get("max_nonfinite_steps", 0)
+  if c.train.get("nonfinite", "skip") == "skip" and (not limit or skipped <= limit):
+    logging.warning("%d step(s) with a non-finite loss or gradient skipped (the first: step %d)",
+                    skipped, first)
+    return
+  ckpt.wait()  # an async save in flight is part of the answer
+  good = [s for s in ckpt.manager.all_steps() if s < first]
+  where = (f"step {max(good)} in {ckpt.directory}" if good else
+           f"none (no checkpoint before step {first} in {ckpt.directory})")
+  why = ("train.nonfinite=stop" if c.train.get("nonfinite", "skip") == "stop" else
+         f"{skipped} skipped steps > train.max_nonfinite_steps={limit}")
+  raise NonFiniteError(
+      f"non-finite loss or gradient at step {first} ({why}); the update was not applied. "
+      f"Last good checkpoint: {where}. Lower optim.learning_rate or inspect that step's batch, "
+      "then resume (the run restarts from the last checkpoint).")
 
 
 def _finish(c, workdir, model_cfg, params, metrics_path) -> dict[str, str]:

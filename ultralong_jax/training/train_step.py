@@ -1,7 +1,13 @@
 """The jit-compiled, sharded train step: explicit in/out shardings, donated state, microbatches.
 
-The train state is a plain pytree {"params", "opt_state", "step"}: parameters as the model's pure
-dict (nnx.to_pure_dict), so Orbax, optax and the sharding rules all see ordinary nested dicts.
+The train state is a plain pytree {"params", "opt_state", "step", "nonfinite_steps",
+"first_nonfinite_step"}: parameters as the model's pure dict (nnx.to_pure_dict), so Orbax, optax
+and the sharding rules all see ordinary nested dicts.
+
+Numerics guard: a step whose loss or gradient norm is NaN/Inf keeps the old parameters and
+optimizer state (selected on device with `jnp.where`, no host sync) and counts itself in
+`nonfinite_steps`; `first_nonfinite_step` remembers the first such step (-1: none). The host reads
+both only when it logs, so a healthy run pays nothing for the check.
 The step rebuilds the NNX model inside the trace with `nnx.merge(graphdef, params)` (the
 functional pattern the Flax performance guide recommends over nnx.jit in hot loops).
 
@@ -53,11 +59,14 @@ def state_shardings(mesh: Mesh, tx: optax.GradientTransformation, params_shardin
   opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sharding,
                               transform_non_params=lambda _: replicated,
                               is_leaf=lambda x: isinstance(x, NamedSharding))
-  return {"params": params_sharding, "opt_state": opt, "step": replicated}
+  return {"params": params_sharding, "opt_state": opt, "step": replicated,
+          "nonfinite_steps": replicated, "first_nonfinite_step": replicated}
 
 
 def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
-  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+          "nonfinite_steps": jnp.zeros((), jnp.int32),
+          "first_nonfinite_step": jnp.full((), -1, jnp.int32)}
 
 
 def _microbatches(batch: dict, m: int) -> dict:
@@ -104,8 +113,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     grads = jax.tree.map(lambda g: g / weight, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                 "step": state["step"] + 1}
+    # One NaN/Inf anywhere in the gradients makes their global norm non-finite, so two scalars
+    # cover every leaf. The bad update is dropped on device (like optax.apply_if_finite, but the
+    # counters live in our state so the host can read them at log steps only).
+    finite = jnp.isfinite(sums.loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    step_index = state["step"] + 1  # 1-based, as the loop and metrics.jsonl count steps
+    new_state = {
+        "params": keep(optax.apply_updates(params, updates), params),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "step": step_index,
+        "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32),
+        "first_nonfinite_step": jnp.where(
+            (state["first_nonfinite_step"] < 0) & ~finite, step_index,
+            state["first_nonfinite_step"]),
+    }
     metrics = {
         "loss": sums.loss / weight,
         "z_loss": sums.z_loss / weight,
@@ -113,6 +135,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
         "loss_tokens": sums.weight,
         "grad_norm": grad_norm,
         "learning_rate": schedule(state["step"]),
+        "nonfinite_steps": new_state["nonfinite_steps"],
+        "first_nonfinite_step": new_state["first_nonfinite_step"],
     }
     return new_state, metrics
 
