@@ -82,7 +82,7 @@ class RunCheckpointer:
         path = os.path.join(self.directory, str(step))
         if not fallback:
           raise CorruptCheckpointError(
-              f"checkpoint {path} could not be restored ({type(e).__name__}: {e}); set "
+              f"checkpoint {path} could not be restored ({_short(e)}); set "
               "checkpoint.fallback_on_corrupt=True to move it aside and resume from the previous "
               "checkpoint, or delete that directory.") from e
         logging.warning("checkpoint %s could not be restored (%s); trying an older one", path, e)
@@ -94,7 +94,7 @@ class RunCheckpointer:
       step, e = failed[0]
       raise CorruptCheckpointError(
           f"no checkpoint in {self.directory} could be restored; the newest, step {step}, failed "
-          f"with {type(e).__name__}: {e}. Does the config match the run that wrote them?") from e
+          f"with {_short(e)}. Does the config match the run that wrote them?") from e
     return None, None
 
   def _quarantine(self, step: int) -> None:
@@ -119,6 +119,12 @@ class RunCheckpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _short(e: Exception) -> str:
+  """The first line of an error, capped: TensorStore errors embed a whole JSON spec."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
