@@ -33,13 +33,11 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from ultralong_jax.bench import train_step as bench  # noqa: E402
-from ultralong_jax.parallel import block_attention  # noqa: E402
 
 GiB = 2**30
-STANDIN = "standin"
+STANDIN = bench.STANDIN
 
 # (model, preset, T, mesh): the configs' meshes (configs/llama31_8b_stage1_{1m,2m,4m}.py: TP8 x
 # CP4/8/16; configs/llama32_1b_stage1_1m.py: CP8), each also at the lengths around it.
@@ -55,34 +53,9 @@ PLAN = (
      ("8b", "llama31_8b_4m", 4096 * K, (("sequence", 16), ("tensor", 8)))])
 
 
-def _standin_forward(q, k, v, q_seg, kv_seg, *, causal, scale):
-  """q [B,T,K,G,H], k/v [B,S,K,H] -> out f32 [B,T,K,G,H], lse [B,K,G,T]: O(T) memory only."""
-  del q_seg, kv_seg, causal
-  v_mean = jnp.mean(v.astype(jnp.float32), axis=1)[:, None, :, None, :]    # [B,1,K,1,H]
-  k_mean = jnp.mean(k.astype(jnp.float32), axis=1)                          # [B,K,H]
-  lse = jnp.einsum("BTKGH,BKH->BKGT", q.astype(jnp.float32), k_mean) * scale
-  return q.astype(jnp.float32) * v_mean, lse
-
-
-def _standin_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal, scale):
-  """Gradients with the right shapes and dependencies (dq [B,T,K,G,H], dk/dv [B,S,K,H] f32)."""
-  del q_seg, kv_seg, out, causal
-  w = (lse - delta).transpose(0, 3, 1, 2)[..., None]                        # [B,T,K,G,1]
-  dq = dout.astype(jnp.float32) * w * scale
-  pooled = jnp.sum(dq * q.astype(jnp.float32), axis=(1, 3))[:, None]       # [B,1,K,H]
-  return dq, k.astype(jnp.float32) * pooled, v.astype(jnp.float32) * pooled
-
-
-def register_standin() -> None:
-  """Adds the stand-in to the ring's kernel table (idempotent; benchmark-only)."""
-  block_attention.KERNELS.setdefault(STANDIN, block_attention.BlockKernel(
-      _standin_forward, _standin_backward, segment_ids=False))
-
-
 def measure(model: str, preset: str, seq_len: int, mesh, kernel: str, *, num_layers: int = 0,
             remat: str = "full") -> dict:
   """One abstract compile -> the bench.train_step result dict plus the row's labels."""
-  register_standin()
   setup = bench.Setup(preset=preset, seq_len=seq_len, mesh=mesh, remat=remat, kernel=kernel,
                       batch=1, num_layers=num_layers)
   r = bench.run(setup, abstract=True)
@@ -90,10 +63,14 @@ def measure(model: str, preset: str, seq_len: int, mesh, kernel: str, *, num_lay
   return r
 
 
+def _mesh_label(mesh) -> str:
+  label = " x ".join(f"{'TP' if a == 'tensor' else 'CP'}{v}" for a, v in mesh if v > 1)
+  return label or "1 device"
+
+
 def _row(r: dict) -> str:
   s = r["setup"]
-  mesh = " x ".join(f"{'TP' if a == 'tensor' else 'CP'}{v}" for a, v in s["mesh"] if v > 1)
-  mesh = mesh or "1 device"
+  mesh = _mesh_label(s["mesh"])
   state = r["argument_bytes"] / GiB
   return (f"| {r['model']} | {s['seq_len'] // K:,}K | {mesh} | {s['kernel']} | {r['num_layers']} | "
           f"{state:.1f} | {r['temp_bytes'] / GiB:.1f} | {r['peak_estimate_bytes'] / GiB:.1f} | "
@@ -127,7 +104,8 @@ def main(argv=None) -> list[dict]:
       if kernel == "xla" and _score_elements(preset, t, mesh) >= 2**31:
         # XLA's CPU compiler dies (SIGFPE) on buffers of >= 2^31 elements; the reference kernel's
         # score block is that large from here on, which is the point of the stand-in.
-        print(f"| {model} | {t // K:,}K | {mesh} | xla | skipped: score block >= 2^31 elements |")
+        print(f"| {model} | {t // K:,}K | {_mesh_label(mesh)} | xla | skipped: score block "
+              ">= 2^31 elements |")
         continue
       r = measure(model, preset, t, mesh, kernel, num_layers=args.layers)
       results.append(r)

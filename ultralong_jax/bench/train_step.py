@@ -12,6 +12,13 @@ with abstract arrays (ShapeDtypeStruct + sharding: nothing allocated) and reads 
 memory and cost analysis. Unless --abstract, it then allocates random weights and a random batch
 and times `--steps` synchronized steps after `--warmup` steps; the median is reported.
 
+--kernel: auto (cuDNN on GPU, the XLA reference on CPU), xla, cudnn, dpa_xla, or standin: a
+memory stand-in for a flash kernel with the same inputs, outputs and residuals (out, lse) but O(T)
+work and no [c, c] score block, so that XLA's memory plan of everything else in the step can be
+read on CPU (where the reference kernel's materialized scores would dominate). Its FLOPs and
+outputs mean nothing; never time it. An explicit kernel is used even with sequence=1 (a one-block
+ring), since the model's plain attention path has no flash kernel.
+
 FLOPs are the model's (training.metrics.train_flops_per_token: 6 per matmul parameter per token
 plus causal attention, no remat recomputation), so MFU = model TFLOP/s / device peak (H100 989
 dense bf16); XLA's own count (which includes recomputation) is reported next to it.
@@ -41,12 +48,13 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from ultralong_jax.modeling import llama, presets  # noqa: E402
-from ultralong_jax.parallel import mesh as mesh_lib  # noqa: E402
+from ultralong_jax.parallel import block_attention, mesh as mesh_lib  # noqa: E402
 from ultralong_jax.parallel.ring_attention import make_attention_fn, ring_attention  # noqa: E402
 from ultralong_jax.training import checkpointing, metrics, optimizer, train_step  # noqa: E402
 from ultralong_jax.training.config import base_config  # noqa: E402
 
 MiB = 2**20
+STANDIN = "standin"  # --kernel standin: a flash kernel's memory without its math (see below)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +81,30 @@ class Built:
   abstract_batch: dict
   batch: int
   tx: Any
+
+
+def _standin_forward(q, k, v, q_seg, kv_seg, *, causal, scale):
+  """q [B,T,K,G,H], k/v [B,S,K,H] -> out f32 [B,T,K,G,H], lse [B,K,G,T]: O(T) memory only."""
+  del q_seg, kv_seg, causal
+  v_mean = jnp.mean(v.astype(jnp.float32), axis=1)[:, None, :, None, :]    # [B,1,K,1,H]
+  k_mean = jnp.mean(k.astype(jnp.float32), axis=1)                          # [B,K,H]
+  lse = jnp.einsum("BTKGH,BKH->BKGT", q.astype(jnp.float32), k_mean) * scale
+  return q.astype(jnp.float32) * v_mean, lse
+
+
+def _standin_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal, scale):
+  """Gradients with the right shapes and dependencies (dq [B,T,K,G,H], dk/dv [B,S,K,H] f32)."""
+  del q_seg, kv_seg, out, causal
+  w = (lse - delta).transpose(0, 3, 1, 2)[..., None]                        # [B,T,K,G,1]
+  dq = dout.astype(jnp.float32) * w * scale
+  pooled = jnp.sum(dq * q.astype(jnp.float32), axis=(1, 3))[:, None]       # [B,1,K,H]
+  return dq, k.astype(jnp.float32) * pooled, v.astype(jnp.float32) * pooled
+
+
+def register_standin() -> None:
+  """Adds the stand-in to the ring's kernel table (idempotent; benchmark-only)."""
+  block_attention.KERNELS.setdefault(STANDIN, block_attention.BlockKernel(
+      _standin_forward, _standin_backward, segment_ids=False))
 
 
 def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
@@ -103,6 +135,8 @@ def build(setup: Setup, devices=None) -> Built:
   if setup.seq_len > config.max_position_embeddings:  # shape-only: RoPE tables take any position
     config = config.replace(max_position_embeddings=setup.seq_len)
   mesh = mesh_lib.make_mesh(sizes, devices=devices)
+  if setup.kernel == STANDIN:
+    register_standin()
   if setup.kernel == "auto":
     attention_fn = make_attention_fn(mesh, strategy=setup.strategy, layout="zigzag")
   else:
@@ -260,7 +294,7 @@ def run(setup: Setup, *, steps: int = 5, warmup: int = 2, abstract: bool = False
 
 
 def format_row(r: dict[str, Any]) -> str:
-  mesh = "x".join(f"{a[0]}{s}" for a, s in r["mesh_shape"].items() if s > 1) or "1"
+  mesh = ",".join(f"{a}={s}" for a, s in r["mesh_shape"].items() if s > 1) or "1 device"
   s = r["setup"]
   cells = [s["preset"], f"{r['num_layers']}", f"{s['seq_len']:,}", mesh, s["remat"], s["kernel"],
            f"{r['compile_s']:.1f}", f"{r['peak_estimate_bytes'] / MiB:,.0f}",
