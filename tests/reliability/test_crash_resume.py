@@ -111,3 +111,11 @@ def test_corrupt_checkpoint_is_named_and_falls_back_when_asked(tiny_config, six_
   assert summary["start_step"] == 2 and summary["complete"]
   assert os.path.isdir(os.path.join(workdir, "checkpoints_corrupt", "4"))  # kept for a post-mortem
   _assert_resume_matches(reference_rows, workdir, 2)
+  # A config that no longer matches (another depth) fails on *every* step: that is not
+  # corruption, so even with the fallback nothing is moved aside.
+  before = _complete_steps(workdir)
+  c.model.overrides_json = '{"num_layers": 3}'
+  with pytest.raises(checkpointing.CorruptCheckpointError,
+                     match=r"no checkpoint in .* could be restored.*Does the config match"):
+    loop.run(c, workdir, progress=False)
+  assert _complete_steps(workdir) == before

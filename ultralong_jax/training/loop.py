@@ -179,7 +179,6 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
       step += 1
       if step % c.train.log_every == 0 or step == end_step:
         last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        _check_numerics(c, last, ckpt)
         now = time.perf_counter()
         seconds = (now - t_prev) / c.train.log_every
         t_prev = now
@@ -189,6 +188,7 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
         if peak:
           last["mfu"] = tflops / peak
         writer.write(step, last)
+        _check_numerics(c, last, ckpt)  # after the write: the bad step's row is in the log
         bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
                         tok_s=f"{last['tokens_per_s']:,.0f}", tflops=f"{tflops:.3g}",
                         **({"mfu": f"{last['mfu']:.1%}"} if peak else {}))

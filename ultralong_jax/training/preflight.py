@@ -85,28 +85,28 @@ def _mesh_sizes(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, int
 
 def estimate_bytes_per_device(c: ml_collections.ConfigDict, model_cfg: LlamaConfig,
                               num_devices: int) -> dict[str, float]:
-  """A deliberately simple analytic estimate (upper-bound flavoured), by part.
+  """A *lower bound* on the bytes one device needs, by part (so a failure is certain, a pass is
+  not a promise; XLA's temporaries, the ring's K/V buffers and fragmentation come on top).
 
-  params + Adam moments are sharded over fsdp x tensor (sharding.py's rules); activations saved
-  for the backward pass per layer are [B/(data*fsdp), T/sequence, D] tensors: ~2 with `full`
-  remat (the layer input), ~(6 + 2F/D) with the dots policies, ~(12 + 4F/D) with none, divided
-  by tensor where they are head/MLP-sharded (approximated by dividing the MLP part only).
+  Params, Adam's two moments and the gradients are sharded over fsdp x tensor (the rules in
+  parallel/sharding.py). Saved for the backward pass, per layer, in the compute dtype, for this
+  device's tokens B/(data*fsdp*microbatches) x T/sequence: with `full` remat only the layer input
+  [., D]; with the dots policies (and `none`, which saves more) also the matmul outputs: q, k, v
+  ((N + 2K) H / tensor), the attention and MLP output projections (2 D) and gate/up (2 F / tensor).
   """
   s = _mesh_sizes(c, num_devices)
   shards = s["fsdp"] * s["tensor"]
   n = model_cfg.num_params
-  p_bytes = _BYTES.get(str(c.model.param_dtype), 4)
-  m1 = _BYTES.get(str(c.optim.state_dtype), 4)
-  params = n * p_bytes / shards
-  optimizer = n * (m1 + 4) / shards
+  params = n * _BYTES.get(str(c.model.param_dtype), 4) / shards
+  optimizer = n * (_BYTES.get(str(c.optim.state_dtype), 4) + 4) / shards
   grads = n * 4 / shards
-  tokens = c.data.global_batch_size // (s["data"] * s["fsdp"]) * c.data.seq_len // s["sequence"]
-  tokens //= max(c.train.microbatches, 1)
-  d, f = model_cfg.hidden_size, model_cfg.intermediate_size
-  a = _BYTES.get(str(c.model.dtype), 2)
-  per_layer = {"full": 2.0, "none": 12 + 4 * f / d / s["tensor"]}.get(
-      str(c.model.remat_policy), 6 + 2 * f / d / s["tensor"])
-  activations = tokens * d * a * per_layer * model_cfg.num_layers
+  rows = c.data.global_batch_size // (s["data"] * s["fsdp"] * max(c.train.microbatches, 1))
+  tokens = max(rows, 1) * (c.data.seq_len // s["sequence"])
+  d, f, t = model_cfg.hidden_size, model_cfg.intermediate_size, s["tensor"]
+  h = model_cfg.head_dim or d // model_cfg.num_heads
+  width = d if str(c.model.remat_policy) == "full" else (
+      3 * d + (model_cfg.num_heads + 2 * model_cfg.num_kv_heads) * h / t + 2 * f / t)
+  activations = tokens * width * _BYTES.get(str(c.model.dtype), 4) * model_cfg.num_layers
   return {"params": params, "optimizer": optimizer, "grads": grads, "activations": activations,
           "total": params + optimizer + grads + activations}
 
@@ -122,13 +122,13 @@ def device_memory_bytes() -> int | None:
 
 def check_memory(c: ml_collections.ConfigDict, model_cfg: LlamaConfig,
                  available: int | None = None, num_devices: int | None = None) -> None:
-  """Stops with "will not fit; try ..." when the estimate exceeds 90% of device memory."""
+  """Stops with "will not fit; try ..." when the lower-bound estimate exceeds device memory."""
   available = device_memory_bytes() if available is None else available
   if not available:
     return
   num_devices = jax.device_count() if num_devices is None else num_devices
   est = estimate_bytes_per_device(c, model_cfg, num_devices)
-  if est["total"] <= 0.9 * available:
+  if est["total"] <= available:
     return
   s = _mesh_sizes(c, num_devices)
   gib = lambda x: f"{x / 2**30:.1f} GiB"
@@ -140,7 +140,7 @@ def check_memory(c: ml_collections.ConfigDict, model_cfg: LlamaConfig,
       hints.append("model.remat_policy=full")
   if est["params"] + est["optimizer"] + est["grads"] > est["total"] / 3:
     hints.append(f"mesh.fsdp={2 * s['fsdp']} or optim.state_dtype=bfloat16")
-  raise ValueError(f"will not fit: ~{gib(est['total'])} per device ({parts}) vs "
-                   f"{gib(available)} on {jax.devices()[0].device_kind}; try "
+  raise ValueError(f"will not fit: at least {gib(est['total'])} per device ({parts}) vs "
+                   f"{gib(available)} available; try "
                    f"{', '.join(hints) or 'more devices'} (preflight.check_memory=False to "
                    "skip this estimate).")
