@@ -6,10 +6,13 @@ of the tiny model (V 512, D 64, F 128, N 4, H 32) equals it: an all-gather resul
 dimension of 1024 can only be a whole-sequence activation.
 """
 
+import importlib.util
 import json
+import pathlib
 
 import pytest
 
+from ultralong_jax.bench import memory
 from ultralong_jax.bench import train_step as bench
 
 T = 1024
@@ -95,3 +98,18 @@ def test_cli_runs_steps_and_writes_json(tmp_path, capsys):
   assert r["mfu"] is None and r["memory_stats"] is None  # CPU: no peak, no allocator stats
   assert r["full_length_all_gathers"] == []
   assert "| tiny | 2 | 256 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["llama31_8b_stage1_1m", "llama31_8b_stage1_2m",
+                                  "llama31_8b_stage1_4m", "llama32_1b_stage1_1m"])
+def test_memory_plan_uses_the_configs_meshes(name):
+  # The memory table claims to be "the planned meshes": keep it in step with configs/.
+  path = pathlib.Path(__file__).parents[2] / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  rows = [dict(mesh) for _, preset, t, mesh in memory.PLAN
+          if t == c.data.seq_len and preset.startswith(c.model.preset)]
+  assert {"sequence": c.mesh.sequence, "tensor": c.mesh.tensor} in [
+      {"sequence": m.get("sequence", 1), "tensor": m.get("tensor", 1)} for m in rows]
