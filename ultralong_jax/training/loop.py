@@ -166,6 +166,7 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
              desc=f"stage {c.stage}", unit="step", dynamic_ncols=True)
   last, preempted = {}, False
   stop_on_nonfinite = c.train.get("nonfinite", "skip") == "stop"
+  seen_nonfinite = {"count": 0}  # warn when the device-side count grows, not on every log line
   step = saved_step = start_step
   t_prev = time.perf_counter()
   # The mesh context serves activation sharding hints inside the step; model construction and
@@ -188,14 +189,15 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
         if peak:
           last["mfu"] = tflops / peak
         writer.write(step, last)
-        _check_numerics(c, last, ckpt)  # after the write: the bad step's row is in the log
+        _check_numerics(c, last, ckpt, seen_nonfinite)  # after the write: the bad row is logged
         bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
                         tok_s=f"{last['tokens_per_s']:,.0f}", tflops=f"{tflops:.3g}",
                         **({"mfu": f"{last['mfu']:.1%}"} if peak else {}))
       bar.update(1)
       if stop_on_nonfinite and (preemption.requested or ckpt.manager.should_save(step)):
         # Never checkpoint past a non-finite step under `stop`: one small sync per save.
-        _check_numerics(c, {k: float(step_metrics[k]) for k in _NONFINITE_KEYS}, ckpt)
+        _check_numerics(c, {k: float(step_metrics[k]) for k in _NONFINITE_KEYS}, ckpt,
+                        seen_nonfinite)
       if ckpt.save(step, state, data_iter, c, force=preemption.requested):
         saved_step = step
       if preemption.requested:
@@ -205,7 +207,8 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
   bar.close()
   if step != saved_step and (step == c.train.steps or max_steps is not None):
     if stop_on_nonfinite and step > start_step:
-      _check_numerics(c, {k: float(step_metrics[k]) for k in _NONFINITE_KEYS}, ckpt)
+      _check_numerics(c, {k: float(step_metrics[k]) for k in _NONFINITE_KEYS}, ckpt,
+                      seen_nonfinite)
     ckpt.save(step, state, data_iter, c, force=True)  # the end of this invocation
   ckpt.wait()
   complete = step == c.train.steps
@@ -224,11 +227,12 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
 _NONFINITE_KEYS = ("nonfinite_steps", "first_nonfinite_step")
 
 
-def _check_numerics(c, metrics: dict, ckpt) -> None:
+def _check_numerics(c, metrics: dict, ckpt, seen: dict) -> None:
   """Applies train.nonfinite to the device-side counters (read only when the host syncs anyway)."""
   skipped, first = int(metrics["nonfinite_steps"]), int(metrics["first_nonfinite_step"])
-  if not skipped:
+  if skipped == seen["count"]:
     return
+  seen["count"] = skipped
   limit = c.train.get("max_nonfinite_steps", 0)
   if c.train.get("nonfinite", "skip") == "skip" and (not limit or skipped <= limit):
     logging.warning("%d step(s) with a non-finite loss or gradient skipped (the first: step %d)",
