@@ -73,16 +73,22 @@ def test_standin_kernel_keeps_memory_below_reference(compiled):
 
 
 def test_all_gather_shape_parser():
-  hlo = ("  %all-gather.1 = bf16[2,1024,4,32]{3,2,1,0} all-gather(bf16[2,256,4,32]{3,2,1,0} %p)\n"
-         "  %ags = (f32[8,64]{1,0}, f32[32,64]{1,0}) all-gather-start(f32[8,64]{1,0} %x)\n"
+  hlo = ("  %all-gather.1 = bf16[2,1024,4,32]{3,2,1,0} all-gather(bf16[2,256,4,32]{3,2,1,0} %p), "
+         "dimensions={1}\n"
+         "  %ags = (f32[8,64]{1,0}, f32[32,64]{1,0}) all-gather-start(f32[8,64]{1,0} %x), "
+         "dimensions={0}\n"
+         "  %heads = f32[1,1024,2]{2,1,0} all-gather(f32[1,1024,1]{2,1,0} %y), dimensions={2}\n"
          "  %add = f32[1024]{0} add(f32[1024]{0} %a, f32[1024]{0} %b)\n")
-  assert bench.all_gather_shapes(hlo) == [(2, 1024, 4, 32), (8, 64), (32, 64)]
+  assert bench.all_gather_shapes(hlo) == [((2, 1024, 4, 32), 1), ((8, 64), 0), ((32, 64), 0),
+                                          ((1, 1024, 2), 2)]
+  # The heads gather has a length-sized dimension but gathers over heads: not a sequence gather.
   assert bench.full_length_all_gathers(hlo, 1024) == [(2, 1024, 4, 32)]
 
 
 def test_cli_runs_steps_and_writes_json(tmp_path, capsys):
   out = tmp_path / "bench.json"
-  bench.main(["--preset", "tiny", "--seq-len", "256", "--mesh", "data=2,sequence=2",
+  # data x tensor: a real multi-device step without another ring compile (the HLO tests have it).
+  bench.main(["--preset", "tiny", "--seq-len", "256", "--mesh", "data=2,tensor=2",
               "--steps", "2", "--warmup", "1", "--json", str(out)])
   (r,) = json.loads(out.read_text())
   for key in ("compile_s", "step_s", "tokens_per_s_per_device", "tflops_per_device",

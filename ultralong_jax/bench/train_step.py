@@ -199,21 +199,25 @@ def analyse(compiled) -> dict[str, float]:
 _SHAPE = re.compile(r"\b[a-z]+\d*\[([\d,]*)\]")
 
 
-def all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
-  """Result shapes of every all-gather in compiled HLO text (sync, async and combined forms)."""
-  shapes = []
+def all_gather_shapes(hlo_text: str) -> list[tuple[tuple[int, ...], int | None]]:
+  """(result shape, gathered dimension) of every all-gather in compiled HLO text (sync, async
+  and combined forms; the dimension is None if the instruction does not name one)."""
+  gathers = []
   for line in hlo_text.splitlines():
     match = re.search(r"=\s*(.*?)\s(all-gather(?:-start)?)\(", line)
     if match:
-      shapes += [tuple(int(d) for d in dims.split(",") if d)
-                 for dims in _SHAPE.findall(match.group(1))]
-  return shapes
+      dim = re.search(r"dimensions=\{(\d+)\}", line)
+      gathers += [(tuple(int(d) for d in dims.split(",") if d), int(dim.group(1)) if dim else None)
+                  for dims in _SHAPE.findall(match.group(1))]
+  return gathers
 
 
 def full_length_all_gathers(hlo_text: str, seq_len: int) -> list[tuple[int, ...]]:
-  """All-gathers whose result has a dimension of the full sequence length: a sequence-sharded
-  activation being rebuilt whole on every device (what context parallelism must avoid)."""
-  return [s for s in all_gather_shapes(hlo_text) if seq_len in s]
+  """Result shapes of all-gathers that assemble a dimension of the full sequence length: a
+  sequence-sharded activation rebuilt whole on every device (what context parallelism must
+  avoid). Gathers along other dimensions (e.g. heads over `tensor`) do not count."""
+  return [shape for shape, dim in all_gather_shapes(hlo_text)
+          if (shape[dim] == seq_len if dim is not None else seq_len in shape)]
 
 
 def _random_inputs(built: Built, seed: int = 0):
