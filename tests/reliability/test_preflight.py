@@ -48,8 +48,8 @@ def _expected_keys(c, num_devices, heads):
     bad.add("data.seq_len")
   if heads[0] % tensor or heads[1] % tensor:
     bad.add("mesh.tensor")
-  per_device = L // seq
-  if per_device % min(c.train.loss_chunk_size, per_device):
+  chunk = min(c.train.loss_chunk_size, L)
+  if L % chunk or chunk % seq:
     bad.add("train.loss_chunk_size")
   if L > MAX_POS:
     bad.add("max_position_embeddings")

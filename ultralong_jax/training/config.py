@@ -192,10 +192,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     if value % t:
       raise ValueError(f"model {key}={value} is not divisible by mesh.tensor={t}; use a tensor "
                        f"size dividing {math.gcd(model.num_heads, model.num_kv_heads)}.")
-  chunk = min(c.train.loss_chunk_size, L // n)
-  if (L // n) % chunk:
-    raise ValueError(f"train.loss_chunk_size={c.train.loss_chunk_size} must divide the per-device "
-                     f"length {L // n}; use a power of two.")
+  # The loss runs over strided chunks of C = min(chunk, L) tokens (training/loss.py): C must
+  # divide L, and be a multiple of the sequence axis so each chunk holds an equal share of every
+  # device's tokens (no chunk gathers across devices).
+  chunk = min(c.train.loss_chunk_size, L)
+  if c.train.loss_chunk_size <= 0 or L % chunk or chunk % n:
+    raise ValueError(f"train.loss_chunk_size={c.train.loss_chunk_size}: the loss chunk "
+                     f"min(chunk, data.seq_len)={chunk} must divide data.seq_len={L} and be a "
+                     f"multiple of mesh.sequence={n}; use a power of two >= {n}.")
   if L > model.max_position_embeddings:
     raise ValueError(f"data.seq_len={L} exceeds the model's max_position_embeddings="
                      f"{model.max_position_embeddings}; set model.ultralong or "
