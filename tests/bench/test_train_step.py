@@ -87,23 +87,25 @@ def test_all_gather_shape_parser():
 
 def test_cli_runs_steps_and_writes_json(tmp_path, capsys):
   out = tmp_path / "bench.json"
-  # data x tensor: a real multi-device step without another ring compile (the HLO tests have it).
-  bench.main(["--preset", "tiny", "--seq-len", "256", "--mesh", "data=2,tensor=2",
+  # data x fsdp: a real multi-device step without another ring compile (the HLO tests have it).
+  # (With tensor > 1 and sequence = 1 the residual stream's sequence parallelism all-gathers the
+  # full length over `tensor` by design, Megatron-style.)
+  bench.main(["--preset", "tiny", "--seq-len", "256", "--mesh", "data=2,fsdp=2",
               "--steps", "2", "--warmup", "1", "--json", str(out)])
   (r,) = json.loads(out.read_text())
   for key in ("compile_s", "step_s", "tokens_per_s_per_device", "tflops_per_device",
               "peak_estimate_bytes", "temp_bytes", "model_flops_per_token", "xla_flops",
               "full_length_all_gathers", "mfu", "memory_stats"):
     assert key in r, key
-  assert r["devices"] == 4 and r["global_batch"] == 2 and r["tokens_per_step"] == 512
+  assert r["devices"] == 4 and r["global_batch"] == 4 and r["tokens_per_step"] == 1024
   assert len(r["step_times_s"]) == 2 and r["step_s"] > 0
   # tokens/s per device and TFLOP/s per device are the same measurement in two units.
-  assert r["tokens_per_s_per_device"] == pytest.approx(512 / 4 / r["step_s"])
+  assert r["tokens_per_s_per_device"] == pytest.approx(1024 / 4 / r["step_s"])
   assert r["tflops_per_device"] == pytest.approx(
       r["model_flops_per_token"] * r["tokens_per_s_per_device"] / 1e12)
   assert r["mfu"] is None and r["memory_stats"] is None  # CPU: no peak, no allocator stats
   assert r["full_length_all_gathers"] == []
-  assert "| tiny | 2 | 256 |" in capsys.readouterr().out
+  assert "| tiny | 2 | 256 |" in capsys.readouterr().out  # preset, layers, length
 
 
 @pytest.mark.parametrize("name", ["llama31_8b_stage1_1m", "llama31_8b_stage1_2m",

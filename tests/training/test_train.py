@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from ultralong_jax.modeling import llama
-from ultralong_jax.parallel import layout, mesh as mesh_lib
+from ultralong_jax.parallel import layout, mesh as mesh_lib, sharding
 from ultralong_jax.parallel.ring_attention import make_attention_fn
 from ultralong_jax.training import config as config_lib
 from ultralong_jax.training import loop, optimizer, train_step
@@ -45,7 +45,8 @@ def test_each_stage_trains_exports_and_the_loss_falls(stage, tiny_config, tmp_pa
 def _step_on(mesh, config, params, batch, layout_name="zigzag"):
   model_cfg = config_lib.model_config(config)
   attention_fn = make_attention_fn(mesh, layout=layout_name)
-  graphdef, _ = nnx.split(llama.abstract_model(model_cfg, attention_fn=attention_fn))
+  graphdef, _ = nnx.split(llama.abstract_model(model_cfg, attention_fn=attention_fn,
+                                               constrain_fn=sharding.constrain_fn(mesh)))
   tx, schedule = optimizer.make_optimizer(config.optim, config.train.steps)
   p_shard = train_step.param_shardings(mesh, llama.abstract_model(model_cfg))
   s_shard = train_step.state_shardings(mesh, tx, p_shard, params)

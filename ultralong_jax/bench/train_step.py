@@ -48,7 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from ultralong_jax.modeling import llama, presets  # noqa: E402
-from ultralong_jax.parallel import block_attention, mesh as mesh_lib  # noqa: E402
+from ultralong_jax.parallel import block_attention, mesh as mesh_lib, sharding  # noqa: E402
 from ultralong_jax.parallel.ring_attention import make_attention_fn, ring_attention  # noqa: E402
 from ultralong_jax.training import checkpointing, metrics, optimizer, train_step  # noqa: E402
 from ultralong_jax.training.config import base_config  # noqa: E402
@@ -147,7 +147,8 @@ def build(setup: Setup, devices=None) -> Built:
     # because the model's plain attention path always materializes [T, T] scores.
     attention_fn = functools.partial(_ring, mesh=mesh, strategy=setup.strategy,
                                      kernel=setup.kernel)
-  graphdef, abstract = nnx.split(llama.abstract_model(config, attention_fn=attention_fn))
+  graphdef, abstract = nnx.split(llama.abstract_model(
+      config, attention_fn=attention_fn, constrain_fn=sharding.constrain_fn(mesh)))
   abstract_params = nnx.to_pure_dict(abstract)
   optim_cfg = base_config(1).optim
   tx, schedule = optimizer.make_optimizer(optim_cfg, 1000)

@@ -89,9 +89,13 @@ class Llama(nnx.Module):
   """
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs,
-               attention_fn: Callable[..., jax.Array] | None = None):
+               attention_fn: Callable[..., jax.Array] | None = None,
+               constrain_fn: Callable[[jax.Array, tuple], jax.Array] | None = None):
     self.config = config
     self.attention_fn = attention_fn or attention_lib.dot_product_attention
+    # Activation sharding hints by logical names (parallel.sharding.constrain_fn(mesh)); none on
+    # one device.
+    self.constrain_fn = constrain_fn
     dtype = jnp.dtype(config.param_dtype)
     normal = jax.nn.initializers.normal(config.initializer_range)
     V, D = config.vocab_size, config.hidden_size
@@ -118,10 +122,15 @@ class Llama(nnx.Module):
     cos, sin = rope.rope_tables(config, positions)  # once per forward, shared by all layers
 
     attention_fn, eps = self.attention_fn, config.rms_norm_eps
+    constrain = self.constrain_fn or (lambda x, names: x)
+    residual = ("batch", "residual_length", "embed")
 
     def body(h, p):
-      return layers.decoder_layer(p, h, cos, sin, positions=positions, segment_ids=segment_ids,
-                                  attention_fn=attention_fn, eps=eps), None
+      h = layers.decoder_layer(p, h, cos, sin, positions=positions, segment_ids=segment_ids,
+                               attention_fn=attention_fn, eps=eps)
+      return constrain(h, residual), None
+
+    h = constrain(h, residual)
 
     policy = layers.remat_policy(config.remat_policy)
     if policy is not None:
@@ -143,12 +152,16 @@ class Llama(nnx.Module):
 
 
 def init_model(config: LlamaConfig, seed: int = 0,
-               attention_fn: Callable[..., jax.Array] | None = None) -> Llama:
+               attention_fn: Callable[..., jax.Array] | None = None,
+               constrain_fn: Callable[[jax.Array, tuple], jax.Array] | None = None) -> Llama:
   """A randomly initialized model (HF's init: normal(initializer_range), norms at 1)."""
-  return Llama(config, rngs=nnx.Rngs(params=seed), attention_fn=attention_fn)
+  return Llama(config, rngs=nnx.Rngs(params=seed), attention_fn=attention_fn,
+               constrain_fn=constrain_fn)
 
 
 def abstract_model(config: LlamaConfig,
-                   attention_fn: Callable[..., jax.Array] | None = None) -> Llama:
+                   attention_fn: Callable[..., jax.Array] | None = None,
+                   constrain_fn: Callable[[jax.Array, tuple], jax.Array] | None = None) -> Llama:
   """The model with ShapeDtypeStruct leaves: nothing allocated (for loading and memory analysis)."""
-  return nnx.eval_shape(lambda: init_model(config, attention_fn=attention_fn))
+  return nnx.eval_shape(lambda: init_model(config, attention_fn=attention_fn,
+                                           constrain_fn=constrain_fn))

@@ -18,6 +18,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),   # activations: data parallel and ZeRO-3 groups
     ("length", ("sequence",)),     # activations: context parallelism (ring attention)
+    # The residual stream between layers (the scan carry, saved for the backward pass) is split
+    # over tensor as well (Megatron-style sequence parallelism): otherwise all tensor ranks keep
+    # the same [T/CP, D] copy of every layer's input (8B at 1M, TP 8: 69 GiB per device).
+    ("residual_length", ("sequence", "tensor")),
     ("vocab", ("tensor",)),
     ("embed", ("fsdp",)),          # parameters: FSDP shards the model width
     ("heads", ("tensor",)),
@@ -131,3 +135,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   if mesh is None or mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh, x.shape))
+
+
+def constrain_fn(mesh: Mesh):
+  """`constrain(x, names)` bound to `mesh` (for the model's activation hints, any context)."""
+
+  def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, x.shape))
+
+  return constrain

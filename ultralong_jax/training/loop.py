@@ -27,7 +27,7 @@ from ultralong_jax.convert import api as convert_api
 from ultralong_jax.convert import checkpoint as model_checkpoint
 from ultralong_jax.data import pretrain, sft
 from ultralong_jax.modeling import llama
-from ultralong_jax.parallel import layout, mesh as mesh_lib
+from ultralong_jax.parallel import layout, mesh as mesh_lib, sharding
 from ultralong_jax.parallel.ring_attention import make_attention_fn
 from ultralong_jax.training import checkpointing, metrics as metrics_lib, optimizer, preflight
 from ultralong_jax.training import train_step
@@ -97,7 +97,8 @@ def _build(c: ml_collections.ConfigDict) -> _Run:
   mesh = mesh_lib.make_mesh({a: c.mesh[a] for a in config_lib.MESH_AXES})
   attention_fn = make_attention_fn(mesh, strategy=c.attention.strategy, layout=c.attention.layout,
                                    kernel=c.attention.kernel)
-  graphdef, abstract_state = nnx.split(llama.abstract_model(model_cfg, attention_fn=attention_fn))
+  graphdef, abstract_state = nnx.split(llama.abstract_model(
+      model_cfg, attention_fn=attention_fn, constrain_fn=sharding.constrain_fn(mesh)))
   abstract_params = nnx.to_pure_dict(abstract_state)
   tx, schedule = optimizer.make_optimizer(c.optim, c.train.steps)
   params_sharding = train_step.param_shardings(mesh, llama.abstract_model(model_cfg))
