@@ -91,8 +91,9 @@ def estimate_bytes_per_device(c: ml_collections.ConfigDict, model_cfg: LlamaConf
   Params, Adam's two moments and the gradients are sharded over fsdp x tensor (the rules in
   parallel/sharding.py). Saved for the backward pass, per layer, in the compute dtype, for this
   device's tokens B/(data*fsdp*microbatches) x T/sequence: with `full` remat only the layer input
-  [., D]; with the dots policies (and `none`, which saves more) also the matmul outputs: q, k, v
-  ((N + 2K) H / tensor), the attention and MLP output projections (2 D) and gate/up (2 F / tensor).
+  [., D / tensor]; with the dots policies (and `none`, which saves more) also the matmul outputs:
+  q, k, v ((N + 2K) H / tensor), the attention and MLP output projections (2 D / tensor) and
+  gate/up (2 F / tensor).
   """
   s = _mesh_sizes(c, num_devices)
   shards = s["fsdp"] * s["tensor"]
@@ -104,8 +105,10 @@ def estimate_bytes_per_device(c: ml_collections.ConfigDict, model_cfg: LlamaConf
   tokens = max(rows, 1) * (c.data.seq_len // s["sequence"])
   d, f, t = model_cfg.hidden_size, model_cfg.intermediate_size, s["tensor"]
   h = model_cfg.head_dim or d // model_cfg.num_heads
-  width = d if str(c.model.remat_policy) == "full" else (
-      3 * d + (model_cfg.num_heads + 2 * model_cfg.num_kv_heads) * h / t + 2 * f / t)
+  # [., D] tensors between layers are split over sequence x tensor (residual_length in
+  # parallel/sharding.py: Megatron-style sequence parallelism), hence D / tensor.
+  width = d / t if str(c.model.remat_policy) == "full" else (
+      3 * d / t + (model_cfg.num_heads + 2 * model_cfg.num_kv_heads) * h / t + 2 * f / t)
   activations = tokens * width * _BYTES.get(str(c.model.dtype), 4) * model_cfg.num_layers
   return {"params": params, "optimizer": optimizer, "grads": grads, "activations": activations,
           "total": params + optimizer + grads + activations}
