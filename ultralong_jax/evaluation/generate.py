@@ -26,6 +26,7 @@ import numpy as np
 
 from ultralong_jax.evaluation import sharded_cache
 from ultralong_jax.modeling import decode
+from ultralong_jax.parallel import sharding
 
 
 def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
@@ -102,7 +103,7 @@ class CachedModel:
     self.kv_block = kv_block
     self._cache_attention = sharded_cache.cache_attention_fn(mesh, kv_block=kv_block)
     self._ring = sharded_cache.ring_prefill_fn(mesh, **ring_options) if ring else None
-    self._constrain = sharded_cache.constrain_fn(mesh)
+    self._constrain = sharding.constrain_fn(mesh) if mesh is not None else None
     self._compiled = {}
 
   def chunk_multiple(self) -> int:

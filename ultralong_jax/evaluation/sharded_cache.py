@@ -90,15 +90,3 @@ def place_params(model, mesh):
     state = nnx.state(model)
     nnx.update(model, jax.device_put(state, sharding.state_shardings(mesh, state)))
   return decode.model_params(model)
-
-
-def constrain_fn(mesh):
-  """Activation sharding hints by logical names on `mesh` (None: no hints)."""
-  if mesh is None:
-    return None
-
-  def constrain(x, names):
-    spec = sharding.logical_to_spec(names, mesh, x.shape)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-  return constrain
