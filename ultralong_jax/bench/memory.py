@@ -30,7 +30,6 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
                              f" --xla_force_host_platform_device_count={_DEVICES}").strip()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 
 import jax  # noqa: E402
 
@@ -111,9 +110,7 @@ def main(argv=None) -> list[dict]:
       results.append(r)
       print(_row(r), flush=True)
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=2)
+    bench.write_json(args.json, results)
   return results
 
 

@@ -348,11 +348,16 @@ def main(argv=None) -> list[dict[str, Any]]:
     results.append(r)
     print(format_row(r), flush=True)
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=2)
-    print(f"# wrote {args.json}")
+    write_json(args.json, results)
   return results
+
+
+def write_json(path: str, results: list[dict]) -> None:
+  """The benchmarks' JSON output (a list of result rows), creating the directory."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"# wrote {path}")
 
 
 if __name__ == "__main__":

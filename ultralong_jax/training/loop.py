@@ -97,11 +97,12 @@ def _build(c: ml_collections.ConfigDict) -> _Run:
   mesh = mesh_lib.make_mesh({a: c.mesh[a] for a in config_lib.MESH_AXES})
   attention_fn = make_attention_fn(mesh, strategy=c.attention.strategy, layout=c.attention.layout,
                                    kernel=c.attention.kernel)
-  graphdef, abstract_state = nnx.split(llama.abstract_model(
-      model_cfg, attention_fn=attention_fn, constrain_fn=sharding.constrain_fn(mesh)))
+  abstract = llama.abstract_model(model_cfg, attention_fn=attention_fn,
+                                  constrain_fn=sharding.constrain_fn(mesh))
+  graphdef, abstract_state = nnx.split(abstract)
   abstract_params = nnx.to_pure_dict(abstract_state)
   tx, schedule = optimizer.make_optimizer(c.optim, c.train.steps)
-  params_sharding = train_step.param_shardings(mesh, llama.abstract_model(model_cfg))
+  params_sharding = train_step.param_shardings(mesh, abstract)
   state_sharding = train_step.state_shardings(mesh, tx, params_sharding, abstract_params)
   batch_sharding = train_step.batch_sharding(mesh, c.data.seq_len, c.data.global_batch_size)
   options = train_step.StepOptions(
