@@ -111,12 +111,61 @@ def mesh_from_config(config: Any, *, devices=None) -> Mesh:
 
 
 def _in_cluster() -> bool:
-  """Whether the environment looks like a multi-process launch that JAX can auto-detect."""
+  """Whether the environment looks like a multi-process launch that JAX can auto-detect.
+
+  ULTRALONG_DISTRIBUTED=1 says so explicitly (the launchers set it: on a Cloud TPU VM slice the
+  worker list lives in the metadata server, not the environment), =0 says no.
+  """
   env = os.environ
+  forced = env.get("ULTRALONG_DISTRIBUTED", "").strip().lower()
+  if forced in ("1", "true", "yes"):
+    return True
+  if forced in ("0", "false", "no"):
+    return False
   if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
     return True
-  # Cloud TPU VMs: a multi-host slice lists several worker hostnames.
+  # Cloud TPU VMs under GKE: a multi-host slice lists several worker hostnames.
   return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def _expand_slurm_counts(spec: str) -> list[int]:
+  """SLURM's compressed per-node counts, "8(x2),4" -> [8, 8, 4]."""
+  counts = []
+  for part in filter(None, spec.split(",")):
+    value, _, repeat = part.partition("(x")
+    counts += [int(value)] * (int(repeat.rstrip(")")) if repeat else 1)
+  return counts
+
+
+def slurm_local_device_ids(env: Mapping[str, str] | None = None) -> list[int] | None:
+  """The GPUs this SLURM task should drive, or None to leave the choice to JAX.
+
+  JAX's SLURM detection gives task i of a node the single GPU [SLURM_LOCALID] (one process per
+  GPU, jax/_src/clusters/cluster.py). That is right when every task sees all of the node's GPUs,
+  but a task per node would then drive GPU 0 alone, and with one GPU bound per task (srun
+  --gpus-per-task=1: CUDA_VISIBLE_DEVICES holds one id) ordinal SLURM_LOCALID does not exist.
+  Returns all visible GPUs for one task per node, [0] for one bound GPU per task, else None.
+  JAX_LOCAL_DEVICE_IDS (read by JAX itself) wins over all of this.
+  """
+  env = os.environ if env is None else env
+  if "SLURM_JOB_ID" not in env or "SLURM_LOCALID" not in env or env.get("JAX_LOCAL_DEVICE_IDS"):
+    return None
+  visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  per_node = _expand_slurm_counts(env.get("SLURM_STEP_TASKS_PER_NODE")
+                                  or env.get("SLURM_TASKS_PER_NODE", ""))
+  node = int(env.get("SLURM_NODEID", "0"))
+  tasks_here = per_node[node] if node < len(per_node) else None
+  if tasks_here == 1:
+    gpus = len(visible) or int(env.get("SLURM_GPUS_ON_NODE", "0") or 0)
+    if gpus:
+      return list(range(gpus))
+    logging.warning("one SLURM task on this node but its GPU count is unknown (neither "
+                    "CUDA_VISIBLE_DEVICES nor SLURM_GPUS_ON_NODE is set): JAX will drive GPU 0 "
+                    "only. Set JAX_LOCAL_DEVICE_IDS=0,1,...,7.")
+    return None
+  if len(visible) == 1:
+    return [0]
+  return None
 
 
 def initialize_distributed(coordinator_address: str | None = None,
@@ -127,19 +176,22 @@ def initialize_distributed(coordinator_address: str | None = None,
 
   Call before any other JAX call. With `coordinator_address` ("host:port") the launch is explicit;
   otherwise `jax.distributed.initialize()` auto-detects Cloud TPU, SLURM and Open MPI when the
-  environment says there are several processes, and a single process runs without it.
+  environment says there are several processes (or ULTRALONG_DISTRIBUTED=1), and a single process
+  runs without it. Under SLURM the GPUs each task drives follow `slurm_local_device_ids`.
   Returns whether the distributed runtime is (now) initialized.
   """
   is_initialized = getattr(jax.distributed, "is_initialized", None)
   if is_initialized is not None and is_initialized():
     return True
+  if coordinator_address is None and not _in_cluster():
+    return False
+  if local_device_ids is None:
+    local_device_ids = slurm_local_device_ids()
   if coordinator_address is not None:
     jax.distributed.initialize(coordinator_address, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_device_ids)
-  elif _in_cluster():
-    jax.distributed.initialize()
   else:
-    return False
+    jax.distributed.initialize(local_device_ids=local_device_ids)
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True

@@ -39,13 +39,25 @@ class NonFiniteError(ValueError):
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
+  """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly.
+
+  With several processes each host gets its SIGTERM at its own moment, and a host that saved and
+  left at step n while another went on to step n+1 would leave both waiting in a collective. So
+  there JAX's preemption sync service (started by jax.distributed.initialize) catches SIGTERM
+  instead, and `check(step)` turns true at the same step on every host
+  (multihost_utils.reached_preemption_sync_point, which must be called at every step).
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._synced = False
 
   def __enter__(self):
+    self._synced = jax.process_count() > 1 and jax.distributed.is_initialized()
+    if self._synced:
+      return self  # our handler would replace the sync service's own SIGTERM handler
+
     def handler(signum, frame):
       del signum, frame
       self.requested = True
@@ -54,6 +66,13 @@ class _Preemption:
     except ValueError:  # not the main thread (e.g. some notebook kernels): no handler
       self._previous = None
     return self
+
+  def check(self, step: int) -> bool:
+    """Whether to save and stop after `step`; call once per step, on every process."""
+    if self._synced and not self.requested:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -123,6 +142,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = N
   max_steps stops after that many steps *of this invocation* (tests use it to interrupt a run);
   the run is otherwise complete at c.train.steps. Returns a summary dict (also summary.json).
   """
+  check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   built = _build(c)  # validation and everything that can fail on bad input, before any compile
   ckpt = checkpointing.RunCheckpointer(workdir, every_steps=c.checkpoint.every_steps,
@@ -133,12 +153,27 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = N
   finally:
     ckpt.close()
     writer.close()
-  if summary["complete"] and jax.process_index() == 0:
+  if summary["complete"]:  # every process: the gather and the checkpoint write are collectives
     summary.update(_finish(c, workdir, built.model_cfg, summary.pop("_params"), writer.path))
   summary.pop("_params", None)
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  summary["process_count"] = jax.process_count()
+  if jax.process_index() == 0:  # one writer per run (the workdir is shared between hosts)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
   return summary
+
+
+def check_workdir(workdir: str) -> None:
+  """Rejects an object-store URL as workdir before anything starts: the run writes metrics.jsonl,
+  summary.json, loss.png, final/ and hf/ with plain file I/O, so it would fail at its first
+  metrics line (or, worse, at the export after the last step)."""
+  if "://" in workdir:
+    raise ValueError(
+        f"--workdir={workdir}: the workdir must be a filesystem path, not a URL (metrics, summary, "
+        "final checkpoint and HF export are written with file I/O). Use a filesystem every host "
+        "sees (NFS, Lustre, Filestore) or mount the bucket with Cloud Storage FUSE and pass the "
+        "mount point, e.g. `gcsfuse --implicit-dirs BUCKET /mnt/gcs` then "
+        "--workdir=/mnt/gcs/runs/stage1 (docs/launch.md, Storage).")
 
 
 def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[str, Any]:
@@ -196,6 +231,7 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
                         tok_s=f"{last['tokens_per_s']:,.0f}", tflops=f"{tflops:.3g}",
                         **({"mfu": f"{last['mfu']:.1%}"} if peak else {}))
       bar.update(1)
+      preemption.check(step)
       if stop_on_nonfinite and (preemption.requested or ckpt.manager.should_save(step)):
         # Never checkpoint past a non-finite step under `stop`: one small sync per save.
         _check_numerics(c, {k: float(step_metrics[k]) for k in _NONFINITE_KEYS}, ckpt,
@@ -254,22 +290,48 @@ def _check_numerics(c, metrics: dict, ckpt, seen: dict) -> None:
 
 def _finish(c, workdir, model_cfg, params, metrics_path) -> dict[str, str]:
   """The final model as a project checkpoint (stage 2 starts from it) and a HF directory; the
-  loss curve as a PNG."""
-  out = {}
-  params = jax.tree.map(np.asarray, jax.device_get(params))
+  loss curve as a PNG. Called on every process: gathering the sharded parameters and Orbax's save
+  are collectives; process 0 alone writes the HF export and the plot."""
+  params = _host_params(params)
   final = os.path.join(workdir, "final")
-  if not os.path.exists(os.path.join(final, model_checkpoint.PARAMS_DIR)):
-    model_checkpoint.save_params(final, model_cfg, params)
-  out["final_checkpoint"] = final
-  if c.export.hf:
-    hf_dir = os.path.join(workdir, "hf")
-    convert_api.export_hf(hf_dir, model_cfg, convert_api.params_getter(params),
-                          dtype=c.export.dtype)
-    out["hf_export"] = hf_dir
-  if os.path.exists(metrics_path):
-    out["loss_plot"] = metrics_lib.plot_loss(
-        metrics_path, os.path.join(workdir, "loss.png"), title=f"stage {c.stage} loss")
+  out = {"final_checkpoint": final}
+  if not _process0_says(os.path.exists(os.path.join(final, model_checkpoint.PARAMS_DIR))):
+    model_checkpoint.save_params(final, model_cfg, params)  # numpy arrays: process 0 writes them
+  if jax.process_index() == 0:
+    if c.export.hf:
+      hf_dir = os.path.join(workdir, "hf")
+      convert_api.export_hf(hf_dir, model_cfg, convert_api.params_getter(params),
+                            dtype=c.export.dtype)
+      out["hf_export"] = hf_dir
+    if os.path.exists(metrics_path):
+      out["loss_plot"] = metrics_lib.plot_loss(
+          metrics_path, os.path.join(workdir, "loss.png"), title=f"stage {c.stage} loss")
+  if jax.process_count() > 1:
+    # The others wait here: exiting early would start JAX's shutdown barrier, whose timeout
+    # (5 min) an 8B export can outlast, and a launcher may end the job when its first task exits.
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("ultralong_jax.loop: final exports written")
   return out
+
+
+def _host_params(params: dict) -> dict:
+  """The whole parameter tree as numpy on this host. With several processes the parameters are
+  sharded across hosts, so every process must call this: it gathers one tensor at a time (never
+  the whole tree replicated on a device), and every host holds the full tree in RAM after it."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, jax.device_get(params))
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                      params)
+
+
+def _process0_says(value: bool) -> bool:
+  """Process 0's `value` on every process, so that all of them take the same branch around a
+  collective (on a shared filesystem a later process could otherwise see process 0's writes)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def _jsonable(x):
