@@ -62,9 +62,15 @@ def make_data(data_dir: str, separator_id: int, quick: bool) -> dict:
   return {"tokenizer": tokenizer_path, "documents": os.path.join(data_dir, "{short,long}.jsonl")}
 
 
-def run_needle_evals(root: str, tokenizer_path: str, get_config, quick: bool) -> dict:
+def run_needle_evals(root: str, tokenizer_path: str, get_config, quick: bool, *,
+                     lengths: list[int] | None = None, depths: list[float] | None = None,
+                     progress: bool = True) -> dict:
   """Needle-in-a-haystack grids for the base (trained at 128 tokens), stage-1 and stage-2 models
-  over lengths up to the extended 1,024, with the corpus's pass-key phrasing."""
+  over lengths up to the extended 1,024, with the corpus's pass-key phrasing.
+
+  lengths / depths replace the grid that `quick` picks (notebooks/demo_walkthrough.ipynb runs a
+  small one); returns {stage: niah.NiahResults}.
+  """
   import ultralong_jax  # pylint: disable=import-outside-toplevel
   from ultralong_jax.data import synthetic  # pylint: disable=import-outside-toplevel
   from ultralong_jax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
@@ -73,9 +79,11 @@ def run_needle_evals(root: str, tokenizer_path: str, get_config, quick: bool) ->
 
   tokenizer = load_tokenizer(tokenizer_path)
   long_len = get_config("stage1").data.seq_len
-  lengths = [long_len // 4, long_len] if quick else list(range(long_len // 8, long_len + 1,
-                                                                long_len // 8))
-  depths = [0.0, 1.0] if quick else [0.0, 0.25, 0.5, 0.75, 1.0]
+  if lengths is None:
+    lengths = [long_len // 4, long_len] if quick else list(range(long_len // 8, long_len + 1,
+                                                                  long_len // 8))
+  if depths is None:
+    depths = [0.0, 1.0] if quick else [0.0, 0.25, 0.5, 0.75, 1.0]
 
   def needle(seed: int) -> haystack.Needle:
     key = random.Random(seed).randint(10000, 99999)
@@ -92,7 +100,7 @@ def run_needle_evals(root: str, tokenizer_path: str, get_config, quick: bool) ->
         model, tokenizer, lengths=lengths, depths=depths, out_dir=os.path.join(root, stage, "niah"),
         needle=needle, haystack_text=filler, chat=chat, max_new_tokens=12,
         training_length=get_config(stage).data.seq_len,
-        title=f"demo {stage}: pass key retrieval")
+        title=f"demo {stage}: pass key retrieval", progress=progress)
   return results
 
 
