@@ -42,6 +42,8 @@ NUM_PROCESSES (the host count) and PROCESS_ID (0..NUM_PROCESSES-1, unique per ho
 --local N for N processes on this machine."
   done
   [[ "$COORDINATOR" == *:* ]] || die "COORDINATOR=$COORDINATOR must be host:port"
+  [[ "$NUM_PROCESSES" =~ ^[1-9][0-9]*$ && "$PROCESS_ID" =~ ^[0-9]+$ ]] || \
+    die "NUM_PROCESSES=$NUM_PROCESSES and PROCESS_ID=$PROCESS_ID must be whole numbers"
   (( PROCESS_ID >= 0 && PROCESS_ID < NUM_PROCESSES )) || \
     die "PROCESS_ID=$PROCESS_ID must be in 0..$((NUM_PROCESSES - 1)) (NUM_PROCESSES=$NUM_PROCESSES)"
   export ULTRALONG_DISTRIBUTED=1

@@ -176,8 +176,8 @@ cmd_run() {
   local quoted logs="logs/$RUN_NAME"
   quoted=$(printf '%q ' "$@")
   # Same command on every worker at once: JAX's multi-controller runtime needs all of them.
-  on_all_workers "cd ~/$REMOTE_DIR && mkdir -p $logs && ULTRALONG_DISTRIBUTED=1 nohup ${quoted}\
-> $logs/\$(hostname).log 2>&1 < /dev/null & echo \$! > ~/$REMOTE_DIR/$logs/\$(hostname).pid"
+  on_all_workers "cd ~/$REMOTE_DIR && mkdir -p $logs && { ULTRALONG_DISTRIBUTED=1 nohup ${quoted}\
+> $logs/\$(hostname).log 2>&1 < /dev/null & echo \$! > $logs/\$(hostname).pid; }"
   if [[ "$DRY_RUN" != 1 ]]; then
     echo "tpu_vm.sh: started on all workers; 'launch/tpu_vm.sh status' to watch, 'logs' to fetch" >&2
   fi

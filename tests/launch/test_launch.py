@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -109,12 +110,12 @@ def test_tpu_run_real_mode_remote_command_runs(tmp_path):
   subprocess.run(["bash", "-c", remote], env={**os.environ, "HOME": str(home)}, check=True,
                  timeout=30)
   log = home / "ultralong-jax" / "logs" / "t" / f"{os.uname().nodename}.log"
-  for _ in range(50):  # nohup'd: give it a moment
+  for _ in range(100):  # nohup'd: give it a moment
     if log.exists() and "hello" in log.read_text():
       break
-    import time
     time.sleep(0.1)
   assert log.read_text().strip() == f"hello from {os.uname().nodename} its"
+  assert log.with_suffix(".pid").read_text().strip().isdigit()  # what `stop` signals
 
 
 def test_tpu_queue_real_mode_waits_for_active(tmp_path):
@@ -180,6 +181,27 @@ def test_slurm_local_device_ids():
   assert slurm_local_device_ids({**base, "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
                                  "JAX_LOCAL_DEVICE_IDS": "0,1"}) is None
   assert slurm_local_device_ids({"CUDA_VISIBLE_DEVICES": all8}) is None
+
+
+# --- explicit coordinator -------------------------------------------------------------------
+
+def test_multihost_explicit_coordinator_appends_flags():
+  env = {"COORDINATOR": "10.0.0.1:8476", "NUM_PROCESSES": "4", "PROCESS_ID": "3"}
+  result = _bash("multihost.sh", "bash", "-c", 'echo "$ULTRALONG_DISTRIBUTED $*"', "x", env=env)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ["1", "--coordinator_address=10.0.0.1:8476", "--num_processes=4",
+                                   "--process_id=3"]
+  missing = _bash("multihost.sh", "echo", env={"COORDINATOR": "h:1"})
+  assert missing.returncode == 2 and "NUM_PROCESSES is not set" in missing.stderr
+  bad = _bash("multihost.sh", "echo", env={**env, "PROCESS_ID": "4"})
+  assert bad.returncode == 2 and "PROCESS_ID=4 must be in 0..3" in bad.stderr
+
+
+def test_multihost_local_stops_the_others_when_one_fails(tmp_path):
+  result = _bash("multihost.sh", "--local", "2", "--log-dir", str(tmp_path), "--", "bash", "-c",
+                 'if [[ "$3" == --process_id=1 ]]; then echo failing; exit 3; fi; sleep 60', "x")
+  assert result.returncode == 3 and "stopping the others" in result.stderr
+  assert "failing" in (tmp_path / "process_1.log").read_text()
 
 
 # --- H100 flags -----------------------------------------------------------------------------

@@ -178,6 +178,7 @@ def initialize_distributed(coordinator_address: str | None = None,
   otherwise `jax.distributed.initialize()` auto-detects Cloud TPU, SLURM and Open MPI when the
   environment says there are several processes (or ULTRALONG_DISTRIBUTED=1), and a single process
   runs without it. Under SLURM the GPUs each task drives follow `slurm_local_device_ids`.
+  ULTRALONG_INIT_TIMEOUT (seconds, default 300) bounds the wait for the other processes.
   Returns whether the distributed runtime is (now) initialized.
   """
   is_initialized = getattr(jax.distributed, "is_initialized", None)
@@ -187,11 +188,17 @@ def initialize_distributed(coordinator_address: str | None = None,
     return False
   if local_device_ids is None:
     local_device_ids = slurm_local_device_ids()
+  # How long a process waits for all the others to connect (JAX's default: 300 s).
+  timeout = int(os.environ.get("ULTRALONG_INIT_TIMEOUT", "300"))
+  logging.info("jax.distributed.initialize: coordinator %s, process %s of %s, local devices %s, "
+               "timeout %d s", coordinator_address or "auto-detected", process_id,
+               num_processes, local_device_ids or "all", timeout)
   if coordinator_address is not None:
     jax.distributed.initialize(coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)
+                               process_id=process_id, local_device_ids=local_device_ids,
+                               initialization_timeout=timeout)
   else:
-    jax.distributed.initialize(local_device_ids=local_device_ids)
+    jax.distributed.initialize(local_device_ids=local_device_ids, initialization_timeout=timeout)
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True

@@ -16,6 +16,7 @@ raises CorruptCheckpointError naming the step directory, or, when asked to fall 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CorruptCheckpointError(ValueError):
@@ -34,8 +36,14 @@ class CorruptCheckpointError(ValueError):
 class RunCheckpointer:
   """Saves every `every_steps` (and when forced), keeps the newest `keep`, async by default."""
 
-  def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True,
+               directory: str | None = None):
+    """Checkpoints go to `directory` (a path, or a gs:// / s3:// URL Orbax writes through
+    TensorStore and etils.epath) or by default to workdir/checkpoints."""
+    if directory is None:
+      directory = os.path.join(workdir, "checkpoints")
+    check_directory(directory)
+    self.directory = directory if is_url(directory) else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(every_steps, 1) if every_steps else 10**12,
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
@@ -101,11 +109,19 @@ class RunCheckpointer:
     """Moves a damaged step out of Orbax's sight, so a new save of that step can succeed and the
     bytes stay available for a post-mortem."""
     if jax.process_index() == 0:
-      target = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt", str(step))
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      if os.path.exists(target):
-        shutil.rmtree(target)
-      shutil.move(os.path.join(self.directory, str(step)), target)
+      if is_url(self.directory):  # object stores: etils.epath (no shutil there)
+        source = epath.Path(self.directory) / str(step)
+        target = epath.Path(self.directory).parent / "checkpoints_corrupt" / str(step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+          target.rmtree()
+        source.rename(target)
+      else:
+        target = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt", str(step))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.exists(target):
+          shutil.rmtree(target)
+        shutil.move(os.path.join(self.directory, str(step)), target)
       logging.warning("moved the unreadable checkpoint of step %d to %s", step, target)
     self.manager.reload()
 
@@ -119,6 +135,30 @@ class RunCheckpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def is_url(path: str) -> bool:
+  return "://" in str(path)
+
+
+# URL scheme -> the package etils.epath needs for it (TensorFlow's gfile also serves gs://).
+_URL_PACKAGES = {"gs": ("gcsfs", "tensorflow"), "s3": ("s3fs",)}
+
+
+def check_directory(directory: str) -> None:
+  """Fails before the run starts when a checkpoint URL cannot be written: an unknown scheme, or
+  the filesystem package etils.epath needs for it is missing (Orbax would fail at the first
+  save, after the compile)."""
+  if not is_url(directory):
+    return
+  scheme = str(directory).split("://", 1)[0]
+  if scheme not in _URL_PACKAGES:
+    raise ValueError(f"--checkpoint_dir={directory}: supported URLs are gs:// and s3:// (or use a "
+                     "filesystem path, e.g. a mounted bucket).")
+  if not any(importlib.util.find_spec(p) for p in _URL_PACKAGES[scheme]):
+    raise ValueError(f"--checkpoint_dir={directory}: writing {scheme}:// needs the "
+                     f"'{_URL_PACKAGES[scheme][0]}' package on every host "
+                     f"(pip install {_URL_PACKAGES[scheme][0]}), which is not installed.")
 
 
 def _short(e: Exception) -> str:

@@ -136,17 +136,23 @@ def _build(c: ml_collections.ConfigDict) -> _Run:
 
 
 def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, checkpoint_dir: str | None = None) -> dict[str, Any]:
   """Trains per `c` in `workdir`, resuming from its newest complete checkpoint if any.
+
+  Checkpoints go to `checkpoint_dir` when given (a path or a gs:// / s3:// URL), else to
+  workdir/checkpoints; everything else the run writes stays in workdir (a filesystem path).
 
   max_steps stops after that many steps *of this invocation* (tests use it to interrupt a run);
   the run is otherwise complete at c.train.steps. Returns a summary dict (also summary.json).
   """
   check_workdir(workdir)
+  if checkpoint_dir is not None:
+    checkpointing.check_directory(checkpoint_dir)
   os.makedirs(workdir, exist_ok=True)
   built = _build(c)  # validation and everything that can fail on bad input, before any compile
   ckpt = checkpointing.RunCheckpointer(workdir, every_steps=c.checkpoint.every_steps,
-                                       keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+                                       keep=c.checkpoint.keep, async_save=c.checkpoint.async_save,
+                                       directory=checkpoint_dir)
   writer = metrics_lib.MetricsWriter(workdir)
   try:
     summary = _train(c, workdir, built, ckpt, writer, max_steps, progress)
@@ -173,7 +179,8 @@ def check_workdir(workdir: str) -> None:
         "final checkpoint and HF export are written with file I/O). Use a filesystem every host "
         "sees (NFS, Lustre, Filestore) or mount the bucket with Cloud Storage FUSE and pass the "
         "mount point, e.g. `gcsfuse --implicit-dirs BUCKET /mnt/gcs` then "
-        "--workdir=/mnt/gcs/runs/stage1 (docs/launch.md, Storage).")
+        "--workdir=/mnt/gcs/runs/stage1; checkpoints alone may go to the bucket directly with "
+        "--checkpoint_dir=gs://BUCKET/runs/stage1/checkpoints (docs/launch.md, Storage).")
 
 
 def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[str, Any]:
