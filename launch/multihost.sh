@@ -13,7 +13,7 @@
 #   launch/multihost.sh --local 2 [--devices-per-process 4] [--log-dir DIR] -- COMMAND...
 # Each process gets JAX_PLATFORMS=cpu and --xla_force_host_platform_device_count in XLA_FLAGS, a
 # free port on localhost as coordinator, its log in DIR/process_<i>.log and its pid in
-# DIR/process_<i>.pid (default DIR: logs/multihost-<timestamp>). SIGTERM to the launcher goes to
+# DIR/process_<i>.pid (default DIR: runs/multihost-<timestamp>, git-ignored). SIGTERM to the launcher goes to
 # every process. If one process fails the others are stopped (they would otherwise
 # wait at the next collective); the exit status is the first failure's.
 set -euo pipefail
@@ -55,7 +55,7 @@ fi
 [[ "$local_n" =~ ^[1-9][0-9]*$ ]] || die "--local $local_n: give a process count >= 1"
 per_process="${per_process:-$(( 8 / local_n ))}"
 [[ "$per_process" =~ ^[1-9][0-9]*$ ]] || die "--devices-per-process must be >= 1 (8 / $local_n is 0)"
-log_dir="${log_dir:-logs/multihost-$(date +%Y%m%d-%H%M%S)}"
+log_dir="${log_dir:-runs/multihost-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$log_dir"
 if command -v python3 >/dev/null 2>&1; then
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

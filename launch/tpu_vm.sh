@@ -8,7 +8,7 @@
 #   launch/tpu_vm.sh setup            # launch/setup.sh + jax[tpu] on every worker
 #   launch/tpu_vm.sh run -- .venv/bin/python -m ultralong_jax.train \
 #       --config=configs/llama31_8b_stage1_1m.py --workdir=/mnt/gcs/runs/stage1_1m ...
-#   launch/tpu_vm.sh logs             # every worker's logs -> tpu-logs/$TPU_NAME/worker-<i>/
+#   launch/tpu_vm.sh logs             # every worker's logs -> runs/tpu-logs/$TPU_NAME/worker-<i>/
 #   launch/tpu_vm.sh delete
 #
 # Subcommands: create | queue | wait | copy | setup | run -- CMD... | status | logs [DIR] | stop |
@@ -143,7 +143,7 @@ cmd_wait() {
 cmd_copy() {
   need TPU_NAME ZONE PROJECT
   local tarball="/tmp/ultralong-jax-${TPU_NAME}.tgz"
-  # The checkout's tracked and untracked-but-not-ignored files: no .venv, runs/, logs.
+  # The checkout's tracked and untracked-but-not-ignored files: no .venv, no runs/.
   if [[ "$DRY_RUN" == 1 ]]; then
     echo "git ls-files -z --cached --others --exclude-standard | tar --null -czf $tarball -T -"
   else
@@ -195,7 +195,7 @@ cmd_stop() {
 
 cmd_logs() {
   need TPU_NAME ZONE PROJECT
-  local dest="${1:-tpu-logs/$TPU_NAME}" n="${NUM_WORKERS:-}" i
+  local dest="${1:-runs/tpu-logs/$TPU_NAME}" n="${NUM_WORKERS:-}" i
   if [[ -z "$n" ]]; then
     if [[ "$DRY_RUN" == 1 ]]; then
       # shellcheck disable=SC2046

@@ -149,7 +149,7 @@ def test_slurm_dry_run(mode, per_node):
   line = result.stdout.strip()
   assert line.startswith(f"srun --nodes=4 --ntasks-per-node={per_node} --ntasks={4 * per_node} "
                          "--gpus-per-node=8 --kill-on-bad-exit=1")
-  assert f"--output={ROOT}/logs/77/task-%t.log" in line
+  assert f"--output={ROOT}/runs/slurm/77/task-%t.log" in line
   assert ("bash -c 'cd " + str(ROOT) + " && source launch/h100_env.sh && exec .venv/bin/python "
           "-m ultralong_jax.train --workdir=/shared/run\\ a'") in line
 
