@@ -15,6 +15,8 @@ Two attention kernels per row, because the CPU compile cannot use the GPU's:
            residuals (out, lse) with O(c) work and no score matrix, i.e. the memory of everything
            except the flash kernel's own O(c) workspace. Its FLOPs and outputs mean nothing; it
            exists only so the memory plan of the rest of the step can be read on CPU.
+Each row also prints training/memory.py's analytic estimate of the same step (what
+`python -m ultralong_jax.estimate_memory` reports) and its distance from XLA's plan.
 Per-device memory does not depend on the data axis (each replica holds the same shards), so rows
 use data=1, one row of T tokens per replica (the paper's global batch 2 = two replicas).
 """
@@ -34,6 +36,7 @@ import argparse  # noqa: E402
 import jax  # noqa: E402
 
 from ultralong_jax.bench import train_step as bench  # noqa: E402
+from ultralong_jax.training import memory  # noqa: E402
 
 GiB = 2**30
 STANDIN = bench.STANDIN
@@ -52,6 +55,124 @@ PLAN = (
      ("8b", "llama31_8b_4m", 4096 * K, (("sequence", 16), ("tensor", 8)))])
 
 
+# Small models that compile in seconds yet make every part of the estimate matter: "small" D 512,
+# F 3 D, GQA 8/4; "mid" D 1024, F 3.5 D, GQA 16/4; "wide" F = 8 D; "vocab" V = 64 D.
+SHAPES = {
+    "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=4,
+                  num_heads=8, num_kv_heads=4, head_dim=64),
+    "mid": dict(vocab_size=16384, hidden_size=1024, intermediate_size=3584, num_layers=4,
+                num_heads=16, num_kv_heads=4, head_dim=64),
+    "wide": dict(vocab_size=4096, hidden_size=256, intermediate_size=2048, num_layers=4,
+                 num_heads=4, num_kv_heads=2, head_dim=64),
+    "vocab": dict(vocab_size=32768, hidden_size=512, intermediate_size=1024, num_layers=2,
+                  num_heads=8, num_kv_heads=2, head_dim=64),
+}
+
+
+def shape_config(name: str, **overrides):
+  return bench.presets.tiny(**{**SHAPES[name], "max_position_embeddings": 65536, **overrides})
+
+
+# (shape, T, mesh, options): bench.train_step.Setup fields; kernel "auto" with sequence 1 is the
+# model's plain attention, "standin" a flash kernel's memory (see above).
+BASE_OPTIONS = dict(kernel=STANDIN, loss_chunk=1024)
+CALIBRATION = [
+    ("small", 8192, {"sequence": 1}, dict(BASE_OPTIONS, num_layers=2, loss_chunk=4096)),
+    ("small", 8192, {"sequence": 1}, dict(BASE_OPTIONS, num_layers=8, loss_chunk=4096)),
+    ("small", 8192, {"sequence": 1}, BASE_OPTIONS),
+    ("small", 16384, {"sequence": 1}, BASE_OPTIONS),
+    ("small", 16384, {"sequence": 1}, dict(BASE_OPTIONS, num_layers=8)),
+    ("small", 8192, {"sequence": 1}, dict(BASE_OPTIONS, batch=2)),
+    ("small", 8192, {"sequence": 1}, dict(BASE_OPTIONS, remat="dots")),
+    ("small", 8192, {"sequence": 1}, dict(BASE_OPTIONS, remat="none")),
+    ("small", 8192, {"sequence": 1}, dict(BASE_OPTIONS, kernel="xla")),
+    ("small", 4096, {"sequence": 1}, dict(BASE_OPTIONS, kernel="xla")),
+    ("small", 16384, {"sequence": 8}, BASE_OPTIONS),
+    ("small", 16384, {"sequence": 8}, dict(BASE_OPTIONS, kernel="xla")),
+    ("small", 16384, {"sequence": 4, "tensor": 2}, BASE_OPTIONS),
+    ("small", 16384, {"sequence": 2, "tensor": 4}, BASE_OPTIONS),
+    ("small", 16384, {"sequence": 4, "fsdp": 2}, dict(BASE_OPTIONS, batch=2)),
+    ("small", 16384, {"sequence": 4, "data": 2}, dict(BASE_OPTIONS, batch=2)),
+    ("mid", 16384, {"sequence": 4, "tensor": 2}, BASE_OPTIONS),
+    ("mid", 16384, {"sequence": 4, "tensor": 2}, dict(BASE_OPTIONS, kernel="xla")),
+    ("wide", 16384, {"sequence": 1}, BASE_OPTIONS),
+    ("wide", 16384, {"sequence": 1}, dict(BASE_OPTIONS, num_layers=8)),
+    ("wide", 32768, {"sequence": 8}, BASE_OPTIONS),
+    ("wide", 32768, {"sequence": 4, "tensor": 2}, BASE_OPTIONS),
+    ("wide", 32768, {"sequence": 4, "tensor": 2}, dict(BASE_OPTIONS, kernel="xla")),
+    ("vocab", 8192, {"sequence": 1}, dict(BASE_OPTIONS, loss_chunk=4096)),
+    ("vocab", 8192, {"sequence": 1}, BASE_OPTIONS),
+    ("vocab", 16384, {"sequence": 2, "tensor": 4}, dict(BASE_OPTIONS, loss_chunk=4096)),
+    ("mid", 8192, {"sequence": 1}, BASE_OPTIONS),
+    ("mid", 32768, {"sequence": 8}, dict(BASE_OPTIONS, loss_chunk=2048)),
+    ("mid", 32768, {"sequence": 2, "tensor": 4}, dict(BASE_OPTIONS, loss_chunk=2048)),
+    ("mid", 16384, {"sequence": 2, "fsdp": 4}, dict(BASE_OPTIONS, batch=4, loss_chunk=2048)),
+    ("mid", 8192, {"fsdp": 8}, dict(BASE_OPTIONS, batch=8, loss_chunk=2048)),
+    ("mid", 8192, {"sequence": 1}, dict(BASE_OPTIONS, remat="dots")),
+    ("mid", 16384, {"sequence": 4, "tensor": 2}, dict(BASE_OPTIONS, remat="dots")),
+    ("wide", 16384, {"sequence": 1}, dict(BASE_OPTIONS, remat="dots")),
+    ("wide", 16384, {"sequence": 1}, dict(BASE_OPTIONS, remat="none")),
+    ("mid", 8192, {"sequence": 1}, dict(BASE_OPTIONS, remat="none")),
+    ("small", 8192, {"sequence": 2, "data": 4}, dict(BASE_OPTIONS, batch=8, microbatches=2)),
+    ("small", 8192, {"sequence": 1}, dict(BASE_OPTIONS, batch=2, microbatches=2)),
+    ("small", 8192, {"sequence": 1}, dict(BASE_OPTIONS, remat="qkv_attention")),
+    ("small", 16384, {"sequence": 4, "tensor": 2}, dict(BASE_OPTIONS, remat="dots")),
+    ("wide", 16384, {"sequence": 2, "tensor": 2, "fsdp": 2},
+     dict(BASE_OPTIONS, kernel="xla", batch=2, loss_chunk=2048, remat="dots")),
+    ("small", 4096, {"sequence": 1}, dict(BASE_OPTIONS, kernel="auto")),
+    ("small", 4096, {"sequence": 1}, dict(BASE_OPTIONS, kernel="auto", remat="dots")),
+    ("small", 4096, {"sequence": 1}, dict(BASE_OPTIONS, kernel="auto", remat="dots_no_batch")),
+    ("small", 4096, {"fsdp": 2, "tensor": 4}, dict(BASE_OPTIONS, kernel="auto", batch=4,
+                                                   remat="dots_no_batch")),
+    ("wide", 16384, {"sequence": 2, "tensor": 2, "fsdp": 2},
+     dict(BASE_OPTIONS, kernel="xla", batch=2, loss_chunk=2048, remat="dots_no_batch")),
+    ("small", 16384, {"sequence": 8}, dict(BASE_OPTIONS, kernel="xla", remat="dots")),
+]
+
+
+def calibration_case(name: str, seq_len: int, mesh: dict, options: dict):
+  """(bench Setup, memory.StepShape) of one calibration row."""
+  options = dict(options)
+  layers = options.pop("num_layers", 0)
+  remat = options.get("remat", "full")
+  config = shape_config(name, remat_policy=remat, **({"num_layers": layers} if layers else {}))
+  setup = bench.Setup(model=config, seq_len=seq_len, mesh=tuple(mesh.items()),
+                      **{"batch": 1, **options})
+  kernel = options["kernel"]
+  if kernel == "auto":  # what make_attention_fn picks on CPU
+    kernel = "plain" if mesh.get("sequence", 1) == 1 else "xla"
+  devices = 1
+  for size in mesh.values():
+    devices *= size
+  shape = memory.StepShape(
+      model=config, mesh=mesh, num_devices=devices, seq_len=seq_len,
+      global_batch=setup.batch, microbatches=setup.microbatches, remat=remat,
+      kernel="flash" if kernel == STANDIN else kernel, loss_chunk=setup.loss_chunk)
+  return setup, shape
+
+
+def calibration(rows=None) -> list[dict]:
+  """Compiles every CALIBRATION row; prints XLA's peak next to the estimate."""
+  print("| model | T | mesh | kernel | remat | batch x microbatches | loss chunk | XLA peak MiB "
+        "| estimate MiB | error |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  results = []
+  for name, t, mesh, options in rows or CALIBRATION:
+    setup, shape = calibration_case(name, t, mesh, options)
+    r = bench.run(setup, abstract=True)
+    est = memory.estimate(shape)["total"]
+    r.update(model=name, estimate_bytes=est, error=est / r["peak_estimate_bytes"] - 1)
+    results.append(r)
+    layers = f" L{shape.model.num_layers}" if shape.model.num_layers != 4 else ""
+    print(f"| {name}{layers} | {t:,} | {_mesh_label(tuple(mesh.items()))} | {setup.kernel} | "
+          f"{setup.remat} | {setup.batch} x {setup.microbatches} | {setup.loss_chunk} | "
+          f"{r['peak_estimate_bytes'] / 2**20:,.0f} | {est / 2**20:,.0f} | {r['error']:+.1%} |",
+          flush=True)
+  worst = max(abs(r["error"]) for r in results)
+  print(f"\nworst |error| {worst:.1%} over {len(results)} compiles")
+  return results
+
+
 def measure(model: str, preset: str, seq_len: int, mesh, kernel: str, *, num_layers: int = 0,
             remat: str = "full") -> dict:
   """One abstract compile -> the bench.train_step result dict plus the row's labels."""
@@ -59,7 +180,22 @@ def measure(model: str, preset: str, seq_len: int, mesh, kernel: str, *, num_lay
                       batch=1, num_layers=num_layers)
   r = bench.run(setup, abstract=True)
   r["model"] = model
+  r["estimate_bytes"] = estimate(setup)["total"]
   return r
+
+
+def estimate(setup: "bench.Setup") -> dict[str, float]:
+  """training/memory.py's analytic estimate of the same step (no compile)."""
+  overrides = {"num_layers": setup.num_layers} if setup.num_layers else {}
+  config = bench.presets.get_preset(setup.preset, remat_policy=setup.remat, **overrides)
+  sizes = dict(setup.mesh)
+  devices = 1
+  for size in sizes.values():
+    devices *= size
+  return memory.estimate(memory.StepShape(
+      model=config, mesh=sizes, num_devices=devices, seq_len=setup.seq_len,
+      global_batch=setup.batch or 1, remat=setup.remat,
+      kernel="flash" if setup.kernel == STANDIN else setup.kernel, loss_chunk=setup.loss_chunk))
 
 
 def _mesh_label(mesh) -> str:
@@ -73,11 +209,12 @@ def _row(r: dict) -> str:
   state = r["argument_bytes"] / GiB
   return (f"| {r['model']} | {s['seq_len'] // K:,}K | {mesh} | {s['kernel']} | {r['num_layers']} | "
           f"{state:.1f} | {r['temp_bytes'] / GiB:.1f} | {r['peak_estimate_bytes'] / GiB:.1f} | "
+          f"{r['estimate_bytes'] / GiB:.1f} ({r['estimate_bytes'] / r['peak_estimate_bytes'] - 1:+.0%}) | "
           f"{r['compile_s']:.0f} |")
 
 
 HEADER = ("| model | T | mesh | kernel | L | args GiB/dev | temp GiB/dev | peak GiB/dev | "
-          "compile s |")
+          "estimate GiB/dev (vs peak) | compile s |")
 
 
 def main(argv=None) -> list[dict]:
@@ -87,7 +224,15 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--kernels", default=f"{STANDIN},xla")
   parser.add_argument("--layers", type=int, default=0, help="override layer count (0: preset's)")
   parser.add_argument("--json", default="")
+  parser.add_argument("--calibration", action="store_true",
+                      help="compile the small calibration grid on 8 devices instead: XLA's plan "
+                      "vs training/memory.py's estimate")
   args = parser.parse_args(argv)
+  if args.calibration:
+    results = calibration()
+    if args.json:
+      bench.write_json(args.json, results)
+    return results
   keep = {int(t) for t in args.lengths.split(",") if t}
   plan = [p for p in PLAN if (not args.only or p[0] == args.only) and (not keep or p[2] in keep)]
   need = max(_prod(m) for *_, m in plan)

@@ -70,6 +70,8 @@ class Setup:
   num_layers: int = 0     # 0 = the preset's; fewer for extrapolation (see bench/memory.py)
   loss_chunk: int = 4096
   dtype: str = "bfloat16"
+  microbatches: int = 1
+  model: Any = None       # a LlamaConfig to use instead of `preset` (num_layers still applies)
 
 
 @dataclasses.dataclass
@@ -134,7 +136,8 @@ def build(setup: Setup, devices=None) -> Built:
   overrides = dict(dtype=setup.dtype, param_dtype="float32", remat_policy=setup.remat)
   if setup.num_layers:
     overrides["num_layers"] = setup.num_layers
-  config = presets.get_preset(setup.preset, **overrides)
+  config = (setup.model.replace(**overrides) if setup.model is not None else
+            presets.get_preset(setup.preset, **overrides))
   if setup.seq_len > config.max_position_embeddings:  # shape-only: RoPE tables take any position
     config = config.replace(max_position_embeddings=setup.seq_len)
   mesh = mesh_lib.make_mesh(sizes, devices=devices)
@@ -157,7 +160,8 @@ def build(setup: Setup, devices=None) -> Built:
   batch = setup.batch or sizes["data"] * sizes["fsdp"]
   batch_sharding = train_step.batch_sharding(mesh, setup.seq_len, batch)
   per_device_len = setup.seq_len // sizes["sequence"]
-  options = train_step.StepOptions(loss_chunk_size=min(setup.loss_chunk, per_device_len))
+  options = train_step.StepOptions(loss_chunk_size=min(setup.loss_chunk, setup.seq_len),
+                                   microbatches=setup.microbatches)
   step = train_step.jit_train_step(train_step.make_train_step(graphdef, tx, schedule, options),
                                    mesh, state_sharding, batch_sharding)
   abstract_state = checkpointing.abstract_with_shardings(

@@ -4,15 +4,15 @@
 
 `validate` checks the config against itself and the device count; this checks it against the
 world: the data files it names exist and are readable, the tokenizer's vocabulary fits the
-model's embedding, and (on accelerators) an analytic memory estimate fits the device. Each error
-names the config key, so a bad run fails in seconds instead of after an hour of compiling and
-loading on hundreds of hosts.
+model's embedding, and (on accelerators) the memory estimate of training/memory.py fits the
+device. Each error names the config key, so a bad run fails in seconds instead of after an hour
+of compiling and loading on hundreds of hosts.
 """
 
 from __future__ import annotations
 
 import glob
-import math
+import logging
 import os
 
 import jax
@@ -20,9 +20,7 @@ import ml_collections
 
 from ultralong_jax.data.tokenizer import load_tokenizer
 from ultralong_jax.modeling.config import LlamaConfig
-
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
+from ultralong_jax.training import memory
 
 def check(c: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> None:
   """Raises ValueError naming the first key whose files, tokenizer or memory would fail."""
@@ -77,41 +75,11 @@ def check_tokenizer_vocab(data: ml_collections.ConfigDict, model_cfg: LlamaConfi
                      f"{model_cfg.vocab_size} cannot be embedded; use the model's tokenizer.")
 
 
-def _mesh_sizes(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-  sizes = {a: c.mesh[a] for a in ("data", "fsdp", "sequence", "tensor")}
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  return {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
-
-
 def estimate_bytes_per_device(c: ml_collections.ConfigDict, model_cfg: LlamaConfig,
-                              num_devices: int) -> dict[str, float]:
-  """A *lower bound* on the bytes one device needs, by part (so a failure is certain, a pass is
-  not a promise; XLA's temporaries, the ring's K/V buffers and fragmentation come on top).
-
-  Params, Adam's two moments and the gradients are sharded over fsdp x tensor (the rules in
-  parallel/sharding.py). Saved for the backward pass, per layer, in the compute dtype, for this
-  device's tokens B/(data*fsdp*microbatches) x T/sequence: with `full` remat only the layer input
-  [., D / tensor]; with the dots policies (and `none`, which saves more) also the matmul outputs:
-  q, k, v ((N + 2K) H / tensor), the attention and MLP output projections (2 D / tensor) and
-  gate/up (2 F / tensor).
-  """
-  s = _mesh_sizes(c, num_devices)
-  shards = s["fsdp"] * s["tensor"]
-  n = model_cfg.num_params
-  params = n * _BYTES.get(str(c.model.param_dtype), 4) / shards
-  optimizer = n * (_BYTES.get(str(c.optim.state_dtype), 4) + 4) / shards
-  grads = n * 4 / shards
-  rows = c.data.global_batch_size // (s["data"] * s["fsdp"] * max(c.train.microbatches, 1))
-  tokens = max(rows, 1) * (c.data.seq_len // s["sequence"])
-  d, f, t = model_cfg.hidden_size, model_cfg.intermediate_size, s["tensor"]
-  h = model_cfg.head_dim or d // model_cfg.num_heads
-  # [., D] tensors between layers are split over sequence x tensor (residual_length in
-  # parallel/sharding.py: Megatron-style sequence parallelism), hence D / tensor.
-  width = d / t if str(c.model.remat_policy) == "full" else (
-      3 * d / t + (model_cfg.num_heads + 2 * model_cfg.num_kv_heads) * h / t + 2 * f / t)
-  activations = tokens * width * _BYTES.get(str(c.model.dtype), 4) * model_cfg.num_layers
-  return {"params": params, "optimizer": optimizer, "grads": grads, "activations": activations,
-          "total": params + optimizer + grads + activations}
+                              num_devices: int, platform: str | None = None) -> dict[str, float]:
+  """training.memory.estimate for this config: bytes per device by part, and "total"."""
+  platform = platform or jax.default_backend()
+  return memory.estimate(memory.shape_from_config(c, model_cfg, num_devices, platform))
 
 
 def device_memory_bytes() -> int | None:
@@ -124,26 +92,36 @@ def device_memory_bytes() -> int | None:
 
 
 def check_memory(c: ml_collections.ConfigDict, model_cfg: LlamaConfig,
-                 available: int | None = None, num_devices: int | None = None) -> None:
-  """Stops with "will not fit; try ..." when the lower-bound estimate exceeds device memory."""
+                 available: int | None = None, num_devices: int | None = None,
+                 platform: str | None = None) -> None:
+  """Stops with "will not fit; try ..." when even the estimate less its 20% tolerance exceeds
+  device memory; warns when the estimate is above memory.USABLE of it."""
   available = device_memory_bytes() if available is None else available
   if not available:
     return
   num_devices = jax.device_count() if num_devices is None else num_devices
-  est = estimate_bytes_per_device(c, model_cfg, num_devices)
-  if est["total"] <= available:
-    return
-  s = _mesh_sizes(c, num_devices)
+  est = estimate_bytes_per_device(c, model_cfg, num_devices, platform)
   gib = lambda x: f"{x / 2**30:.1f} GiB"
-  parts = ", ".join(f"{k} {gib(v)}" for k, v in est.items() if k != "total")
+  parts = ", ".join(f"{k} {gib(v)}" for k, v in est.items() if k != "total" and v)
+  if est["total"] <= memory.USABLE * available:
+    return
+  if est["total"] * (1 - memory.TOLERANCE) <= available:
+    logging.warning("memory: the estimate %s per device (%s) is close to the device's %s; the "
+                    "run may fail with out-of-memory (python -m ultralong_jax.estimate_memory "
+                    "--suggest lists meshes with more room).", gib(est["total"]), parts,
+                    gib(available))
+    return
+  s = memory.resolve_axis_sizes({a: c.mesh[a] for a in memory.MESH_AXES}, num_devices)
+  activations = est["checkpoints"] + est["layer_working_set"] + est["attention"]
+  weights = est["params"] + est["optimizer"] + est["gradients"] + est["weight_temps"]
   hints = []
-  if est["activations"] > est["total"] / 3:
+  if activations > est["total"] / 3:
     hints.append(f"mesh.sequence={2 * s['sequence']} (CP)")
     if c.model.remat_policy != "full":
       hints.append("model.remat_policy=full")
-  if est["params"] + est["optimizer"] + est["grads"] > est["total"] / 3:
+  if weights > est["total"] / 3:
     hints.append(f"mesh.fsdp={2 * s['fsdp']} or optim.state_dtype=bfloat16")
-  raise ValueError(f"will not fit: at least {gib(est['total'])} per device ({parts}) vs "
-                   f"{gib(available)} available; try "
-                   f"{', '.join(hints) or 'more devices'} (preflight.check_memory=False to "
-                   "skip this estimate).")
+  raise ValueError(f"will not fit: about {gib(est['total'])} per device ({parts}) vs "
+                   f"{gib(available)} available; try {', '.join(hints) or 'more devices'} "
+                   "(python -m ultralong_jax.estimate_memory --suggest lists meshes that fit; "
+                   "preflight.check_memory=False skips this estimate).")

@@ -1,0 +1,182 @@
+"""Will it fit? Per-device memory of a training config, estimated before launching.
+
+  python -m ultralong_jax.estimate_memory --config=configs/llama31_8b_stage1_1m.py --devices=64
+  python -m ultralong_jax.estimate_memory --config=configs/llama31_8b_stage1_4m.py --devices=256 \
+      --device=v5p --suggest                # the meshes that fit, best first
+  python -m ultralong_jax.estimate_memory --config=configs/demo.py:stage1 --devices=8 --xla
+  python -m ultralong_jax.estimate_memory --recipes   # the mesh table of docs/training.md
+
+Prints the estimate by part (training/memory.py: parameters, optimizer, gradients, remat
+checkpoints, one layer's working set, attention buffers, loss chunk) against the device's memory.
+`--config.key=value` overrides work as in `ultralong_jax.train`. `--xla` also compiles the real
+train step for abstract arrays on `--devices` simulated CPU devices and prints XLA's per-device
+plan next to the estimate (minutes for an 8B model; nothing is allocated). Without a checkpoint
+at init.path the model's shape comes from model.preset.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+
+def _xla_devices_from_argv(argv: list[str]) -> None:
+  """--xla needs --devices simulated CPU devices, which must be set before JAX initializes (the
+  config file imports JAX when the flags are parsed)."""
+  if "--xla" not in argv:
+    return
+  devices = next((m.group(1) for a in argv for m in [re.match(r"--devices=(\d+)$", a)] if m), "8")
+  flag = f"--xla_force_host_platform_device_count={devices}"
+  if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+_xla_devices_from_argv(sys.argv)
+
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file")
+_DEVICES = flags.DEFINE_integer("devices", None, "devices in the job (default: the mesh's "
+                                "product when it has no -1)")
+_DEVICE = flags.DEFINE_enum("device", "h100", ["h100", "h200", "a100", "v5p", "v6e", "v5e", "cpu"],
+                            "accelerator: its memory and which attention kernel `auto` picks")
+_SUGGEST = flags.DEFINE_boolean("suggest", False, "list the meshes that fit, best first")
+_XLA = flags.DEFINE_boolean("xla", False, "also compile on simulated CPU devices; print XLA's plan")
+_RECIPES = flags.DEFINE_boolean("recipes", False, "print the 1M/2M/4M mesh table (markdown)")
+
+GiB = 2**30
+K = 1024
+PARTS = ("params", "optimizer", "batch", "gradients", "weight_temps", "checkpoints",
+         "layer_working_set", "attention", "loss")
+
+
+def _model_config(c):
+  """Validated model config; a missing init.path falls back to model.preset's shape."""
+  from ultralong_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  if c.init.mode != "random" and not (c.init.path and os.path.exists(c.init.path)):
+    c = c.copy_and_resolve_references()
+    c.init.mode = "random"
+  return c, config_lib
+
+
+def mesh_label(mesh: dict) -> str:
+  short = {"data": "DP", "fsdp": "FSDP", "sequence": "CP", "tensor": "TP"}
+  return " × ".join(f"{short[a]}{s}" for a, s in mesh.items() if s > 1) or "1 device"
+
+
+def report(est: dict, device: str) -> str:
+  from ultralong_jax.training import memory  # pylint: disable=import-outside-toplevel
+  capacity = memory.DEVICES[device][1] * GiB
+  lines = [f"  {'part':<18} {'GiB/device':>10}"]
+  lines += [f"  {p:<18} {est[p] / GiB:>10.2f}" for p in PARTS if est[p]]
+  lines.append(f"  {'total':<18} {est['total'] / GiB:>10.2f}   (peak: the loss and the layers' "
+               "backward do not overlap)")
+  if capacity:
+    verdict = ("fits" if est["total"] <= memory.USABLE * capacity else "does NOT fit")
+    lines.append(f"  {device}: {capacity / GiB:.1f} GiB, {memory.USABLE:.0%} usable -> {verdict} "
+                 f"({est['total'] / capacity:.0%} of the device)")
+  return "\n".join(lines)
+
+
+def xla_plan(c, model, shape) -> dict:
+  """XLA's compiled per-device plan of this config's train step (bench/train_step.py)."""
+  from ultralong_jax.bench import train_step as bench  # pylint: disable=import-outside-toplevel
+  kernel = {"flash": bench.STANDIN}.get(shape.kernel, shape.kernel)
+  setup = bench.Setup(model=model, seq_len=shape.seq_len, mesh=tuple(shape.mesh.items()),
+                      remat=shape.remat, kernel=kernel, batch=shape.global_batch,
+                      loss_chunk=shape.loss_chunk, dtype=shape.dtype,
+                      microbatches=shape.microbatches, kernel_chunk=shape.kernel_chunk)
+  return bench.run(setup, abstract=True)
+
+
+# The recipe table: (T, hardware, devices). H100 rows use the configs' layout (2 replicas as in
+# the paper's global batch of 2, TP 8 inside a node, CP the rest); TPU rows the best mesh found.
+RECIPES = [(t, hw, n) for t in (1024 * K, 2048 * K, 4096 * K)
+           for hw, n in (("h100", 64), ("h100", 128), ("h100", 256),
+                         ("v5p", 64), ("v5p", 128), ("v5p", 256),
+                         ("v6e", 64), ("v6e", 128), ("v6e", 256))]
+_SLICE = {"v5p": lambda n: f"v5p-{2 * n}", "v6e": lambda n: f"v6e-{n}",
+          "h100": lambda n: f"{n // 8} nodes × 8"}
+
+
+def recipes() -> list[dict]:
+  """The 8B stage-1 mesh table at 1M/2M/4M on 64/128/256 H100s and TPU v5p / v6e chips."""
+  from ultralong_jax.modeling import presets  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.training import memory  # pylint: disable=import-outside-toplevel
+  name = {1024 * K: "1m", 2048 * K: "2m", 4096 * K: "4m"}
+  rows = []
+  print("| T | hardware | devices | mesh | kernel | params+opt+grads | checkpoints | working set "
+        "+ attention | total GiB/device | of HBM |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for t, hw, n in RECIPES:
+    platform = memory.DEVICES[hw][0]
+    model = presets.get_preset(f"llama31_8b_{name[t]}", remat_policy="full")
+    base = memory.StepShape(model=model, mesh={"data": 2, "tensor": 8, "sequence": -1},
+                            num_devices=n, seq_len=t, global_batch=2,
+                            kernel="flash" if platform == "gpu" else "chunked")
+    if hw == "h100":
+      mesh, est = memory.resolve_axis_sizes(base.mesh, n), memory.estimate(base)
+    else:
+      mesh, est = memory.suggest(base, hw)[0]
+    frac = est["total"] / (memory.DEVICES[hw][1] * GiB)
+    state = est["params"] + est["optimizer"] + est["gradients"] + est["weight_temps"]
+    phase = max(est["layer_working_set"] + est["attention"], est["loss"])
+    fits = "" if frac <= memory.USABLE else " ✗"
+    print(f"| {t // (1024 * K)}M | {hw} ({_SLICE[hw](n)}) | {n} | {mesh_label(mesh)} | "
+          f"{base.kernel} | {state / GiB:.1f} | {est['checkpoints'] / GiB:.1f} | "
+          f"{phase / GiB:.1f} | **{est['total'] / GiB:.1f}** | {frac:.0%}{fits} |", flush=True)
+    rows.append({"seq_len": t, "hardware": hw, "devices": n, "mesh": mesh, "estimate": est})
+  return rows
+
+
+def main(argv) -> int:
+  del argv
+  from ultralong_jax.training import memory  # pylint: disable=import-outside-toplevel
+  if _RECIPES.value:
+    recipes()
+    return 0
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required (or --recipes).")
+  c, config_lib = _model_config(_CONFIG.value)
+  n = _DEVICES.value
+  if n is None:
+    sizes = [c.mesh[a] for a in ("data", "fsdp", "sequence", "tensor")]
+    if -1 in sizes:
+      raise app.UsageError("the config's mesh has a -1 axis: pass --devices=N.")
+    n = math.prod(sizes)
+  try:
+    model = config_lib.validate(c, num_devices=n)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  platform = memory.DEVICES[_DEVICE.value][0]
+  shape = memory.shape_from_config(c, model, n, platform)
+  print(f"{model.num_params / 1e9:.2f}B parameters, T={shape.seq_len:,}, global batch "
+        f"{shape.global_batch}, {n} devices, mesh {mesh_label(dict(shape.mesh))}, remat "
+        f"{shape.remat}, attention kernel {shape.kernel} ({_DEVICE.value})")
+  est = memory.estimate(shape)
+  print(report(est, _DEVICE.value))
+  if _SUGGEST.value:
+    capacity = memory.DEVICES[_DEVICE.value][1] * GiB
+    print(f"\n  meshes for {n} devices, best first (see training/memory.suggest):")
+    for mesh, e in memory.suggest(shape, _DEVICE.value)[:10]:
+      ok = "fits" if e["total"] <= memory.USABLE * capacity else "no"
+      print(f"  {mesh_label(mesh):<24} {e['total'] / GiB:8.1f} GiB  {ok}")
+  if _XLA.value:
+    r = xla_plan(c, model, dataclasses.replace(shape, kernel="flash" if shape.kernel == "flash"
+                                               else shape.kernel))
+    xla = r["peak_estimate_bytes"]
+    print(f"\n  XLA's compiled plan on {r['devices']} simulated {r['platform']} devices: "
+          f"{xla / GiB:.2f} GiB/device (estimate {est['total'] / GiB:.2f}, "
+          f"{est['total'] / xla - 1:+.0%}; compile {r['compile_s']:.0f} s)")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))
