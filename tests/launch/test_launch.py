@@ -1,6 +1,6 @@
 """The launchers: scripts parse, print/run the gcloud and srun commands they should, the H100 flags
-are ones this jaxlib accepts, and a real 2-process run (launch/multihost.sh --local 2) trains
-like one process with all the devices.
+are ones this jaxlib accepts, and real 2-process runs (launch/multihost.sh --local 2): training
+like one process with all the devices, and a SIGTERM to one host saving the same step on both.
 
 gcloud and SLURM are not installed here: DRY_RUN=1 prints their commands, and a fake `gcloud`
 on PATH records the arguments of a real-mode run (what a shell would pass the real one).
@@ -9,6 +9,7 @@ on PATH records the arguments of a real-mode run (what a shell would pass the re
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -336,3 +337,35 @@ def test_multihost_local_two_processes_match_one(corpus, tmp_path, monkeypatch):
     # Adam can turn tiny gradient differences into a visible fraction of a step; measured 4e-6,
     # bound at 1% of one step (lr 3e-3).
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=3e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_multihost_sigterm_to_one_process_saves_the_same_step_on_both(corpus, tmp_path):
+  """Hosts get SIGTERM at different moments; JAX's preemption sync point makes both save the
+  same step and exit cleanly (one leaving a step early would leave the other in a collective)."""
+  work, log_dir = tmp_path / "work", tmp_path / "logs"
+  overrides = {**_overrides(corpus), "train.steps": 200}
+  cmd = [sys.executable, "-m", "ultralong_jax.train", "--config=configs/demo.py:base",
+         f"--workdir={work}", *[f"--config.{k}={v}" for k, v in overrides.items()]]
+  launcher = subprocess.Popen(["bash", str(LAUNCH / "multihost.sh"), "--local", "2", "--log-dir",
+                               str(log_dir), "--", *cmd], cwd=ROOT,
+                              env={**os.environ, "XLA_FLAGS": ""}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+  try:
+    metrics = work / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+      assert launcher.poll() is None and time.time() < deadline, launcher.stdout.read()
+      time.sleep(0.5)
+    os.kill(int((log_dir / "process_1.pid").read_text()), signal.SIGTERM)
+    out, _ = launcher.communicate(timeout=300)
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  logs = [(log_dir / f"process_{i}.log").read_text() for i in range(2)]
+  assert launcher.returncode == 0, out + "\n".join(log[-3000:] for log in logs)
+  summary = json.loads((work / "summary.json").read_text())
+  assert summary["preempted"] and 2 <= summary["end_step"] < 200
+  for log in logs:  # both processes print their summary: the same step
+    assert f'"end_step": {summary["end_step"]},' in log and '"preempted": true' in log
+  assert str(summary["end_step"]) in os.listdir(work / "checkpoints")
