@@ -205,6 +205,31 @@ def test_multihost_local_stops_the_others_when_one_fails(tmp_path):
   assert "failing" in (tmp_path / "process_1.log").read_text()
 
 
+def test_initialize_distributed_decides_from_the_environment(monkeypatch):
+  import jax
+  from ultralong_jax.parallel import mesh
+  calls = []
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+  for var in [v for v in os.environ if v.startswith(("SLURM_", "OMPI_", "TPU_", "ULTRALONG_"))]:
+    monkeypatch.delenv(var)
+  assert mesh.initialize_distributed() is False and not calls  # one process: no runtime
+  monkeypatch.setenv("ULTRALONG_DISTRIBUTED", "1")  # what the launchers set
+  monkeypatch.setenv("ULTRALONG_INIT_TIMEOUT", "900")
+  for k, v in {"SLURM_JOB_ID": "9", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+               "SLURM_STEP_TASKS_PER_NODE": "1(x4)", "SLURM_GPUS_ON_NODE": "8"}.items():
+    monkeypatch.setenv(k, v)
+  assert mesh.initialize_distributed() is True
+  assert calls[-1] == ((), {"local_device_ids": list(range(8)), "initialization_timeout": 900})
+  assert mesh.initialize_distributed("h:1", 4, 2) is True  # explicit: passed through
+  assert calls[-1] == (("h:1",), {"num_processes": 4, "process_id": 2,
+                                  "local_device_ids": list(range(8)),
+                                  "initialization_timeout": 900})
+  monkeypatch.setenv("ULTRALONG_DISTRIBUTED", "0")
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert mesh.initialize_distributed() is False and len(calls) == 2
+
+
 # --- H100 flags -----------------------------------------------------------------------------
 
 def _import_jax_with(env_script: str):
