@@ -11,8 +11,16 @@ Internal layout (GQA without repeating K/V: query heads grouped under their kv h
   lse, delta        [B, K, G, T] float32 q_seg [B, T], kv_seg [B, S] int or None
 `causal=True` means the block is on the diagonal: T == S and query t sees keys s <= t.
 
+A row that sees no key of the block (causal or segment mask) gets out = 0 and lse = NEG_INF, so
+its weight in the merge is exp(NEG_INF - lse) = 0 and the merge stays finite.
+
 Kernels:
-  "xla"      einsum scores per block, explicit backward. Works everywhere; the CPU reference.
+  "xla"      einsum scores per block, explicit backward. Works everywhere; the CPU reference. Its
+             temporaries are [B, K, G, T, S] float32: O(block length^2).
+  "chunked"  the same math tiled flash-style in plain XLA: lax loops over query and key chunks of
+             `chunk_size` (default CHUNK_SIZE) tokens with an online softmax (forward) and the
+             flash-attention-2 backward per tile, so temporaries are O(chunk^2 + block length).
+             Causal blocks skip the tiles above the diagonal. Segment ids; any platform.
   "cudnn"    `jax.nn.dot_product_attention(implementation="cudnn", return_residual=True)` (H100 flash
              attention). Its public vjp ignores the cotangent of the log-sum-exp the ring merge
              needs, so `_public_backward` adds that term with a second call (backward costs about
@@ -30,6 +38,11 @@ import jax.numpy as jnp
 # Finite "minus infinity": a fully masked row then gives a finite lse that the merge weighs by
 # exp(-1e30 - lse) = 0, instead of exp(-inf + inf) = nan.
 NEG_INF = -1e30
+
+# Query/key chunk of the "chunked" kernel: one [B, K, G, 1024, 1024] float32 score tile is 4 B N
+# MiB per device (N = its query heads: 128 MiB for Llama-3 8B's 32, 16 MiB at tensor = 8), a few of
+# which are live at once; larger tiles mean fewer loop iterations (a 32K block is 32 x 32 tiles).
+CHUNK_SIZE = 1024
 
 
 class BlockKernel(NamedTuple):
@@ -63,7 +76,8 @@ def xla_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float):
   l = p.sum(axis=-1, keepdims=True)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", (p / l).astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
-  return out, (m + jnp.log(l))[..., 0]
+  seen = (m[..., 0] > NEG_INF).transpose(0, 3, 1, 2)[..., None]  # [B, T, K, G, 1]
+  return jnp.where(seen, out, 0.0), (m + jnp.log(l))[..., 0]
 
 
 def xla_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: bool, scale: float):
@@ -77,6 +91,176 @@ def xla_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: bool,
   dq = jnp.einsum("BKGTS,BSKH->BTKGH", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
   dk = jnp.einsum("BKGTS,BTKGH->BSKH", ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
   return dq, dk, dv
+
+
+def _pad(x, length: int, axis: int = 1):
+  """Zero-pads axis `axis` of x (or None) to `length`."""
+  if x is None or x.shape[axis] == length:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, length - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def _slice(x, start, size: int, axis: int = 1):
+  return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+class _Tiling(NamedTuple):
+  """Chunks of a T x S block: nq x nk tiles of cq x ck (lengths zero-padded to nq cq, nk ck)."""
+  t: int
+  s: int
+  cq: int
+  ck: int
+  nq: int
+  nk: int
+
+  @classmethod
+  def of(cls, t: int, s: int, chunk: int):
+    # A length that the chunk does not divide is padded to the next multiple (the padded queries
+    # and keys are masked out), not split into smaller chunks: a prime length stays tiled.
+    cq, ck = min(chunk, t), min(chunk, s)
+    return cls(t, s, cq, ck, -(-t // cq), -(-s // ck))
+
+  @property
+  def padded(self) -> bool:
+    return self.nq * self.cq != self.t or self.nk * self.ck != self.s
+
+  def key_chunks_end(self, i, causal: bool):
+    """One past the last key chunk that query chunk i can see."""
+    if not causal:
+      return self.nk
+    return jnp.minimum(self.nk, ((i + 1) * self.cq - 1) // self.ck + 1)
+
+  def query_chunks_start(self, j, causal: bool):
+    """The first query chunk that can see key chunk j."""
+    return (j * self.ck) // self.cq if causal else 0
+
+  def mask(self, qs, ks, q_seg, kv_seg, causal: bool):
+    """Boolean [B|1, 1, 1, cq, ck] mask (True = attend) of the tile at offsets (qs, ks), or None."""
+    q_idx = qs + jnp.arange(self.cq)[:, None]
+    kv_idx = ks + jnp.arange(self.ck)[None, :]
+    mask = None
+    if causal:
+      mask = q_idx >= kv_idx
+    if self.padded:
+      real = (q_idx < self.t) & (kv_idx < self.s)
+      mask = real if mask is None else mask & real
+    if mask is not None:
+      mask = mask[None, None, None]
+    if q_seg is not None:
+      same = (q_seg[:, :, None] == kv_seg[:, None, :])[:, None, None]
+      mask = same if mask is None else mask & same
+    return mask
+
+
+def chunked_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float,
+                    chunk_size: int = CHUNK_SIZE):
+  """xla_forward tiled: online softmax over key chunks for each query chunk.
+
+  Live scores are one [B, K, G, cq, ck] tile (flash attention, Dao et al. 2022, Algorithm 1,
+  with the running max / sum of Milakov & Gimelshein 2018). Returns out f32 [B, T, K, G, H],
+  lse [B, K, G, T].
+  """
+  b, t, kh, g, h = q.shape
+  tiles = _Tiling.of(t, k.shape[1], chunk_size)
+  q, q_seg = (_pad(x, tiles.nq * tiles.cq) for x in (q, q_seg))
+  k, v, kv_seg = (_pad(x, tiles.nk * tiles.ck) for x in (k, v, kv_seg))
+
+  def query_chunk(i):
+    qs = i * tiles.cq
+    q_i, q_seg_i = _slice(q, qs, tiles.cq), _slice(q_seg, qs, tiles.cq)
+
+    def key_chunk(j, carry):
+      m, l, acc = carry  # running max, sum [B, K, G, cq]; unnormalized output [B, K, G, cq, H]
+      ks = j * tiles.ck
+      v_j = _slice(v, ks, tiles.ck)
+      s = jnp.einsum("BTKGH,BSKH->BKGTS", q_i, _slice(k, ks, tiles.ck),
+                     preferred_element_type=jnp.float32) * scale
+      mask = tiles.mask(qs, ks, q_seg_i, _slice(kv_seg, ks, tiles.ck), causal)
+      if mask is not None:
+        s = jnp.where(mask, s, NEG_INF)
+      m_new = jnp.maximum(m, s.max(axis=-1))
+      # A row masked so far has m = NEG_INF and sums exp(0) over masked keys; the first visible
+      # key makes its correction exp(NEG_INF - m_new) = 0, which drops them.
+      correction = jnp.exp(m - m_new)
+      p = jnp.exp(s - m_new[..., None])
+      acc = acc * correction[..., None] + jnp.einsum(
+          "BKGTS,BSKH->BKGTH", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
+      return m_new, l * correction + p.sum(axis=-1), acc
+
+    # Carries start from q_i (not constants) so that under shard_map's check_vma they vary over
+    # the same mesh axes as the loop body's results.
+    zero = jnp.zeros_like(q_i[..., 0], jnp.float32).transpose(0, 2, 3, 1)    # [B, K, G, cq]
+    init = (zero + NEG_INF, zero, jnp.zeros_like(q_i, jnp.float32).transpose(0, 2, 3, 1, 4))
+    m, l, acc = jax.lax.fori_loop(0, tiles.key_chunks_end(i, causal), key_chunk, init)
+    seen = m > NEG_INF
+    out = jnp.where(seen[..., None], acc / l[..., None], 0.0)
+    return out.transpose(0, 3, 1, 2, 4), jnp.where(seen, m + jnp.log(l), NEG_INF)
+
+  # Stacked per query chunk: out [nq, B, cq, K, G, H], lse [nq, B, K, G, cq].
+  out, lse = jax.lax.map(query_chunk, jnp.arange(tiles.nq))
+  out = jnp.moveaxis(out, 0, 1).reshape(b, tiles.nq * tiles.cq, kh, g, h)[:, :t]
+  lse = lse.transpose(1, 2, 3, 0, 4).reshape(b, kh, g, tiles.nq * tiles.cq)[..., :t]
+  return out, lse
+
+
+def chunked_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: bool, scale: float,
+                     chunk_size: int = CHUNK_SIZE):
+  """xla_backward tiled (flash-attention 2, Dao 2023, Algorithm 2) with the row's global lse/delta.
+
+  For each key chunk, a loop over the query chunks that see it accumulates dK, dV of that chunk
+  and adds each tile's dQ into a [B, T, K, G, H] float32 accumulator: live scores are one tile.
+  Padded queries have dout = 0 and delta = 0, so they add nothing.
+  """
+  del out  # only needed through delta
+  t, s_len = q.shape[1], k.shape[1]
+  tiles = _Tiling.of(t, s_len, chunk_size)
+  tq, sk = tiles.nq * tiles.cq, tiles.nk * tiles.ck
+  q, q_seg, dout = (_pad(x, tq) for x in (q, q_seg, dout))
+  lse, delta = (_pad(x, tq, axis=3) for x in (lse, delta))
+  k, v, kv_seg = (_pad(x, sk) for x in (k, v, kv_seg))
+
+  def key_chunk(dq, j):
+    ks = j * tiles.ck
+    k_j, v_j, kv_seg_j = (_slice(x, ks, tiles.ck) for x in (k, v, kv_seg))
+
+    def query_chunk(i, carry):
+      dq, dk_j, dv_j = carry
+      qs = i * tiles.cq
+      q_i, dout_i, q_seg_i = (_slice(x, qs, tiles.cq) for x in (q, dout, q_seg))
+      lse_i, delta_i = (_slice(x, qs, tiles.cq, axis=3)[..., None] for x in (lse, delta))
+      s = jnp.einsum("BTKGH,BSKH->BKGTS", q_i, k_j, preferred_element_type=jnp.float32) * scale
+      mask = tiles.mask(qs, ks, q_seg_i, kv_seg_j, causal)
+      # exp(-inf) = 0 exactly for masked keys, whatever lse is (even NEG_INF).
+      p = jnp.exp(s - lse_i if mask is None else jnp.where(mask, s - lse_i, -jnp.inf))
+      dv_j = dv_j + jnp.einsum("BKGTS,BTKGH->BSKH", p.astype(dout.dtype), dout_i,
+                               preferred_element_type=jnp.float32)
+      dp = jnp.einsum("BTKGH,BSKH->BKGTS", dout_i, v_j, preferred_element_type=jnp.float32)
+      ds = p * (dp - delta_i) * scale
+      dq_i = _slice(dq, qs, tiles.cq) + jnp.einsum(
+          "BKGTS,BSKH->BTKGH", ds.astype(k.dtype), k_j, preferred_element_type=jnp.float32)
+      dk_j = dk_j + jnp.einsum("BKGTS,BTKGH->BSKH", ds.astype(q.dtype), q_i,
+                               preferred_element_type=jnp.float32)
+      return jax.lax.dynamic_update_slice_in_dim(dq, dq_i, qs, 1), dk_j, dv_j
+
+    zero = jnp.zeros_like(k_j, jnp.float32)  # varies like k_j under check_vma (see forward)
+    dq, dk_j, dv_j = jax.lax.fori_loop(tiles.query_chunks_start(j, causal), tiles.nq,
+                                       query_chunk, (dq, zero, zero))
+    return dq, (dk_j, dv_j)
+
+  dq, (dk, dv) = jax.lax.scan(key_chunk, jnp.zeros_like(q, jnp.float32), jnp.arange(tiles.nk))
+  dk, dv = (jnp.moveaxis(x, 0, 1).reshape((x.shape[1], sk) + x.shape[3:])[:, :s_len]
+            for x in (dk, dv))
+  return dq[:, :t], dk, dv
+
+
+def chunked_kernel(chunk_size: int = CHUNK_SIZE) -> BlockKernel:
+  """The "chunked" kernel with query/key chunks of `chunk_size` tokens."""
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size}: expected a positive number of tokens")
+  return BlockKernel(functools.partial(chunked_forward, chunk_size=chunk_size),
+                     functools.partial(chunked_backward, chunk_size=chunk_size), segment_ids=True)
 
 
 def _public_attention(q, k, v, *, causal, scale, implementation):
@@ -94,7 +278,7 @@ def _public_attention(q, k, v, *, causal, scale, implementation):
 
 def _public_forward(q, k, v, q_seg, kv_seg, *, causal, scale, implementation):
   if q_seg is not None:
-    raise ValueError(f"kernel {implementation!r} takes no segment ids; use kernel='xla'.")
+    raise ValueError(f"kernel {implementation!r} takes no segment ids; use 'chunked' or 'xla'.")
   out, lse = _public_attention(q, k, v, causal=causal, scale=scale, implementation=implementation)
   return out.astype(jnp.float32), lse
 
@@ -133,26 +317,45 @@ def _public_kernel(implementation: str) -> BlockKernel:
 
 KERNELS = {
     "xla": BlockKernel(xla_forward, xla_backward, segment_ids=True),
+    "chunked": chunked_kernel(CHUNK_SIZE),
     "cudnn": _public_kernel("cudnn"),
     "dpa_xla": _public_kernel("xla"),
 }
 
 
-def select_kernel(kernel: str, *, has_segment_ids: bool, platform: str | None = None) -> str:
-  """Resolves kernel="auto" by backend; validates an explicit choice.
+def get_kernel(kernel: str, *, chunk_size: int = CHUNK_SIZE) -> BlockKernel:
+  """The BlockKernel named `kernel` (as select_kernel returns it); "chunked" with `chunk_size`."""
+  return chunked_kernel(chunk_size) if kernel == "chunked" else KERNELS[kernel]
 
-  auto: cuDNN flash attention on GPU when there are no segment ids, else the XLA kernel. The
-  GPU Pallas `mha` (jax.experimental.pallas.ops.gpu.attention) takes ONE segment_ids array for
-  queries and keys alike, which fits only the diagonal ring block, so it is not used; TPU splash
-  attention is not wired yet (XLA kernel there).
+
+def select_kernel(kernel: str, *, has_segment_ids: bool, platform: str | None = None,
+                  block_length: int | None = None, chunk_size: int = CHUNK_SIZE) -> str:
+  """Resolves kernel="auto" by backend and block length; validates an explicit choice.
+
+  auto: cuDNN flash attention on GPU when there are no segment ids. Otherwise (CPU, TPU, GPU with
+  segment ids) "chunked" when a ring block is longer than one chunk (`block_length` >
+  `chunk_size`; block_length = the kernel's query length, e.g. T / 2n under the zigzag layout),
+  else "xla": a block that fits one chunk would be a single tile anyway, and the einsum kernel
+  is simpler and what the small CPU tests exercise. Without `block_length`, "xla".
+  The GPU Pallas `mha` (jax.experimental.pallas.ops.gpu.attention) takes ONE segment_ids array
+  for queries and keys alike, which fits only the diagonal ring block, so it is not used; TPU
+  splash attention is not wired yet.
   """
   platform = platform or jax.default_backend()
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size}: expected a positive number of tokens.")
   if kernel == "auto":
-    kernel = "cudnn" if platform == "gpu" and not has_segment_ids else "xla"
+    if platform == "gpu" and not has_segment_ids:
+      kernel = "cudnn"
+    elif block_length is not None and block_length > chunk_size:
+      kernel = "chunked"
+    else:
+      kernel = "xla"
   if kernel not in KERNELS:
     raise ValueError(f"kernel={kernel!r}: expected 'auto' or one of {sorted(KERNELS)}.")
   if has_segment_ids and not KERNELS[kernel].segment_ids:
-    raise ValueError(f"kernel={kernel!r} does not support segment_ids; use kernel='xla' or 'auto'.")
+    raise ValueError(f"kernel={kernel!r} does not support segment_ids; use kernel='chunked', "
+                     "'xla' or 'auto'.")
   return kernel
 
 

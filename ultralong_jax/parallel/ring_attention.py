@@ -43,6 +43,10 @@ class _Plan:
   causal: bool
   scale: float
   kernel: str
+  chunk_size: int
+
+  def block_kernel(self) -> block_attention.BlockKernel:
+    return block_attention.get_kernel(self.kernel, chunk_size=self.chunk_size)
 
 
 def _blocks(plan: _Plan, step: int, i, j, length: int):
@@ -109,7 +113,7 @@ def _rotate(plan: _Plan, tree):
 
 def _forward(plan: _Plan, q, k, v, seg):
   """Local forward: q [B, T, K, G, H] (this device's tokens), k, v [B, T, K, H], seg [B, T]."""
-  kernel = block_attention.KERNELS[plan.kernel]
+  kernel = plan.block_kernel()
   b, t, kh, g, h = q.shape
   i = jax.lax.axis_index(plan.axis)
   out = jnp.zeros((b, t, kh, g, h), jnp.float32)
@@ -137,7 +141,7 @@ def _forward(plan: _Plan, q, k, v, seg):
 
 def _backward(plan: _Plan, q, k, v, seg, out, lse, dout):
   """Local backward: the forward's loop again, dK/dV accumulated per K/V block."""
-  kernel = block_attention.KERNELS[plan.kernel]
+  kernel = plan.block_kernel()
   t = q.shape[1]
   i = jax.lax.axis_index(plan.axis)
   delta = jnp.einsum("BTKGH,BTKGH->BKGT", dout.astype(jnp.float32), out)
@@ -209,7 +213,7 @@ def _local(plan: _Plan, q, k, v, seg=None):
 
 def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, causal: bool = True,
                    scale: float | None = None, strategy: str = "ring", layout: str = "zigzag",
-                   kernel: str = "auto"):
+                   kernel: str = "auto", chunk_size: int = block_attention.CHUNK_SIZE):
   """Attention with the length sharded over the mesh's sequence axis.
 
   Args:
@@ -222,7 +226,9 @@ def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, cau
     scale: score scale, default 1/sqrt(H).
     strategy: "ring" (ppermute K/V) or "allgather" (gather K/V once).
     layout: "zigzag" (balanced causal work) or "contiguous" (unbalanced; for comparison).
-    kernel: "auto" | "xla" | "cudnn" | "dpa_xla" (block_attention.select_kernel).
+    kernel: "auto" | "xla" | "chunked" | "cudnn" | "dpa_xla" (block_attention.select_kernel).
+    chunk_size: query/key chunk of the "chunked" kernel; "auto" picks that kernel (where cuDNN
+      does not apply) when a ring block is longer than this.
   Returns:
     [B, T, N, H] attention output, sharded like q.
   """
@@ -253,11 +259,15 @@ def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, cau
   for name, x, spec in (("q", q, q_spec), ("k/v", k, kv_spec)):
     sharding.check_divisible(name, x.shape, spec, mesh)
   seg_spec = sharding.logical_to_spec(("batch", "length"), mesh)
+  # The kernel's query length: half the local tokens under zigzag (two chunks per device).
+  block_length = t // n // (2 if causal and layout == "zigzag" else 1)
   plan = _Plan(axis=axis, n=n, strategy=strategy, layout=layout, causal=causal,
                scale=float(scale if scale is not None else 1.0 / math.sqrt(h)),
                kernel=block_attention.select_kernel(
                    kernel, has_segment_ids=segment_ids is not None,
-                   platform=mesh.devices.flat[0].platform))
+                   platform=mesh.devices.flat[0].platform, block_length=block_length,
+                   chunk_size=chunk_size),
+               chunk_size=chunk_size)
   args, specs = (q, k, v), (q_spec, kv_spec, kv_spec)
   if segment_ids is not None:
     args, specs = args + (segment_ids,), specs + (seg_spec,)
@@ -270,8 +280,8 @@ def make_attention_fn(mesh: Mesh, **options):
   """An `attention_fn` for the model: ring_attention when the sequence axis is > 1, else plain.
 
   The callable has the model's signature `(q, k, v, *, positions, segment_ids, causal, scale)`;
-  `options` are ring_attention's strategy/layout/kernel. With a zigzag layout the batch must have
-  been permuted once with layout.zigzag_permute.
+  `options` are ring_attention's strategy/layout/kernel/chunk_size. With a zigzag layout the
+  batch must have been permuted once with layout.zigzag_permute.
   """
   axis = sharding.mesh_axes_of("length", mesh)
   if not axis or mesh.shape[axis[0]] == 1:
