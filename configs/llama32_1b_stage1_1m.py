@@ -16,6 +16,10 @@ def get_config():
   c.init.mode, c.init.path = "hf", ""  # set --config.init.path=<Llama-3.2-1B-Instruct dir>
   c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 1, 1, 8, 1
   c.data.seq_len, c.data.global_batch_size = 1 << 20, 2
+  # The two 1M rows go through one at a time: both at once (262K tokens per device) plan at
+  # 100 GiB per device in XLA; one row at a time at ~64 (python -m ultralong_jax.estimate_memory
+  # --config=<this> --xla).
+  c.train.microbatches = 2
   c.data.domains = ml_collections.ConfigDict({"books": {"path": "", "weight": 1.0}})
   c.train.steps = 480
   c.checkpoint.every_steps = 25

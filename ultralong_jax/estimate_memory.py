@@ -35,7 +35,6 @@ def _xla_devices_from_argv(argv: list[str]) -> None:
 
 _xla_devices_from_argv(sys.argv)
 
-import dataclasses  # noqa: E402
 import math  # noqa: E402
 
 from absl import app, flags  # noqa: E402
@@ -59,9 +58,12 @@ PARTS = ("params", "optimizer", "batch", "gradients", "weight_temps", "checkpoin
 def _model_config(c):
   """Validated model config; a missing init.path falls back to model.preset's shape."""
   from ultralong_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  c = c.copy_and_resolve_references()
   if c.init.mode != "random" and not (c.init.path and os.path.exists(c.init.path)):
-    c = c.copy_and_resolve_references()
     c.init.mode = "random"
+  if c.stage == 2:  # the data is not needed to estimate memory
+    c.data.chat_files = c.data.chat_files or "unused.jsonl"
+    c.data.tokenizer = c.data.tokenizer or "unused.json"
   return c, config_lib
 
 
@@ -87,11 +89,13 @@ def report(est: dict, device: str) -> str:
 def xla_plan(c, model, shape) -> dict:
   """XLA's compiled per-device plan of this config's train step (bench/train_step.py)."""
   from ultralong_jax.bench import train_step as bench  # pylint: disable=import-outside-toplevel
-  kernel = {"flash": bench.STANDIN}.get(shape.kernel, shape.kernel)
+  # flash: a memory stand-in (no GPU kernel compiles on CPU); plain: what "auto" gives with
+  # mesh.sequence == 1.
+  kernel = {"flash": bench.STANDIN, "plain": "auto"}.get(shape.kernel, shape.kernel)
   setup = bench.Setup(model=model, seq_len=shape.seq_len, mesh=tuple(shape.mesh.items()),
                       remat=shape.remat, kernel=kernel, batch=shape.global_batch,
                       loss_chunk=shape.loss_chunk, dtype=shape.dtype,
-                      microbatches=shape.microbatches, kernel_chunk=shape.kernel_chunk)
+                      microbatches=shape.microbatches)
   return bench.run(setup, abstract=True)
 
 
@@ -169,8 +173,7 @@ def main(argv) -> int:
       ok = "fits" if e["total"] <= memory.USABLE * capacity else "no"
       print(f"  {mesh_label(mesh):<24} {e['total'] / GiB:8.1f} GiB  {ok}")
   if _XLA.value:
-    r = xla_plan(c, model, dataclasses.replace(shape, kernel="flash" if shape.kernel == "flash"
-                                               else shape.kernel))
+    r = xla_plan(c, model, shape)
     xla = r["peak_estimate_bytes"]
     print(f"\n  XLA's compiled plan on {r['devices']} simulated {r['platform']} devices: "
           f"{xla / GiB:.2f} GiB/device (estimate {est['total'] / GiB:.2f}, "
