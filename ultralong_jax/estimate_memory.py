@@ -95,7 +95,7 @@ def xla_plan(c, model, shape) -> dict:
   setup = bench.Setup(model=model, seq_len=shape.seq_len, mesh=tuple(shape.mesh.items()),
                       remat=shape.remat, kernel=kernel, batch=shape.global_batch,
                       loss_chunk=shape.loss_chunk, dtype=shape.dtype,
-                      microbatches=shape.microbatches)
+                      microbatches=shape.microbatches, chunk_size=shape.kernel_chunk)
   return bench.run(setup, abstract=True)
 
 
@@ -124,8 +124,11 @@ def recipes() -> list[dict]:
     base = memory.StepShape(model=model, mesh={"data": 2, "tensor": 8, "sequence": -1},
                             num_devices=n, seq_len=t, global_batch=2,
                             kernel="flash" if platform == "gpu" else "chunked")
-    if hw == "h100":
+    if hw == "h100":  # the configs' mesh
       mesh, est = memory.resolve_axis_sizes(base.mesh, n), memory.estimate(base)
+      fits = est["total"] <= memory.USABLE * memory.DEVICES[hw][1] * GiB
+      if not fits:
+        mesh, est = memory.suggest(base, hw)[0]
     else:
       mesh, est = memory.suggest(base, hw)[0]
     frac = est["total"] / (memory.DEVICES[hw][1] * GiB)

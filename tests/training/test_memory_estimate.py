@@ -68,7 +68,7 @@ def test_parts_scale_as_documented():
   c = 16384 // 8
   assert xla_kernel["attention"] == memory.COEFFICIENTS["scores"] * 4 * 4 * (2 * c) * c
   chunked = memory.estimate(dataclasses.replace(shape, kernel="chunked", kernel_chunk=256))
-  assert chunked["attention"] == memory.COEFFICIENTS["scores"] * 4 * 4 * (2 * c) * 256
+  assert chunked["attention"] == memory.COEFFICIENTS["scores"] * 4 * 4 * 256 * 256  # one tile
 
 
 def test_params_per_device_follow_the_sharding_rules():

@@ -127,6 +127,14 @@ CALIBRATION = [
     ("wide", 16384, {"sequence": 2, "tensor": 2, "fsdp": 2},
      dict(BASE_OPTIONS, kernel="xla", batch=2, loss_chunk=2048, remat="dots_no_batch")),
     ("small", 16384, {"sequence": 8}, dict(BASE_OPTIONS, kernel="xla", remat="dots")),
+    ("small", 16384, {"sequence": 8}, dict(BASE_OPTIONS, kernel="chunked", chunk_size=256)),
+    ("small", 8192, {"sequence": 1}, dict(BASE_OPTIONS, kernel="chunked", chunk_size=512)),
+    ("wide", 32768, {"sequence": 4, "tensor": 2}, dict(BASE_OPTIONS, kernel="chunked",
+                                                        chunk_size=512)),
+    ("mid", 32768, {"sequence": 4, "tensor": 2}, dict(BASE_OPTIONS, kernel="chunked",
+                                                       chunk_size=1024)),
+    ("small", 16384, {"sequence": 4, "data": 2}, dict(BASE_OPTIONS, kernel="chunked", batch=2,
+                                                       remat="dots", chunk_size=512)),
 ]
 
 
@@ -147,7 +155,8 @@ def calibration_case(name: str, seq_len: int, mesh: dict, options: dict):
   shape = memory.StepShape(
       model=config, mesh=mesh, num_devices=devices, seq_len=seq_len,
       global_batch=setup.batch, microbatches=setup.microbatches, remat=remat,
-      kernel="flash" if kernel == STANDIN else kernel, loss_chunk=setup.loss_chunk)
+      kernel="flash" if kernel == STANDIN else kernel, loss_chunk=setup.loss_chunk,
+      kernel_chunk=setup.chunk_size)
   return setup, shape
 
 

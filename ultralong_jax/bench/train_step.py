@@ -12,7 +12,8 @@ with abstract arrays (ShapeDtypeStruct + sharding: nothing allocated) and reads 
 memory and cost analysis. Unless --abstract, it then allocates random weights and a random batch
 and times `--steps` synchronized steps after `--warmup` steps; the median is reported.
 
---kernel: auto (cuDNN on GPU, the XLA reference on CPU), xla, cudnn, dpa_xla, or standin: a
+--kernel: auto (block_attention.select_kernel: cuDNN on GPU without segment ids, else chunked for
+blocks longer than --chunk-size, else xla), xla, chunked, cudnn, dpa_xla, or standin: a
 memory stand-in for a flash kernel with the same inputs, outputs and residuals (out, lse) but O(T)
 work and no [c, c] score block, so that XLA's memory plan of everything else in the step can be
 read on CPU (where the reference kernel's materialized scores would dominate). Its FLOPs and
@@ -71,6 +72,7 @@ class Setup:
   loss_chunk: int = 4096
   dtype: str = "bfloat16"
   microbatches: int = 1
+  chunk_size: int = 1024  # the chunked kernel's tile
   model: Any = None       # a LlamaConfig to use instead of `preset` (num_layers still applies)
 
 
@@ -144,12 +146,13 @@ def build(setup: Setup, devices=None) -> Built:
   if setup.kernel == STANDIN:
     register_standin()
   if setup.kernel == "auto":
-    attention_fn = make_attention_fn(mesh, strategy=setup.strategy, layout="zigzag")
+    attention_fn = make_attention_fn(mesh, strategy=setup.strategy, layout="zigzag",
+                                     chunk_size=setup.chunk_size)
   else:
     # An explicit kernel goes through ring_attention even with sequence=1 (a one-block ring),
     # because the model's plain attention path always materializes [T, T] scores.
     attention_fn = functools.partial(_ring, mesh=mesh, strategy=setup.strategy,
-                                     kernel=setup.kernel)
+                                     kernel=setup.kernel, chunk_size=setup.chunk_size)
   graphdef, abstract = nnx.split(llama.abstract_model(
       config, attention_fn=attention_fn, constrain_fn=sharding.constrain_fn(mesh)))
   abstract_params = nnx.to_pure_dict(abstract)
@@ -329,7 +332,10 @@ def main(argv=None) -> list[dict[str, Any]]:
   parser.add_argument("--mesh", default="data=-1", help="e.g. data=2,sequence=4,tensor=1")
   parser.add_argument("--remat", default="full",
                       choices=["none", "full", "dots", "dots_no_batch", "qkv_attention"])
-  parser.add_argument("--kernel", default="auto", help="auto | xla | cudnn | dpa_xla")
+  parser.add_argument("--kernel", default="auto",
+                      help="auto | xla | chunked | cudnn | dpa_xla | standin")
+  parser.add_argument("--chunk-size", type=int, default=1024, help="the chunked kernel's tile")
+  parser.add_argument("--microbatches", type=int, default=1)
   parser.add_argument("--strategy", default="ring", choices=["ring", "allgather"])
   parser.add_argument("--batch", type=int, default=0, help="global rows (0: one per data shard)")
   parser.add_argument("--layers", type=int, default=0, help="override the preset's layer count")
@@ -347,7 +353,8 @@ def main(argv=None) -> list[dict[str, Any]]:
   for t in (int(x) for x in args.seq_len.split(",")):
     setup = Setup(preset=args.preset, seq_len=t, mesh=parse_mesh(args.mesh), remat=args.remat,
                   kernel=args.kernel, strategy=args.strategy, batch=args.batch,
-                  num_layers=args.layers)
+                  num_layers=args.layers, chunk_size=args.chunk_size,
+                  microbatches=args.microbatches)
     r = run(setup, steps=args.steps, warmup=args.warmup, abstract=args.abstract, peak=args.peak)
     results.append(r)
     print(format_row(r), flush=True)

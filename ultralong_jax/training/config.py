@@ -37,7 +37,9 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   mesh.{data,fsdp,sequence,tensor}: mesh axis sizes, one may be -1 ("the rest").
   attention.strategy: ring | allgather (sequence-parallel attention when mesh.sequence > 1).
   attention.layout: zigzag | contiguous (causal load balance; applied once to the batch).
-  attention.kernel: auto | xla | cudnn — the per-block kernel.
+  attention.kernel: auto | xla | chunked | cudnn — the ring's per-block kernel (auto: cuDNN on
+    GPU without segment ids, else chunked for blocks longer than chunk_size, else xla).
+  attention.chunk_size: query/key tile of the chunked kernel (memory O(chunk^2) per tile).
   data: see ultralong_jax.data.config.default_data_config.
   optim.learning_rate / warmup_steps / schedule (constant|cosine|linear) / final_lr_fraction.
   optim.b1, b2, eps, weight_decay: AdamW; grad_clip_norm: global-norm clip (0 = off).
@@ -72,7 +74,8 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
       overrides_json=""))
   c.init = ml_collections.ConfigDict(dict(mode="hf", path=""))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, sequence=1, tensor=1))
-  c.attention = ml_collections.ConfigDict(dict(strategy="ring", layout="zigzag", kernel="auto"))
+  c.attention = ml_collections.ConfigDict(dict(strategy="ring", layout="zigzag", kernel="auto",
+                                                 chunk_size=1024))
   c.data = default_data_config(stage)
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=3e-5 if stage == 1 else 5e-6, warmup_steps=0, schedule="constant",
@@ -185,6 +188,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
                        f"zigzag layout); e.g. {L - L % unit}.")
   if c.attention.strategy not in ("ring", "allgather"):
     raise ValueError(f"attention.strategy={c.attention.strategy!r}; use ring or allgather.")
+  if c.attention.get("chunk_size", 1024) < 1:
+    raise ValueError(f"attention.chunk_size={c.attention.chunk_size}: use a positive number of "
+                     "tokens (e.g. 1024).")
   if c.attention.layout not in ("zigzag", "contiguous"):
     raise ValueError(f"attention.layout={c.attention.layout!r}; use zigzag or contiguous.")
   t = sizes["tensor"]

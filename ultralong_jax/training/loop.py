@@ -115,7 +115,8 @@ def _build(c: ml_collections.ConfigDict) -> _Run:
   preflight.check(c, model_cfg)  # files, tokenizer, memory: before any compile
   mesh = mesh_lib.make_mesh({a: c.mesh[a] for a in config_lib.MESH_AXES})
   attention_fn = make_attention_fn(mesh, strategy=c.attention.strategy, layout=c.attention.layout,
-                                   kernel=c.attention.kernel)
+                                   kernel=c.attention.kernel,
+                                   chunk_size=c.attention.get("chunk_size", 1024))
   abstract = llama.abstract_model(model_cfg, attention_fn=attention_fn,
                                   constrain_fn=sharding.constrain_fn(mesh))
   graphdef, abstract_state = nnx.split(abstract)

@@ -76,7 +76,7 @@ class StepShape:
   # Memory class of the attention: flash (cuDNN: O(c)), chunked ([c, chunk] tiles), xla (the
   # ring's reference kernel: [c, c] scores) or plain (mesh.sequence == 1: [T, T] scores).
   kernel: str = "flash"
-  kernel_chunk: int = 1024     # tokens per key chunk of the chunked kernel
+  kernel_chunk: int = 1024     # attention.chunk_size: the chunked kernel's query/key tile
   loss_chunk: int = 4096
   layout: str = "zigzag"
   segment_ids: bool = False    # document masking / SFT packing (one more int32 input)
@@ -163,8 +163,8 @@ def score_elements(shape: StepShape, sizes: Mapping[str, int], rows: int) -> int
     q_len, k_len = t_loc, t_loc // 2
   else:
     q_len, k_len = t_loc, t_loc
-  if shape.kernel == "chunked":
-    k_len = min(k_len, shape.kernel_chunk)
+  if shape.kernel == "chunked":  # [chunk, chunk] tiles of queries x keys
+    q_len, k_len = min(q_len, shape.kernel_chunk), min(k_len, shape.kernel_chunk)
   return rows * heads * q_len * k_len
 
 
@@ -219,6 +219,7 @@ DEVICES = {
 # The share of device memory a plan may use: the estimate does not see the GPU flash kernel's
 # workspace, NCCL buffers, fragmentation or the runtime's reserve.
 USABLE = 0.9
+COMFORTABLE = 0.75  # suggest() prefers meshes below this share
 # How far the estimate may be from XLA's plan (tests/training/test_memory_estimate.py holds it).
 TOLERANCE = 0.2
 
@@ -279,16 +280,27 @@ def candidate_meshes(num_devices: int, global_batch: int, seq_len: int, model: L
 
 
 def suggest(shape: StepShape, device: str, max_tensor: int = 8) -> list[tuple[dict, dict]]:
-  """(mesh, estimate) for every candidate mesh of `shape` on `device`, best first: those that
-  fit USABLE x memory, least tensor parallelism first (its all-reduces of [T/CP, D] activations
-  sit on the critical path twice a layer; the ring's K/V hops overlap with compute), then more
-  data replicas (no weight all-gathers), then less memory."""
-  capacity = DEVICES[device][1] * GiB * USABLE
+  """(mesh, estimate) for every candidate mesh of `shape` on `device`, best first.
+
+  Each device takes its rows one at a time (train.microbatches = rows per device). Order: meshes
+  that fit within COMFORTABLE of the memory, then those within USABLE, then the rest by size;
+  within a group the least tensor parallelism first (its all-reduces of [T/CP, D] activations sit
+  on the critical path twice a layer, while the ring's K/V hops overlap with compute), then more
+  data replicas (no weight all-gathers), then less memory. A heuristic: measure before a long run.
+  """
+  capacity = DEVICES[device][1] * GiB
   rows = []
   for mesh in candidate_meshes(shape.num_devices, shape.global_batch, shape.seq_len, shape.model,
                                max_tensor):
-    est = estimate(dataclasses.replace(shape, mesh=mesh))
+    per_device = shape.global_batch // (mesh["data"] * mesh["fsdp"])
+    est = estimate(dataclasses.replace(shape, mesh=mesh, microbatches=per_device))
     rows.append((mesh, est))
-  rows.sort(key=lambda r: (r[1]["total"] > capacity, r[0]["tensor"], -r[0]["data"],
-                           r[1]["total"]))
-  return rows
+
+  def key(row):
+    mesh, est = row
+    if est["total"] > USABLE * capacity:
+      return (2, 0, 0, est["total"])
+    return (int(est["total"] > COMFORTABLE * capacity), mesh["tensor"], -mesh["data"],
+            est["total"])
+
+  return sorted(rows, key=key)
