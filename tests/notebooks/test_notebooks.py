@@ -58,7 +58,8 @@ def test_stored_executed_and_small(name):
 def test_executes_without_errors(name, tmp_path, monkeypatch):
   from nbclient import NotebookClient  # pylint: disable=import-outside-toplevel
   work = tmp_path / "notebooks"
-  shutil.copytree(NOTEBOOK_DIR, work, ignore=shutil.ignore_patterns("figures", ".ipynb_checkpoints"))
+  shutil.copytree(NOTEBOOK_DIR, work,
+                  ignore=shutil.ignore_patterns("figures", ".ipynb_checkpoints"))
   monkeypatch.delenv("XLA_FLAGS", raising=False)  # the notebook must ask for its devices itself
   monkeypatch.setenv("ULTRALONG_WALKTHROUGH_DIR", str(tmp_path / "walkthrough"))
   nb = nbformat.read(work / name, as_version=4)
