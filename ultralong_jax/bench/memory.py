@@ -65,7 +65,7 @@ SHAPES = {
     "wide": dict(vocab_size=4096, hidden_size=256, intermediate_size=2048, num_layers=4,
                  num_heads=4, num_kv_heads=2, head_dim=64),
     "vocab": dict(vocab_size=32768, hidden_size=512, intermediate_size=1024, num_layers=2,
-                  num_heads=8, num_kv_heads=2, head_dim=64),
+                  num_heads=8, num_kv_heads=4, head_dim=64),
 }
 
 
@@ -208,7 +208,8 @@ def estimate(setup: "bench.Setup") -> dict[str, float]:
 
 
 def _mesh_label(mesh) -> str:
-  label = " x ".join(f"{'TP' if a == 'tensor' else 'CP'}{v}" for a, v in mesh if v > 1)
+  short = {"data": "DP", "fsdp": "FSDP", "sequence": "CP", "tensor": "TP"}
+  label = " x ".join(f"{short[a]}{v}" for a, v in mesh if v > 1)
   return label or "1 device"
 
 

@@ -134,10 +134,11 @@ def _checkpoint_width(model: LlamaConfig, remat: str) -> float:
 
 
 def saved_score_elements(shape: StepShape, sizes: Mapping[str, int], rows: int) -> int:
-  """Score elements per layer that `dots` / `none` remat keep for the backward pass: attention's
-  score einsums are batched dots, so kernels that materialize scores outside a custom gradient
-  (plain attention; the ring's XLA kernel) have them saved for every layer."""
-  if shape.remat not in ("dots", "none") or shape.kernel not in ("plain", "xla"):
+  """Score elements per layer that `dots` / `none` remat keep for the backward pass. Attention's
+  score einsums are batched dots, and remat saves the policy's values computed anywhere in the
+  forward, the ring's custom-gradient forward included: every tile of the XLA and chunked kernels
+  (but not cuDNN's, a custom call), and the plain attention's [T, T]."""
+  if shape.remat not in ("dots", "none") or shape.kernel == "flash":
     return 0
   n, t_loc = sizes["sequence"], shape.seq_len // sizes["sequence"]
   heads = _heads_per_device(shape.model, sizes)
