@@ -115,7 +115,8 @@ def recipes() -> list[dict]:
   from ultralong_jax.training import memory  # pylint: disable=import-outside-toplevel
   name = {1024 * K: "1m", 2048 * K: "2m", 4096 * K: "4m"}
   rows = []
-  print("| T | hardware | devices | mesh | kernel | params+opt+grads | checkpoints | working set "
+  print("| T | hardware | devices | mesh | kernel | weights: params+Adam+grads+copies | "
+        "checkpoints | working set "
         "+ attention | total GiB/device | of HBM |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for t, hw, n in RECIPES:
