@@ -10,22 +10,26 @@
   gradients           fp32 gradients (plus the accumulator with train.microbatches > 1).
   weight_temps        compute-dtype copies of the weights and the optimizer update's temporaries.
   checkpoints         what the remat policy saves per layer for the backward pass: with `full`
-                      only the layer input, split over sequence x tensor; `dots` and `none` also
-                      the matmul outputs.
+                      only the layer input, split over sequence x tensor; `dots_no_batch` also
+                      the projections' outputs; `dots` and `none` also every attention score
+                      that a kernel computes with einsums (not cuDNN's).
   layer_working_set   one layer's recomputed forward and its backward (norms, q/k/v, the MLP's
                       gate/up/down and their gradients) at this device's tokens.
   attention           the per-block kernel's buffers: a flash kernel (cuDNN on H100) keeps O(c);
-                      the XLA reference kernel materializes [N, c, c] float32 scores per ring
-                      block; the chunked kernel a [N, c, chunk] tile.
+                      the XLA reference kernel materializes [N, 2c, c] float32 scores per ring
+                      step; the chunked kernel a [N, chunk, chunk] tile; the plain attention
+                      (mesh.sequence == 1) [N, T, T].
   loss                one loss chunk's float32 logits and their gradient.
 
 The first four are exact. The rest are linear in the sizes that drive them (tokens per device x
 model widths, score elements, logits elements), with coefficients fitted to XLA's compiled memory
 analysis of the real train step (bench/train_step.py) on CPU; `COEFFICIENTS` says what each
-multiplies. tests/training/test_memory_estimate.py compiles a spread of configurations and holds
-the estimate to within 20% of XLA's plan, and docs/training.md compares it with XLA on the 1B and
-8B presets at 8K-4M tokens. What it cannot see: a GPU flash kernel's own workspace, allocator
-fragmentation, NCCL buffers and the runtime's reserve, hence the headroom in `fits`.
+multiplies. The loss runs before the layers' backward, so the peak holds the larger of the loss
+and (working set + attention), not both. tests/training/test_memory_estimate.py compiles a spread
+of configurations and holds the estimate within 20% of XLA's plan; docs/training.md has the whole
+calibration table and the comparison with XLA on the 1B and 8B presets at 8K-4M tokens. What it
+cannot see: a GPU flash kernel's own workspace, allocator fragmentation, NCCL buffers and the
+runtime's reserve, hence USABLE.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from ultralong_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
 
-# Fitted (least squares on the relative error) to XLA's plans of the 45 CPU compiles of
+# Fitted (least squares on the relative error) to XLA's plans of the CPU compiles of
 # `python -m ultralong_jax.bench.memory --calibration` and the 13 1B/8B rows of its default table.
 # Units: bytes per element of the named quantity.
 COEFFICIENTS = {
@@ -73,8 +77,8 @@ class StepShape:
   global_batch: int
   microbatches: int = 1
   remat: str = "full"
-  # Memory class of the attention: flash (cuDNN: O(c)), chunked ([c, chunk] tiles), xla (the
-  # ring's reference kernel: [c, c] scores) or plain (mesh.sequence == 1: [T, T] scores).
+  # Memory class of the attention: flash (cuDNN: O(c)), chunked ([chunk, chunk] tiles), xla (the
+  # ring's reference kernel: [2c, c] scores a step) or plain (mesh.sequence == 1: [T, T] scores).
   kernel: str = "flash"
   kernel_chunk: int = 1024     # attention.chunk_size: the chunked kernel's query/key tile
   loss_chunk: int = 4096
