@@ -229,3 +229,38 @@ def test_temporaries_are_tiles_not_the_block():
   xla, chunked = _temp_bytes("xla", 8192), _temp_bytes("chunked", 8192)
   assert xla > 4 * 2**30
   assert chunked < xla / 16
+
+
+def test_one_sequence_shard_runs_long_sequences_through_the_chunked_kernel(monkeypatch):
+  """make_attention_fn with sequence = 1: T > chunk_size takes the chunked kernel as a one-block
+  ring (no [T, T] scores), T <= chunk_size the plain attention; both equal full attention."""
+  from ultralong_jax.parallel import ring_attention as ring_lib  # pylint: disable=import-outside-toplevel
+  kernels = []
+  real_ring = ring_lib.ring_attention
+
+  def spy(*args, **kwargs):
+    kernels.append(kwargs["kernel"])
+    return real_ring(*args, **kwargs)
+
+  monkeypatch.setattr(ring_lib, "ring_attention", spy)
+  mesh = _mesh((2, 1, 4), ("data", "sequence", "tensor"))
+  ks = jax.random.split(jax.random.key(2), 5)
+  q = jax.random.normal(ks[0], (2, T, 4, H))
+  k, v = (jax.random.normal(kk, (2, T, 4, H)) for kk in ks[1:3])
+  dout = jax.random.normal(ks[3], (2, T, 4, H))
+  seg = jnp.cumsum(jax.random.bernoulli(ks[4], 0.08, (2, T)), axis=1).astype(jnp.int32)
+  ref_out, ref_grads = _reference_fn(True)(q, k, v, dout, seg)
+  for chunk_size, expected in ((T // 4, ["chunked"]), (T, [])):
+    kernels.clear()
+    attend_fn = ring_lib.make_attention_fn(mesh, kernel="auto", chunk_size=chunk_size)
+
+    def f(q, k, v, dout, attend_fn=attend_fn):
+      attend = lambda q, k, v: attend_fn(q, k, v, segment_ids=seg, causal=True, scale=SCALE)
+      out, vjp = jax.vjp(attend, q, k, v)
+      return out, vjp(dout)
+
+    out, grads = jax.jit(f)(q, k, v, dout)
+    assert kernels == expected, (chunk_size, kernels)  # [] = the plain attention ran
+    errors = {"out": _rel_err(out, ref_out)}
+    errors.update({f"d{x}": _rel_err(g, r) for x, g, r in zip("qkv", grads, ref_grads)})
+    assert max(errors.values()) <= RTOL, (chunk_size, errors)

@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -88,6 +89,13 @@ def test_sharded_loss_and_grads_match_single_device(sizes, strategy, with_segmen
       config.hidden_size // sizes.get("fsdp", 1), config.intermediate_size // 2)
 
 
-def test_attention_fn_is_plain_without_sequence_axis():
+def test_attention_fn_is_plain_for_short_rows_without_sequence_parallelism():
+  """sequence = 1 and T <= attention.chunk_size: the plain attention itself (bit-equal output);
+  longer rows take a one-block ring (tests/parallel/test_chunked_kernel.py)."""
   from ultralong_jax.modeling.attention import dot_product_attention
-  assert make_attention_fn(mesh_lib.make_mesh({"tensor": 2, "fsdp": -1})) is dot_product_attention
+  attend = make_attention_fn(mesh_lib.make_mesh({"tensor": 2, "fsdp": -1}))
+  ks = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(ks[0], (4, 64, 4, 8))
+  k, v = (jax.random.normal(key, (4, 64, 2, 8)) for key in ks[1:])
+  np.testing.assert_array_equal(np.asarray(attend(q, k, v, causal=True)),
+                                np.asarray(dot_product_attention(q, k, v, causal=True)))

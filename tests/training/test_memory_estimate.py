@@ -15,7 +15,7 @@ import pytest
 
 from ultralong_jax.bench import memory as bench_memory
 from ultralong_jax.bench import train_step as bench
-from ultralong_jax.bench.memory import BASE_OPTIONS, shape_config
+from ultralong_jax.bench.memory import BASE_OPTIONS, PLAIN, shape_config
 from ultralong_jax.modeling import presets
 from ultralong_jax.training import memory
 
@@ -35,7 +35,10 @@ CASES = {
     "DP4 x CP2, 2 microbatches": ("small", 8192, {"sequence": 2, "data": 4},
                                   dict(BASE_OPTIONS, batch=8, microbatches=2)),
     "plain attention, dots remat": ("small", 4096, {"sequence": 1},
-                                    dict(BASE_OPTIONS, kernel="auto", remat="dots")),
+                                    dict(PLAIN, kernel="auto", remat="dots")),
+    "one device, T > chunk: one-block chunked ring": ("small", 8192, {"sequence": 1},
+                                                      dict(BASE_OPTIONS, kernel="auto",
+                                                           chunk_size=512)),
 }
 SMALL = shape_config("small", num_layers=2)
 

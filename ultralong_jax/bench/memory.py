@@ -76,6 +76,7 @@ def shape_config(name: str, **overrides):
 # (shape, T, mesh, options): bench.train_step.Setup fields; kernel "auto" with sequence 1 is the
 # model's plain attention, "standin" a flash kernel's memory (see above).
 BASE_OPTIONS = dict(kernel=STANDIN, loss_chunk=1024)
+PLAIN = dict(BASE_OPTIONS, chunk_size=8192)
 CALIBRATION = [
     ("small", 8192, {"sequence": 1}, dict(BASE_OPTIONS, num_layers=2, loss_chunk=4096)),
     ("small", 8192, {"sequence": 1}, dict(BASE_OPTIONS, num_layers=8, loss_chunk=4096)),
@@ -119,10 +120,11 @@ CALIBRATION = [
     ("small", 16384, {"sequence": 4, "tensor": 2}, dict(BASE_OPTIONS, remat="dots")),
     ("wide", 16384, {"sequence": 2, "tensor": 2, "fsdp": 2},
      dict(BASE_OPTIONS, kernel="xla", batch=2, loss_chunk=2048, remat="dots")),
-    ("small", 4096, {"sequence": 1}, dict(BASE_OPTIONS, kernel="auto")),
-    ("small", 4096, {"sequence": 1}, dict(BASE_OPTIONS, kernel="auto", remat="dots")),
-    ("small", 4096, {"sequence": 1}, dict(BASE_OPTIONS, kernel="auto", remat="dots_no_batch")),
-    ("small", 4096, {"fsdp": 2, "tensor": 4}, dict(BASE_OPTIONS, kernel="auto", batch=4,
+    # auto with one sequence shard and T <= chunk_size: the plain attention.
+    ("small", 4096, {"sequence": 1}, dict(PLAIN, kernel="auto")),
+    ("small", 4096, {"sequence": 1}, dict(PLAIN, kernel="auto", remat="dots")),
+    ("small", 4096, {"sequence": 1}, dict(PLAIN, kernel="auto", remat="dots_no_batch")),
+    ("small", 4096, {"fsdp": 2, "tensor": 4}, dict(PLAIN, kernel="auto", batch=4,
                                                    remat="dots_no_batch")),
     ("wide", 16384, {"sequence": 2, "tensor": 2, "fsdp": 2},
      dict(BASE_OPTIONS, kernel="xla", batch=2, loss_chunk=2048, remat="dots_no_batch")),
@@ -135,6 +137,14 @@ CALIBRATION = [
                                                        chunk_size=1024)),
     ("small", 16384, {"sequence": 4, "data": 2}, dict(BASE_OPTIONS, kernel="chunked", batch=2,
                                                        remat="dots", chunk_size=512)),
+    # auto with one sequence shard and T > chunk_size: a one-block ring with the chunked kernel.
+    ("small", 8192, {"sequence": 1}, dict(BASE_OPTIONS, kernel="auto", chunk_size=512)),
+    ("small", 8192, {"data": 2, "tensor": 4}, dict(BASE_OPTIONS, kernel="auto", batch=2,
+                                                   chunk_size=1024, remat="dots_no_batch")),
+    ("small", 8192, {"sequence": 1}, dict(BASE_OPTIONS, kernel="auto", chunk_size=512,
+                                          remat="dots")),
+    ("small", 16384, {"sequence": 2}, dict(BASE_OPTIONS, kernel="chunked", chunk_size=512,
+                                           remat="dots")),
 ]
 
 
@@ -148,7 +158,8 @@ def calibration_case(name: str, seq_len: int, mesh: dict, options: dict):
                       **{"batch": 1, **options})
   kernel = options["kernel"]
   if kernel == "auto":  # what make_attention_fn picks on CPU
-    kernel = "plain" if mesh.get("sequence", 1) == 1 else "xla"
+    kernel = memory.kernel_class("auto", "cpu", False, seq_len, mesh.get("sequence", 1),
+                                 chunk=setup.chunk_size)
   devices = 1
   for size in mesh.values():
     devices *= size

@@ -277,16 +277,39 @@ def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, cau
 
 
 def make_attention_fn(mesh: Mesh, **options):
-  """An `attention_fn` for the model: ring_attention when the sequence axis is > 1, else plain.
+  """An `attention_fn` for the model: ring_attention when the sequence axis is > 1.
+
+  With the whole sequence on every device (sequence axis 1) there is no ring, but a long sequence
+  still needs a fused kernel: the kernel is chosen as for a ring block of length T
+  (block_attention.select_kernel: cuDNN on GPU without segment ids, chunked for T > chunk_size)
+  and run as a one-block ring in the contiguous layout; where that choice is "xla" (short
+  sequences on CPU/TPU) the plain reference attention runs instead (the same math, no shard_map).
 
   The callable has the model's signature `(q, k, v, *, positions, segment_ids, causal, scale)`;
-  `options` are ring_attention's strategy/layout/kernel/chunk_size. With a zigzag layout the
-  batch must have been permuted once with layout.zigzag_permute.
+  `options` are ring_attention's strategy/layout/kernel/chunk_size. With a zigzag layout and a
+  sequence axis > 1 the batch must have been permuted once with layout.zigzag_permute.
   """
+  from ultralong_jax.modeling.attention import dot_product_attention  # pylint: disable=g-import-not-at-top
   axis = sharding.mesh_axes_of("length", mesh)
-  if not axis or mesh.shape[axis[0]] == 1:
-    from ultralong_jax.modeling.attention import dot_product_attention  # pylint: disable=g-import-not-at-top
+  if not axis:
     return dot_product_attention
+  if mesh.shape[axis[0]] == 1:
+    kernel = options.get("kernel", "auto")
+    chunk_size = options.get("chunk_size", block_attention.CHUNK_SIZE)
+    platform = mesh.devices.flat[0].platform
+
+    def one_block(q, k, v, *, positions=None, segment_ids=None, causal=True, scale=None):
+      chosen = block_attention.select_kernel(
+          kernel, has_segment_ids=segment_ids is not None, platform=platform,
+          block_length=q.shape[1], chunk_size=chunk_size)
+      if chosen == "xla":
+        return dot_product_attention(q, k, v, positions=positions, segment_ids=segment_ids,
+                                     causal=causal, scale=scale)
+      return ring_attention(q, k, v, mesh=mesh, segment_ids=segment_ids, causal=causal,
+                            scale=scale, layout="contiguous", kernel=chosen,
+                            chunk_size=chunk_size)
+
+    return one_block
 
   def attention_fn(q, k, v, *, positions=None, segment_ids=None, causal=True, scale=None):
     return ring_attention(q, k, v, mesh=mesh, positions=positions, segment_ids=segment_ids,

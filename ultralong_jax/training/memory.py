@@ -63,6 +63,7 @@ COEFFICIENTS = {
     "plain_scores": 3.3,        # the same for the plain attention (mesh.sequence == 1)
     "saved_scores": 5.2,        # bytes x layers x score elements dots/none remat keep (ring)
     "saved_plain_scores": 3.7,  # the same for the plain attention
+    "saved_chunked_scores": 7.5,  # the same for the chunked kernel's off-diagonal tiles
     "loss": 3.2,                # x float32 logits of one loss chunk
 }
 
@@ -146,8 +147,14 @@ def saved_score_elements(shape: StepShape, sizes: Mapping[str, int], rows: int) 
     return 0
   n, t_loc = sizes["sequence"], shape.seq_len // sizes["sequence"]
   heads = _heads_per_device(shape.model, sizes)
-  # plain: the whole [T, T] square; a causal ring pass computes about half of [T/n, T].
-  per_row = t_loc * t_loc if n == 1 else t_loc * shape.seq_len // 2
+  if shape.kernel == "plain":  # the whole [T, T] square
+    per_row = t_loc * t_loc
+  elif shape.kernel == "chunked":
+    # The off-diagonal ring steps' tiles; the diagonal block's causal tile loop keeps nothing
+    # (measured: a one-block ring under `dots` plans like `dots_no_batch`).
+    per_row = t_loc * (shape.seq_len - t_loc) // 2
+  else:  # xla: a causal ring pass computes about half of [T/n, T]
+    per_row = t_loc * shape.seq_len // 2
   return rows * heads * per_row
 
 
@@ -206,7 +213,8 @@ def estimate(shape: StepShape) -> dict[str, float]:
   if shape.kernel in ("xla", "chunked", "plain"):
     copies = c["plain_scores"] if shape.kernel == "plain" else c["scores"]
     parts["attention"] = copies * 4 * score_elements(shape, sizes, rows_mb)
-  saved = c["saved_plain_scores"] if shape.kernel == "plain" else c["saved_scores"]
+  saved = {"plain": c["saved_plain_scores"], "chunked": c["saved_chunked_scores"]}.get(
+      shape.kernel, c["saved_scores"])
   parts["checkpoints"] += m.num_layers * saved * saved_score_elements(shape, sizes, rows_mb)
   # The loss runs before the layers' backward starts; XLA reuses its buffers for the layers' and
   # the attention's temporaries, so the peak holds the larger of the two phases, not both.
@@ -229,17 +237,22 @@ COMFORTABLE = 0.75  # suggest() prefers meshes below this share
 TOLERANCE = 0.2
 
 
-def kernel_class(kernel: str, platform: str, has_segment_ids: bool, block_length: int,
-                 chunk: int) -> str:
-  """The memory class (flash | chunked | xla) of `attention.kernel` on `platform`, following
-  parallel.block_attention.select_kernel's "auto" rule."""
+def kernel_class(kernel: str, platform: str, has_segment_ids: bool, seq_len: int, sequence: int,
+                 layout: str = "zigzag", chunk: int = 1024) -> str:
+  """The memory class (flash | chunked | xla | plain) of `attention.kernel` on `platform`, as
+  ring_attention.make_attention_fn and block_attention.select_kernel choose it: the block is
+  T / 2n under zigzag (T / n contiguous), and with sequence 1 a block of T that would take the
+  XLA kernel runs as the plain attention."""
   if kernel == "plain":
     return kernel
+  block = seq_len // (2 * sequence) if sequence > 1 and layout == "zigzag" else seq_len // sequence
   if kernel == "auto":
     if platform == "gpu" and not has_segment_ids:
-      return "flash"
-    return "chunked" if block_length > chunk else "xla"
-  return {"cudnn": "flash", "dpa_xla": "xla"}.get(kernel, kernel)
+      kernel = "flash"
+    else:
+      kernel = "chunked" if block > chunk else "xla"
+  kernel = {"cudnn": "flash", "dpa_xla": "xla"}.get(kernel, kernel)
+  return "plain" if kernel == "xla" and sequence == 1 else kernel
 
 
 def shape_from_config(c, model: LlamaConfig, num_devices: int, platform: str) -> StepShape:
@@ -247,17 +260,13 @@ def shape_from_config(c, model: LlamaConfig, num_devices: int, platform: str) ->
   sizes = resolve_axis_sizes({a: c.mesh[a] for a in MESH_AXES}, num_devices)
   segments = c.stage == 2 or bool(c.data.get("document_mask", False))
   chunk = int(c.attention.get("chunk_size", 1024))
-  n = sizes["sequence"]
-  block = c.data.seq_len // (2 * n) if n > 1 and c.attention.layout == "zigzag" else \
-      c.data.seq_len // n
-  # With mesh.sequence == 1 the model attends with the plain reference attention
-  # (ring_attention.make_attention_fn), whatever the kernel setting.
-  kernel = "plain" if n == 1 else c.attention.kernel
+  kernel = kernel_class(c.attention.kernel, platform, segments, c.data.seq_len, sizes["sequence"],
+                        c.attention.layout, chunk)
   return StepShape(
       model=model, mesh=sizes, num_devices=num_devices, seq_len=c.data.seq_len,
       global_batch=c.data.global_batch_size, microbatches=c.train.microbatches,
       remat=c.model.remat_policy,
-      kernel=kernel_class(kernel, platform, segments, block, chunk),
+      kernel=kernel,
       kernel_chunk=chunk, loss_chunk=c.train.loss_chunk_size, layout=c.attention.layout,
       segment_ids=segments,
       param_dtype=c.model.param_dtype, dtype=c.model.dtype, state_dtype=c.optim.state_dtype)
