@@ -67,11 +67,6 @@ def _model_config(c):
   return c, config_lib
 
 
-def mesh_label(mesh: dict) -> str:
-  short = {"data": "DP", "fsdp": "FSDP", "sequence": "CP", "tensor": "TP"}
-  return " × ".join(f"{short[a]}{s}" for a, s in mesh.items() if s > 1) or "1 device"
-
-
 def report(est: dict, device: str) -> str:
   from ultralong_jax.training import memory  # pylint: disable=import-outside-toplevel
   capacity = memory.DEVICES[device][1] * GiB
@@ -86,7 +81,7 @@ def report(est: dict, device: str) -> str:
   return "\n".join(lines)
 
 
-def xla_plan(c, model, shape) -> dict:
+def xla_plan(model, shape) -> dict:
   """XLA's compiled per-device plan of this config's train step (bench/train_step.py)."""
   from ultralong_jax.bench import train_step as bench  # pylint: disable=import-outside-toplevel
   # flash: a memory stand-in (no GPU kernel compiles on CPU); plain: what "auto" gives with
@@ -127,18 +122,17 @@ def recipes() -> list[dict]:
                             kernel="flash" if platform == "gpu" else "chunked")
     if hw == "h100":  # the configs' mesh
       mesh, est = memory.resolve_axis_sizes(base.mesh, n), memory.estimate(base)
-      fits = est["total"] <= memory.USABLE * memory.DEVICES[hw][1] * GiB
-      if not fits:
+      if est["total"] > memory.USABLE * memory.DEVICES[hw][1] * GiB:
         mesh, est = memory.suggest(base, hw)[0]
     else:
       mesh, est = memory.suggest(base, hw)[0]
     frac = est["total"] / (memory.DEVICES[hw][1] * GiB)
     state = est["params"] + est["optimizer"] + est["gradients"] + est["weight_temps"]
     phase = max(est["layer_working_set"] + est["attention"], est["loss"])
-    fits = "" if frac <= memory.USABLE else " ✗"
-    print(f"| {t // (1024 * K)}M | {hw} ({_SLICE[hw](n)}) | {n} | {mesh_label(mesh)} | "
+    mark = "" if frac <= memory.USABLE else " ✗"
+    print(f"| {t // (1024 * K)}M | {hw} ({_SLICE[hw](n)}) | {n} | {memory.mesh_label(mesh)} | "
           f"{base.kernel} | {state / GiB:.1f} | {est['checkpoints'] / GiB:.1f} | "
-          f"{phase / GiB:.1f} | **{est['total'] / GiB:.1f}** | {frac:.0%}{fits} |", flush=True)
+          f"{phase / GiB:.1f} | **{est['total'] / GiB:.1f}** | {frac:.0%}{mark} |", flush=True)
     rows.append({"seq_len": t, "hardware": hw, "devices": n, "mesh": mesh, "estimate": est})
   return rows
 
@@ -166,7 +160,7 @@ def main(argv) -> int:
   platform = memory.DEVICES[_DEVICE.value][0]
   shape = memory.shape_from_config(c, model, n, platform)
   print(f"{model.num_params / 1e9:.2f}B parameters, T={shape.seq_len:,}, global batch "
-        f"{shape.global_batch}, {n} devices, mesh {mesh_label(dict(shape.mesh))}, remat "
+        f"{shape.global_batch}, {n} devices, mesh {memory.mesh_label(shape.mesh)}, remat "
         f"{shape.remat}, attention kernel {shape.kernel} ({_DEVICE.value})")
   est = memory.estimate(shape)
   print(report(est, _DEVICE.value))
@@ -175,9 +169,9 @@ def main(argv) -> int:
     print(f"\n  meshes for {n} devices, best first (see training/memory.suggest):")
     for mesh, e in memory.suggest(shape, _DEVICE.value)[:10]:
       ok = "fits" if e["total"] <= memory.USABLE * capacity else "no"
-      print(f"  {mesh_label(mesh):<24} {e['total'] / GiB:8.1f} GiB  {ok}")
+      print(f"  {memory.mesh_label(mesh):<24} {e['total'] / GiB:8.1f} GiB  {ok}")
   if _XLA.value:
-    r = xla_plan(c, model, shape)
+    r = xla_plan(model, shape)
     xla = r["peak_estimate_bytes"]
     print(f"\n  XLA's compiled plan on {r['devices']} simulated {r['platform']} devices: "
           f"{xla / GiB:.2f} GiB/device (estimate {est['total'] / GiB:.2f}, "

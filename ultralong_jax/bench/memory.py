@@ -219,9 +219,7 @@ def estimate(setup: "bench.Setup") -> dict[str, float]:
 
 
 def _mesh_label(mesh) -> str:
-  short = {"data": "DP", "fsdp": "FSDP", "sequence": "CP", "tensor": "TP"}
-  label = " x ".join(f"{short[a]}{v}" for a, v in mesh if v > 1)
-  return label or "1 device"
+  return memory.mesh_label(dict(mesh), sep=" x ")
 
 
 def _row(r: dict) -> str:

@@ -90,6 +90,12 @@ class StepShape:
   state_dtype: str = "float32"
 
 
+def mesh_label(mesh: Mapping[str, int], sep: str = " × ") -> str:
+  """{"data": 2, "sequence": 4, "tensor": 8} -> "DP2 × CP4 × TP8" (axes of size 1 left out)."""
+  short = {"data": "DP", "fsdp": "FSDP", "sequence": "CP", "tensor": "TP"}
+  return sep.join(f"{short[a]}{s}" for a, s in dict(mesh).items() if s > 1) or "1 device"
+
+
 def _abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
   return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
 
