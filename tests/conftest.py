@@ -63,3 +63,22 @@ def hf_logits():
       return model(torch.as_tensor(input_ids), position_ids=pos).logits.float().numpy()
 
   return run
+
+
+@pytest.fixture(scope="session")
+def attention_reference():
+  """reference(causal, scale) -> jitted f(q, k, v, dout, segment_ids) = (out, (dq, dk, dv)) of the
+  plain single-device attention: what every sharded/blocked attention is compared against."""
+  import functools  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.modeling.attention import dot_product_attention  # pylint: disable=import-outside-toplevel
+
+  @functools.cache
+  def reference(causal: bool, scale: float):
+    def f(q, k, v, dout, seg):
+      attend = lambda q, k, v: dot_product_attention(q, k, v, segment_ids=seg, causal=causal,
+                                                     scale=scale)
+      out, vjp = jax.vjp(attend, q, k, v)
+      return out, vjp(dout)
+    return jax.jit(f)
+
+  return reference

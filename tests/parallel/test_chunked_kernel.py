@@ -22,7 +22,6 @@ from jax.sharding import AxisType
 import numpy as np
 import pytest
 
-from ultralong_jax.modeling.attention import dot_product_attention
 from ultralong_jax.parallel import block_attention, layout
 from ultralong_jax.parallel.ring_attention import ring_attention
 
@@ -136,16 +135,6 @@ def _mesh(shape, names):
 
 
 @functools.cache
-def _reference_fn(causal):
-  def f(q, k, v, dout, seg):
-    attend = lambda q, k, v: dot_product_attention(q, k, v, segment_ids=seg, causal=causal,
-                                                   scale=SCALE)
-    out, vjp = jax.vjp(attend, q, k, v)
-    return out, vjp(dout)
-  return jax.jit(f)
-
-
-@functools.cache
 def _ring_fn(mesh, causal, strategy, chunk_size):
   def f(q, k, v, dout, seg):
     attend = lambda q, k, v: ring_attention(q, k, v, mesh=mesh, segment_ids=seg, causal=causal,
@@ -160,15 +149,17 @@ def _ring_fn(mesh, causal, strategy, chunk_size):
 # 2 x 2 or 4 x 4, chunk 3 pads them to 6 or 9. (causal, segment ids, G, chunk)
 @pytest.mark.parametrize("causal,with_segments,group,chunk_size", [
     (True, True, 4, 3), (True, False, 1, 2), (False, True, 1, 2), (False, False, 4, 3)])
-def test_ring_matches_full_attention(causal, with_segments, group, chunk_size):
-  _check_ring(((8,), ("sequence",)), "ring", causal, with_segments, group, chunk_size)
+def test_ring_matches_full_attention(attention_reference, causal, with_segments, group,
+                                     chunk_size):
+  _check_ring(attention_reference, ((8,), ("sequence",)), "ring", causal, with_segments, group,
+              chunk_size)
 
 
-def test_allgather_tensor_parallel_matches_full_attention():
-  _check_ring(((4, 2), ("sequence", "tensor")), "allgather", True, True, 4, 2)
+def test_allgather_tensor_parallel_matches_full_attention(attention_reference):
+  _check_ring(attention_reference, ((4, 2), ("sequence", "tensor")), "allgather", True, True, 4, 2)
 
 
-def _check_ring(mesh_spec, strategy, causal, with_segments, group, chunk_size):
+def _check_ring(reference, mesh_spec, strategy, causal, with_segments, group, chunk_size):
   mesh = _mesh(*mesh_spec)
   n = mesh.shape["sequence"]
   ks = jax.random.split(jax.random.key(1), 5)
@@ -179,7 +170,7 @@ def _check_ring(mesh_spec, strategy, causal, with_segments, group, chunk_size):
   seg = None
   if with_segments:
     seg = jnp.cumsum(jax.random.bernoulli(ks[4], 0.08, (B, T)), axis=1).astype(jnp.int32)
-  ref_out, ref_grads = _reference_fn(causal)(q, k, v, dout, seg)
+  ref_out, ref_grads = reference(causal, SCALE)(q, k, v, dout, seg)
   out, grads = _ring_fn(mesh, causal, strategy, chunk_size)(
       *layout.zigzag_permute((q, k, v, dout, seg), n))
   out, grads = layout.zigzag_unpermute((out, grads), n)
@@ -231,7 +222,8 @@ def test_temporaries_are_tiles_not_the_block():
   assert chunked < xla / 16
 
 
-def test_one_sequence_shard_runs_long_sequences_through_the_chunked_kernel(monkeypatch):
+def test_one_sequence_shard_runs_long_sequences_through_the_chunked_kernel(monkeypatch,
+                                                                           attention_reference):
   """make_attention_fn with sequence = 1: T > chunk_size takes the chunked kernel as a one-block
   ring (no [T, T] scores), T <= chunk_size the plain attention; both equal full attention."""
   from ultralong_jax.parallel import ring_attention as ring_lib  # pylint: disable=import-outside-toplevel
@@ -249,7 +241,7 @@ def test_one_sequence_shard_runs_long_sequences_through_the_chunked_kernel(monke
   k, v = (jax.random.normal(kk, (2, T, 4, H)) for kk in ks[1:3])
   dout = jax.random.normal(ks[3], (2, T, 4, H))
   seg = jnp.cumsum(jax.random.bernoulli(ks[4], 0.08, (2, T)), axis=1).astype(jnp.int32)
-  ref_out, ref_grads = _reference_fn(True)(q, k, v, dout, seg)
+  ref_out, ref_grads = attention_reference(True, SCALE)(q, k, v, dout, seg)
   for chunk_size, expected in ((T // 4, ["chunked"]), (T, [])):
     kernels.clear()
     attend_fn = ring_lib.make_attention_fn(mesh, kernel="auto", chunk_size=chunk_size)

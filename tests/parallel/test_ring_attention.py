@@ -48,16 +48,6 @@ def _inputs(kv_heads, with_segments, seed=0):
 
 
 @functools.cache
-def _reference_fn(causal, with_segments):
-  def f(q, k, v, dout, seg):
-    attend = lambda q, k, v: dot_product_attention(q, k, v, segment_ids=seg, causal=causal,
-                                                   scale=SCALE)
-    out, vjp = jax.vjp(attend, q, k, v)
-    return out, vjp(dout)
-  return jax.jit(f)
-
-
-@functools.cache
 def _sharded_fn(mesh_name, causal, strategy, kernel="xla", layout_name="zigzag"):
   mesh = _mesh(mesh_name)
 
@@ -74,10 +64,11 @@ def _rel_err(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def _check(mesh_name, strategy, causal, group, with_segments, kernel="xla", layout_name="zigzag"):
+def _check(reference, mesh_name, strategy, causal, group, with_segments, kernel="xla",
+           layout_name="zigzag"):
   n = dict(zip(*reversed(MESHES[mesh_name]))).get("sequence", 1)
   q, k, v, dout, seg = _inputs(N // group, with_segments)
-  ref_out, ref_grads = _reference_fn(causal, with_segments)(q, k, v, dout, seg)
+  ref_out, ref_grads = reference(causal, SCALE)(q, k, v, dout, seg)
   permute = functools.partial(layout.zigzag_permute, n=n, layout=layout_name)
   unpermute = functools.partial(layout.zigzag_unpermute, n=n, layout=layout_name)
   out, grads = _sharded_fn(mesh_name, causal, strategy, kernel, layout_name)(
@@ -93,19 +84,20 @@ def _check(mesh_name, strategy, causal, group, with_segments, kernel="xla", layo
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("strategy", ["ring", "allgather"])
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_matches_full_attention(mesh_name, strategy, causal, with_segments, group):
-  _check(mesh_name, strategy, causal, group, with_segments)
+def test_matches_full_attention(attention_reference, mesh_name, strategy, causal, with_segments,
+                                group):
+  _check(attention_reference, mesh_name, strategy, causal, group, with_segments)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_public_kernel_adapter(causal):
+def test_public_kernel_adapter(attention_reference, causal):
   """The cuDNN kernel's math (jax.nn.dot_product_attention + log-sum-exp correction in the
   backward), run with implementation='xla' on CPU."""
-  _check("seq8", "ring", causal, 4, False, kernel="dpa_xla")
+  _check(attention_reference, "seq8", "ring", causal, 4, False, kernel="dpa_xla")
 
 
-def test_contiguous_layout():
-  _check("seq8", "ring", True, 2, True, layout_name="contiguous")
+def test_contiguous_layout(attention_reference):
+  _check(attention_reference, "seq8", "ring", True, 2, True, layout_name="contiguous")
 
 
 def test_bfloat16_runs_close():

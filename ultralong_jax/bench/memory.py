@@ -32,6 +32,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
                              f" --xla_force_host_platform_device_count={_DEVICES}").strip()
 
 import argparse  # noqa: E402
+import math  # noqa: E402
 
 import jax  # noqa: E402
 
@@ -156,19 +157,7 @@ def calibration_case(name: str, seq_len: int, mesh: dict, options: dict):
   config = shape_config(name, remat_policy=remat, **({"num_layers": layers} if layers else {}))
   setup = bench.Setup(model=config, seq_len=seq_len, mesh=tuple(mesh.items()),
                       **{"batch": 1, **options})
-  kernel = options["kernel"]
-  if kernel == "auto":  # what make_attention_fn picks on CPU
-    kernel = memory.kernel_class("auto", "cpu", False, seq_len, mesh.get("sequence", 1),
-                                 chunk=setup.chunk_size)
-  devices = 1
-  for size in mesh.values():
-    devices *= size
-  shape = memory.StepShape(
-      model=config, mesh=mesh, num_devices=devices, seq_len=seq_len,
-      global_batch=setup.batch, microbatches=setup.microbatches, remat=remat,
-      kernel="flash" if kernel == STANDIN else kernel, loss_chunk=setup.loss_chunk,
-      kernel_chunk=setup.chunk_size)
-  return setup, shape
+  return setup, step_shape(setup, config)
 
 
 def calibration(rows=None) -> list[dict]:
@@ -208,14 +197,22 @@ def estimate(setup: "bench.Setup") -> dict[str, float]:
   """training/memory.py's analytic estimate of the same step (no compile)."""
   overrides = {"num_layers": setup.num_layers} if setup.num_layers else {}
   config = bench.presets.get_preset(setup.preset, remat_policy=setup.remat, **overrides)
+  return memory.estimate(step_shape(setup, config))
+
+
+def step_shape(setup: "bench.Setup", config) -> "memory.StepShape":
+  """The memory.StepShape of a benchmark Setup (the standin is a flash kernel's memory; auto is
+  what make_attention_fn picks on CPU)."""
   sizes = dict(setup.mesh)
-  devices = 1
-  for size in sizes.values():
-    devices *= size
-  return memory.estimate(memory.StepShape(
-      model=config, mesh=sizes, num_devices=devices, seq_len=setup.seq_len,
-      global_batch=setup.batch or 1, remat=setup.remat,
-      kernel="flash" if setup.kernel == STANDIN else setup.kernel, loss_chunk=setup.loss_chunk))
+  kernel = setup.kernel
+  if kernel == "auto":
+    kernel = memory.kernel_class("auto", "cpu", False, setup.seq_len, sizes.get("sequence", 1),
+                                 chunk=setup.chunk_size)
+  return memory.StepShape(
+      model=config, mesh=sizes, num_devices=math.prod(sizes.values()), seq_len=setup.seq_len,
+      global_batch=setup.batch or 1, microbatches=setup.microbatches, remat=setup.remat,
+      kernel="flash" if kernel == STANDIN else kernel, loss_chunk=setup.loss_chunk,
+      kernel_chunk=setup.chunk_size)
 
 
 def _mesh_label(mesh) -> str:
@@ -254,7 +251,7 @@ def main(argv=None) -> list[dict]:
     return results
   keep = {int(t) for t in args.lengths.split(",") if t}
   plan = [p for p in PLAN if (not args.only or p[0] == args.only) and (not keep or p[2] in keep)]
-  need = max(_prod(m) for *_, m in plan)
+  need = max(math.prod(s for _, s in m) for *_, m in plan)
   if need > jax.device_count():
     sys.exit(f"needs {need} devices; set XLA_FLAGS=--xla_force_host_platform_device_count={need}")
   print(f"# {jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}, "
@@ -286,13 +283,6 @@ def _score_elements(preset: str, seq_len: int, mesh) -> int:
   n = sizes.get("sequence", 1)
   c = seq_len // (2 * n) if n > 1 else seq_len
   return heads * c * c
-
-
-def _prod(mesh) -> int:
-  n = 1
-  for _, size in mesh:
-    n *= size
-  return n
 
 
 if __name__ == "__main__":

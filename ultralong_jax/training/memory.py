@@ -35,6 +35,7 @@ runtime's reserve, hence USABLE.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 
@@ -42,7 +43,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from ultralong_jax.modeling.config import LlamaConfig
-from ultralong_jax.parallel import sharding
+from ultralong_jax.parallel import block_attention, sharding
 from ultralong_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -103,21 +104,31 @@ def _abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
 def params_per_device(model: LlamaConfig, sizes: Mapping[str, int]) -> int:
   """Parameters one device holds: each parameter's shard under the logical-axis rules (axes that
   do not divide a dimension leave it replicated, as parallel/sharding.py does)."""
-  from ultralong_jax.modeling import llama  # pylint: disable=import-outside-toplevel
-  state = nnx.state(llama.abstract_model(model), nnx.Param)
-  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-  shapes = nnx.to_pure_dict(state)
   mesh = _abstract_mesh(sizes)
   total = 0
-  for names, x in zip(_leaves(specs), _leaves(shapes)):
-    names = tuple(names) + (None,) * (len(x.shape) - len(tuple(names)))
-    spec = sharding.logical_to_spec(names, mesh, x.shape)
+  for names, shape in _parameter_axes(model):
+    spec = sharding.logical_to_spec(names, mesh, shape)
     n = 1
-    for dim, axes in zip(x.shape, tuple(spec) + (None,) * len(x.shape)):
+    for dim, axes in zip(shape, tuple(spec) + (None,) * len(shape)):
       axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
       n *= -(-dim // math.prod(sizes[a] for a in axes))
     total += n
   return total
+
+
+@functools.lru_cache(maxsize=16)
+def _parameter_axes(model: LlamaConfig) -> tuple[tuple[tuple, tuple[int, ...]], ...]:
+  """(logical axis names, shape) of every parameter; built once per model config (suggest()
+  estimates dozens of meshes of one model)."""
+  from ultralong_jax.modeling import llama  # pylint: disable=import-outside-toplevel
+  state = nnx.state(llama.abstract_model(model), nnx.Param)
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+  shapes = nnx.to_pure_dict(state)
+  out = []
+  for names, x in zip(_leaves(specs), _leaves(shapes)):
+    names = tuple(names) + (None,) * (len(x.shape) - len(tuple(names)))
+    out.append((names, tuple(x.shape)))
+  return tuple(out)
 
 
 def _leaves(tree: dict) -> list:
@@ -245,18 +256,15 @@ TOLERANCE = 0.2
 
 def kernel_class(kernel: str, platform: str, has_segment_ids: bool, seq_len: int, sequence: int,
                  layout: str = "zigzag", chunk: int = 1024) -> str:
-  """The memory class (flash | chunked | xla | plain) of `attention.kernel` on `platform`, as
-  ring_attention.make_attention_fn and block_attention.select_kernel choose it: the block is
-  T / 2n under zigzag (T / n contiguous), and with sequence 1 a block of T that would take the
-  XLA kernel runs as the plain attention."""
+  """The memory class (flash | chunked | xla | plain) of `attention.kernel` on `platform`: the
+  kernel block_attention.select_kernel picks for a block of T / 2n tokens under zigzag (T / n
+  contiguous), and, as ring_attention.make_attention_fn does, the plain attention where one
+  sequence shard would get the XLA kernel."""
   if kernel == "plain":
     return kernel
   block = seq_len // (2 * sequence) if sequence > 1 and layout == "zigzag" else seq_len // sequence
-  if kernel == "auto":
-    if platform == "gpu" and not has_segment_ids:
-      kernel = "flash"
-    else:
-      kernel = "chunked" if block > chunk else "xla"
+  kernel = block_attention.select_kernel(kernel, has_segment_ids=has_segment_ids,
+                                         platform=platform, block_length=block, chunk_size=chunk)
   kernel = {"cudnn": "flash", "dpa_xla": "xla"}.get(kernel, kernel)
   return "plain" if kernel == "xla" and sequence == 1 else kernel
 
