@@ -55,16 +55,16 @@ PARTS = ("params", "optimizer", "batch", "gradients", "weight_temps", "checkpoin
          "layer_working_set", "attention", "loss")
 
 
-def _model_config(c):
-  """Validated model config; a missing init.path falls back to model.preset's shape."""
-  from ultralong_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+def _estimable(c):
+  """A copy of the config that validates without data or checkpoint: a missing init.path falls
+  back to model.preset's shape; stage 2's chat files and tokenizer are not needed."""
   c = c.copy_and_resolve_references()
   if c.init.mode != "random" and not (c.init.path and os.path.exists(c.init.path)):
     c.init.mode = "random"
   if c.stage == 2:  # the data is not needed to estimate memory
     c.data.chat_files = c.data.chat_files or "unused.jsonl"
     c.data.tokenizer = c.data.tokenizer or "unused.json"
-  return c, config_lib
+  return c
 
 
 def report(est: dict, device: str) -> str:
@@ -145,7 +145,8 @@ def main(argv) -> int:
     return 0
   if _CONFIG.value is None:
     raise app.UsageError("--config is required (or --recipes).")
-  c, config_lib = _model_config(_CONFIG.value)
+  from ultralong_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  c = _estimable(_CONFIG.value)
   n = _DEVICES.value
   if n is None:
     sizes = [c.mesh[a] for a in ("data", "fsdp", "sequence", "tensor")]
