@@ -76,6 +76,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     c.data.domains = ml_collections.ConfigDict({
         "long": {"path": f"{DATA}/long", "weight": 0.8},
         "short": {"path": f"{DATA}/short", "weight": 0.2}})
+  c.train.run_name = {"base": "base", "stage1": "stage 1", "stage2": "stage 2"}[arg]
   if c.stage == 1:
     c.data.separator_id = 1  # <|end_of_text|> in the demo tokenizer
   return c

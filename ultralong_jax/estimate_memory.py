@@ -56,14 +56,11 @@ PARTS = ("params", "optimizer", "batch", "gradients", "weight_temps", "checkpoin
 
 
 def _estimable(c):
-  """A copy of the config that validates without data or checkpoint: a missing init.path falls
-  back to model.preset's shape; stage 2's chat files and tokenizer are not needed."""
+  """A copy of the config that validates without a checkpoint: a missing init.path falls back to
+  model.preset's shape (the data is not validated at all: validate(..., data=False))."""
   c = c.copy_and_resolve_references()
   if c.init.mode != "random" and not (c.init.path and os.path.exists(c.init.path)):
     c.init.mode = "random"
-  if c.stage == 2:  # the data is not needed to estimate memory
-    c.data.chat_files = c.data.chat_files or "unused.jsonl"
-    c.data.tokenizer = c.data.tokenizer or "unused.json"
   return c
 
 
@@ -154,7 +151,7 @@ def main(argv) -> int:
       raise app.UsageError("the config's mesh has a -1 axis: pass --devices=N.")
     n = math.prod(sizes)
   try:
-    model = config_lib.validate(c, num_devices=n)
+    model = config_lib.validate(c, num_devices=n, data=False)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -59,6 +59,7 @@ def test_stage2_and_1b_configs(hf_8b_dir, tmp_path):
 def test_demo_config_stages(arg):
   c = _load("demo", arg)
   assert c.stage == (2 if arg == "stage2" else 1)
+  assert config_lib.run_name(c) == {"base": "base", "stage1": "stage 1", "stage2": "stage 2"}[arg]
   if arg == "base":
     assert config_lib.validate(c, num_devices=8).vocab_size == 512
 

@@ -124,3 +124,26 @@ def test_shipped_configs_fit_an_h100(name):
       env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
   assert "-> fits" in out.stdout, out.stdout
+
+
+def test_cli_estimates_a_custom_config_without_its_data(tmp_path):
+  """A stage-1 config with no domains, tokenizer, separator or matching data.vocab_size: the
+  estimate needs the model, mesh and step shape only, so it runs; a bad mesh still fails."""
+  config = tmp_path / "custom.py"
+  config.write_text(
+      "from ultralong_jax.training.config import base_config\n"
+      "def get_config():\n"
+      "  c = base_config(1)\n"
+      "  c.init.mode, c.model.ultralong, c.model.remat_policy = 'random', '1m', 'full'\n"
+      "  c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 2, 1, 4, 8\n"
+      "  c.data.seq_len, c.data.global_batch_size = 1048576, 2\n"
+      "  return c\n")
+  cmd = [sys.executable, "-m", "ultralong_jax.estimate_memory", f"--config={config}",
+         "--devices=64"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert "mesh DP2 × CP4 × TP8" in out.stdout and "-> fits" in out.stdout, out.stdout
+  bad = subprocess.run(cmd + ["--config.attention.kernel=flash3"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "attention.kernel='flash3'" in bad.stderr, bad.stderr

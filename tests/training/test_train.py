@@ -102,6 +102,36 @@ def test_interrupted_and_resumed_run_logs_the_same_losses(tiny_config, tmp_path)
   np.testing.assert_allclose([l for _, l in resumed], [l for _, l in straight], rtol=1e-6)
 
 
+def _final_params(path):
+  from ultralong_jax.convert import api as convert_api  # pylint: disable=import-outside-toplevel
+  return jax.tree.map(np.asarray, convert_api.model_params(convert_api.from_pretrained(path)))
+
+
+def test_resuming_a_finished_run_with_more_steps_rewrites_every_output(tiny_config, tmp_path):
+  """final/ (what stage 2 starts from), hf/, summary.json and loss.png all describe the step the
+  resumed run ended at, not the first run's."""
+  straight = loop.run(tiny_config(steps=8), str(tmp_path / "straight"), progress=False)
+  workdir = str(tmp_path / "resumed")
+  loop.run(tiny_config(steps=4), workdir, progress=False)
+  at_4 = _final_params(os.path.join(workdir, "final"))
+  summary = loop.run(tiny_config(steps=8), workdir, progress=False)
+  assert summary["start_step"] == 4 and summary["end_step"] == 8 and summary["complete"]
+  with open(os.path.join(workdir, "summary.json")) as f:
+    assert json.load(f)["end_step"] == 8
+  final = _final_params(os.path.join(workdir, "final"))
+  hf = _final_params(os.path.join(workdir, "hf"))
+  reference = _final_params(straight["final_checkpoint"])
+  for got, exported, old, want in zip(*map(jax.tree.leaves, (final, hf, at_4, reference))):
+    np.testing.assert_array_equal(exported, got)  # the HF export is the same step, bit for bit
+    assert not np.array_equal(got, old)
+    # resumed == straight up to float32 summation noise (the losses agree to 1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  with open(os.path.join(workdir, "final", loop.RUN_INFO)) as f:
+    assert json.load(f)["step"] == 8
+  leftovers = [n for n in os.listdir(workdir) if n.endswith((".partial", ".old"))]
+  assert not leftovers, leftovers
+
+
 def test_resume_on_a_different_mesh(tiny_config, tmp_path):
   c = tiny_config(steps=4)
   loop.run(c, str(tmp_path / "straight"), progress=False)
@@ -158,3 +188,35 @@ def test_mfu_flop_count_by_hand():
   attention = 3 * 4 * 2 * 4 * 32 * (1024 / 2)
   assert metrics.train_flops_per_token(cfg, 1024) == 6 * matmul + attention
   assert metrics.peak_tflops(override=123.0) == 123.0
+
+
+@pytest.mark.parametrize("key", sorted(config_lib.CHOICES))
+def test_every_enumerated_key_is_checked_before_anything_is_read(key, tiny_config):
+  """A value outside the allowed set fails validate() with the full key and the allowed values,
+  before init.path is opened (it does not exist here) and before anything compiles."""
+  c = tiny_config()
+  c.init.mode, c.init.path = "checkpoint", "/nonexistent/checkpoint"
+  section, name = key.split(".")
+  c[section][name] = "flash3" if key != "init.mode" else "pretrained"
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(c, num_devices=8)
+  message = str(e.value)
+  assert message.startswith(f"{key}=") and "nonexistent" not in message, message
+  assert all(repr(v) in message for v in config_lib.CHOICES[key]), message
+
+
+def test_a_kernel_without_segment_ids_is_refused_for_stage_2(tiny_config):
+  c = tiny_config(stage=2)
+  c.attention.kernel = "cudnn"
+  with pytest.raises(ValueError, match=r"attention.kernel='cudnn' cannot mask by segment ids"):
+    config_lib.validate(c, num_devices=8)
+
+
+def test_the_progress_bar_names_what_runs(tiny_config, tmp_path, capsys):
+  c = tiny_config(steps=1)
+  c.train.run_name = "base"
+  loop.run(c, str(tmp_path / "base"), progress=True)
+  err = capsys.readouterr().err
+  assert "base: 100%" in err and "stage 1" not in err, err
+  loop.run(tiny_config(steps=1), str(tmp_path / "stage1"), progress=True)
+  assert "stage 1: 100%" in capsys.readouterr().err

@@ -13,9 +13,56 @@ import ml_collections
 
 from ultralong_jax.data.config import default_data_config, validate_data_config
 from ultralong_jax.modeling import presets, rope
-from ultralong_jax.modeling.config import LlamaConfig
+from ultralong_jax.modeling.config import DTYPES, REMAT_POLICIES, LlamaConfig
+from ultralong_jax.parallel import block_attention
+from ultralong_jax.training.optimizer import SCHEDULES
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+ULTRALONG_FACTORS = {"1m": 128, "2m": 256, "4m": 512}  # model.ultralong -> llama3 RoPE factor
+
+# Every key that takes one of a fixed set of values, and the values: checked first in validate(),
+# before any file is read or anything compiles (data.* enumerations: validate_data_config).
+CHOICES = {
+    "model.dtype": DTYPES,
+    "model.param_dtype": DTYPES,
+    "model.remat_policy": REMAT_POLICIES,
+    "model.ultralong": ("",) + tuple(ULTRALONG_FACTORS),
+    "init.mode": ("random", "hf", "checkpoint"),
+    "attention.strategy": ("ring", "allgather"),
+    "attention.layout": ("zigzag", "contiguous"),
+    "attention.kernel": ("auto",) + tuple(block_attention.KERNELS),
+    "optim.schedule": SCHEDULES,
+    "optim.state_dtype": ("float32", "bfloat16"),
+    "train.nonfinite": ("skip", "stop"),
+    "export.dtype": DTYPES,
+}
+
+
+def uses_segment_ids(c: ml_collections.ConfigDict) -> bool:
+  """Whether attention is restricted by segment ids: stage 2's packed chats always, stage 1's
+  packed documents only with the data.document_mask ablation."""
+  return c.stage == 2 or bool(c.data.document_mask)
+
+
+def run_name(c: ml_collections.ConfigDict) -> str:
+  """The run's label on progress bars and plots: train.run_name, else "stage N"."""
+  return c.train.run_name or f"stage {c.stage}"
+
+
+def check_choices(c: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first enumerated key (CHOICES) whose value is not allowed."""
+  for key, allowed in CHOICES.items():
+    section, name = key.split(".")
+    value = c[section][name]
+    if value not in allowed:
+      shown = ", ".join(repr(a) for a in allowed)
+      raise ValueError(f"{key}={value!r} is not one of {shown}; e.g. --config.{key}={allowed[0]!r}.")
+  kernel = c.attention.kernel
+  if uses_segment_ids(c) and kernel != "auto" and not block_attention.KERNELS[kernel].segment_ids:
+    takes = sorted(k for k, v in block_attention.KERNELS.items() if v.segment_ids)
+    why = "stage 2 packs chats" if c.stage == 2 else "data.document_mask is on"
+    raise ValueError(f"attention.kernel={kernel!r} cannot mask by segment ids, which this run needs "
+                     f"({why}); use 'auto' or one of {takes}.")
 
 
 def base_config(stage: int) -> ml_collections.ConfigDict:
@@ -48,6 +95,8 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
     batch is split into this many microbatches); train.loss_chunk_size: tokens per loss chunk
     (never [T, V] logits); train.z_loss_weight: 0 = off; train.seed: parameter init seed.
   train.log_every: steps between metric lines.
+  train.run_name: what the progress bar and the loss plot call this run ("" = "stage 1" /
+    "stage 2"; the demo's short-context pretraining is "base").
   train.nonfinite: skip | stop — a step whose loss or gradient is NaN/Inf never updates the
     weights (checked on device); skip counts it and goes on, stop ends the run at the next log
     step with a message naming the step and the last good checkpoint.
@@ -83,7 +132,7 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
       state_dtype="float32"))
   c.train = ml_collections.ConfigDict(dict(
       steps=480 if stage == 1 else 1000, microbatches=1, loss_chunk_size=4096, z_loss_weight=0.0,
-      seed=0, log_every=1, nonfinite="skip", max_nonfinite_steps=20))
+      seed=0, log_every=1, nonfinite="skip", max_nonfinite_steps=20, run_name=""))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=3, async_save=True,
                                                 fallback_on_corrupt=False))
   c.preflight = ml_collections.ConfigDict(dict(check_paths=True, check_memory=True))
@@ -116,10 +165,10 @@ def apply_rope_override(config: LlamaConfig, c: ml_collections.ConfigDict) -> Ll
   if m.ultralong and m.rope_scaling_json:
     raise ValueError("model.ultralong and model.rope_scaling_json both set; use one.")
   if m.ultralong:
-    factors = {"1m": 128, "2m": 256, "4m": 512}
-    if m.ultralong not in factors:
-      raise ValueError(f"model.ultralong={m.ultralong!r}; use one of {sorted(factors)} or ''.")
-    scaling = rope.ultralong_rope_scaling(factors[m.ultralong])
+    if m.ultralong not in ULTRALONG_FACTORS:
+      raise ValueError(f"model.ultralong={m.ultralong!r}; use one of {sorted(ULTRALONG_FACTORS)} "
+                       "or ''.")
+    scaling = rope.ultralong_rope_scaling(ULTRALONG_FACTORS[m.ultralong])
   elif m.rope_scaling_json:
     scaling = _json(m.rope_scaling_json, "model.rope_scaling_json")
   changes = {}
@@ -148,15 +197,19 @@ def _json(text: str, key: str) -> dict:
   return value
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> LlamaConfig:
+def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int = 1, *,
+             data: bool = True) -> LlamaConfig:
   """Checks the whole config against the device count before anything compiles.
 
-  Raises ValueError naming the key and what would work. Returns the model config.
+  data=False leaves out what only feeding the run needs (data sources, tokenizer, separator,
+  data.vocab_size): what the memory estimate validates. Raises ValueError naming the key and what
+  would work. Returns the model config.
   """
   if c.stage not in (1, 2) or c.data.stage != c.stage:
     raise ValueError(f"stage={c.stage} and data.stage={c.data.stage} must agree and be 1 or 2.")
-  if c.init.mode not in ("random", "hf", "checkpoint"):
-    raise ValueError(f"init.mode={c.init.mode!r}; use random, hf or checkpoint.")
+  check_choices(c)
+  if data:
+    validate_data_config(c.data)
   if c.init.mode != "random" and not c.init.path:
     raise ValueError(f"init.mode={c.init.mode} needs init.path (a directory).")
   model = model_config(c)
@@ -186,13 +239,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     if L % unit:
       raise ValueError(f"data.seq_len={L} must be divisible by {unit} (2 x mesh.sequence for the "
                        f"zigzag layout); e.g. {L - L % unit}.")
-  if c.attention.strategy not in ("ring", "allgather"):
-    raise ValueError(f"attention.strategy={c.attention.strategy!r}; use ring or allgather.")
   if c.attention.get("chunk_size", 1024) < 1:
     raise ValueError(f"attention.chunk_size={c.attention.chunk_size}: use a positive number of "
                      "tokens (e.g. 1024).")
-  if c.attention.layout not in ("zigzag", "contiguous"):
-    raise ValueError(f"attention.layout={c.attention.layout!r}; use zigzag or contiguous.")
   t = sizes["tensor"]
   for key, value in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads)):
     if value % t:
@@ -210,17 +259,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     raise ValueError(f"data.seq_len={L} exceeds the model's max_position_embeddings="
                      f"{model.max_position_embeddings}; set model.ultralong or "
                      "model.max_position_embeddings.")
-  if c.data.vocab_size != model.vocab_size:
+  if data and c.data.vocab_size != model.vocab_size:
     raise ValueError(f"data.vocab_size={c.data.vocab_size} != the model's vocab_size="
                      f"{model.vocab_size}; token ids must index the embedding.")
-  if c.optim.state_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"optim.state_dtype={c.optim.state_dtype!r}; use float32 or bfloat16.")
   if c.train.steps <= 0 or c.train.microbatches <= 0:
     raise ValueError("train.steps and train.microbatches must be positive.")
-  if c.train.get("nonfinite", "skip") not in ("skip", "stop"):
-    raise ValueError(f"train.nonfinite={c.train.nonfinite!r}; use skip or stop.")
   if c.train.get("max_nonfinite_steps", 0) < 0:
     raise ValueError(f"train.max_nonfinite_steps={c.train.max_nonfinite_steps}; use >= 0 "
                      "(0 = no limit).")
-  validate_data_config(c.data)
   return model

@@ -29,7 +29,8 @@ from ultralong_jax.data import pretrain, sft
 from ultralong_jax.modeling import llama
 from ultralong_jax.parallel import layout, mesh as mesh_lib, sharding
 from ultralong_jax.parallel.ring_attention import make_attention_fn
-from ultralong_jax.training import checkpointing, metrics as metrics_lib, optimizer, preflight
+from ultralong_jax.training import checkpointing, metrics as metrics_lib, optimizer, outputs
+from ultralong_jax.training import preflight
 from ultralong_jax.training import train_step
 from ultralong_jax.training import config as config_lib
 
@@ -129,7 +130,7 @@ def _build(c: ml_collections.ConfigDict) -> _Run:
       microbatches=c.train.microbatches,
       loss_chunk_size=min(c.train.loss_chunk_size, c.data.seq_len),
       z_loss_weight=c.train.z_loss_weight,
-      use_segment_ids=c.stage == 2 or bool(c.data.get("document_mask", False)))
+      use_segment_ids=config_lib.uses_segment_ids(c))
   step_fn = train_step.jit_train_step(train_step.make_train_step(graphdef, tx, schedule, options),
                                       mesh, state_sharding, batch_sharding)
   return _Run(model_cfg, mesh, tx, abstract_params, params_sharding, state_sharding,
@@ -161,12 +162,12 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = N
     ckpt.close()
     writer.close()
   if summary["complete"]:  # every process: the gather and the checkpoint write are collectives
-    summary.update(_finish(c, workdir, built.model_cfg, summary.pop("_params"), writer.path))
+    summary.update(_finish(c, workdir, built.model_cfg, summary.pop("_params"), writer.path,
+                           summary["end_step"]))
   summary.pop("_params", None)
   summary["process_count"] = jax.process_count()
   if jax.process_index() == 0:  # one writer per run (the workdir is shared between hosts)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    outputs.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 
@@ -208,7 +209,7 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
   tokens_per_step = batch_size * seq_len
   end_step = c.train.steps if max_steps is None else min(c.train.steps, start_step + max_steps)
   bar = tqdm(total=c.train.steps, initial=start_step, disable=not progress or jax.process_index(),
-             desc=f"stage {c.stage}", unit="step", dynamic_ncols=True)
+             desc=config_lib.run_name(c), unit="step", dynamic_ncols=True)
   last, preempted = {}, False
   stop_on_nonfinite = c.train.get("nonfinite", "skip") == "stop"
   seen_nonfinite = {"count": 0}  # warn when the device-side count grows, not on every log line
@@ -296,30 +297,46 @@ def _check_numerics(c, metrics: dict, ckpt, seen: dict) -> None:
       "then resume (the run restarts from the last checkpoint).")
 
 
-def _finish(c, workdir, model_cfg, params, metrics_path) -> dict[str, str]:
+def _finish(c, workdir, model_cfg, params, metrics_path, step: int) -> dict[str, str]:
   """The final model as a project checkpoint (stage 2 starts from it) and a HF directory; the
-  loss curve as a PNG. Called on every process: gathering the sharded parameters and Orbax's save
-  are collectives; process 0 alone writes the HF export and the plot."""
+  loss curve as a PNG. Each is written aside and moved into place when complete (outputs.py), so
+  after a resumed run they all describe `step`, the step the run ended at; final/run.json says so.
+  Called on every process: gathering the sharded parameters and Orbax's save are collectives;
+  process 0 alone prepares and renames the directories, writes the HF export and the plot."""
   params = _host_params(params)
+  primary = jax.process_index() == 0
   final = os.path.join(workdir, "final")
   out = {"final_checkpoint": final}
-  if not _process0_says(os.path.exists(os.path.join(final, model_checkpoint.PARAMS_DIR))):
-    model_checkpoint.save_params(final, model_cfg, params)  # numpy arrays: process 0 writes them
-  if jax.process_index() == 0:
+  partial = outputs.start_dir(final) if primary else outputs.partial_path(final)
+  _sync("ultralong_jax.loop: final/ leftovers cleared")
+  model_checkpoint.save_params(partial, model_cfg, params)  # numpy arrays: process 0 writes them
+  _sync("ultralong_jax.loop: final/ parameters written")
+  if primary:
+    with open(os.path.join(partial, RUN_INFO), "w") as f:
+      json.dump({"stage": c.stage, "step": step, "steps": c.train.steps}, f)
+    outputs.commit_dir(final)
     if c.export.hf:
-      hf_dir = os.path.join(workdir, "hf")
-      convert_api.export_hf(hf_dir, model_cfg, convert_api.params_getter(params),
-                            dtype=c.export.dtype)
-      out["hf_export"] = hf_dir
+      out["hf_export"] = os.path.join(workdir, "hf")
+      outputs.replace_dir(out["hf_export"], lambda tmp: convert_api.export_hf(
+          tmp, model_cfg, convert_api.params_getter(params), dtype=c.export.dtype))
     if os.path.exists(metrics_path):
-      out["loss_plot"] = metrics_lib.plot_loss(
-          metrics_path, os.path.join(workdir, "loss.png"), title=f"stage {c.stage} loss")
-  if jax.process_count() > 1:
-    # The others wait here: exiting early would start JAX's shutdown barrier, whose timeout
-    # (5 min) an 8B export can outlast, and a launcher may end the job when its first task exits.
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices("ultralong_jax.loop: final exports written")
+      png = os.path.join(workdir, "loss.png")
+      outputs.replace_file(png, lambda tmp: metrics_lib.plot_loss(
+          metrics_path, tmp, title=f"{config_lib.run_name(c)} loss"))
+      out["loss_plot"] = png
+  # The others wait here: exiting early would start JAX's shutdown barrier, whose timeout
+  # (5 min) an 8B export can outlast, and a launcher may end the job when its first task exits.
+  _sync("ultralong_jax.loop: final exports written")
   return out
+
+
+RUN_INFO = "run.json"  # in final/: {"stage", "step", "steps"} of the run that wrote it
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
 
 
 def _host_params(params: dict) -> dict:
@@ -331,15 +348,6 @@ def _host_params(params: dict) -> dict:
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
                       params)
-
-
-def _process0_says(value: bool) -> bool:
-  """Process 0's `value` on every process, so that all of them take the same branch around a
-  collective (on a shared filesystem a later process could otherwise see process 0's writes)."""
-  if jax.process_count() == 1:
-    return value
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def _jsonable(x):

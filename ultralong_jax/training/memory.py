@@ -45,6 +45,7 @@ from jax.sharding import AbstractMesh
 from ultralong_jax.modeling.config import LlamaConfig
 from ultralong_jax.parallel import block_attention, sharding
 from ultralong_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes
+from ultralong_jax.training import config as config_lib
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
@@ -272,7 +273,7 @@ def kernel_class(kernel: str, platform: str, has_segment_ids: bool, seq_len: int
 def shape_from_config(c, model: LlamaConfig, num_devices: int, platform: str) -> StepShape:
   """The StepShape of a training config (configs/*.py) on `num_devices` of `platform`."""
   sizes = resolve_axis_sizes({a: c.mesh[a] for a in MESH_AXES}, num_devices)
-  segments = c.stage == 2 or bool(c.data.get("document_mask", False))
+  segments = config_lib.uses_segment_ids(c)
   chunk = int(c.attention.get("chunk_size", 1024))
   kernel = kernel_class(c.attention.kernel, platform, segments, c.data.seq_len, sizes["sequence"],
                         c.attention.layout, chunk)
