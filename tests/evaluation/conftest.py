@@ -61,3 +61,19 @@ def tiny_model_dir(tmp_path_factory) -> str:
 def tiny_model(tiny_model_dir):
   import ultralong_jax
   return ultralong_jax.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def flag_error(capsys):
+  """Function: runs a CLI's main(argv) that must stop at a flag check as argparse does (usage and
+  `error: ...` on stderr, exit status 2, no traceback); returns the message after `error: `."""
+
+  def run(main, argv) -> str:
+    with pytest.raises(SystemExit) as stopped:
+      main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "Traceback" not in err
+    return err.split("error: ", 1)[1].strip()
+
+  return run

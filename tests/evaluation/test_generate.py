@@ -100,6 +100,26 @@ def test_sharded_prefill_and_decode_match_single_device(mesh_name, make_hf_llama
   assert sharded.generate(prompts, max_new_tokens=4) == ref.generate(prompts, max_new_tokens=4)
 
 
+# data x fsdp = 2, 8, 4: batches of 1, 3 and 5 prompts divide none of them, so generate pads the
+# batch with rows of its own and must return exactly the callers' rows.
+DATA_MESHES = {
+    "dp2_seq4": {"data": 2, "sequence": 4},
+    "dp8": {"data": 8},
+    "dp2_fsdp2_seq2": {"data": 2, "fsdp": 2, "sequence": 2},
+}
+
+
+@pytest.mark.parametrize("mesh_name", sorted(DATA_MESHES))
+def test_batches_not_dividing_the_data_axes_are_padded(mesh_name, make_hf_llama):
+  hf_model, path = make_hf_llama()
+  model = ultralong_jax.from_pretrained(path)
+  prompts = _prompts(seed=3, lengths=(9, 4, 15, 7, 12))
+  expected = _hf_greedy(hf_model, prompts, max_new_tokens=3)  # the single-device cache equals it
+  sharded = gen.CachedModel(model, mesh_lib.make_mesh(DATA_MESHES[mesh_name]), kv_block=8)
+  for n in (1, 3, 5):
+    assert sharded.generate(prompts[:n], max_new_tokens=3) == expected[:n]
+
+
 def test_top_p_filter_hand_computed():
   # probabilities 0.5, 0.3, 0.15, 0.05 (token order shuffled)
   logits = jnp.log(jnp.array([[0.15, 0.5, 0.05, 0.3]]))

@@ -109,21 +109,60 @@ def test_cli_with_haystack_files_and_sentence_needle(tiny_model_dir, tokenizer_p
   assert (out / "niah_heatmap.png").exists()
 
 
-def test_cli_bad_inputs_name_the_flag(tiny_model_dir, tokenizer_path, tmp_path):
+def test_cli_on_a_data_mesh_pads_the_batch(tiny_model, tiny_model_dir, tokenizer,
+                                           tokenizer_path, tmp_path):
+  # data=2 x sequence=4 with one prompt per batch (--batch-size 1): each batch is padded to 2 rows.
+  res = niah.main(["--ckpt", tiny_model_dir, "--tokenizer", tokenizer_path, "--out",
+                   str(tmp_path), "--dtype", "float32", "--lengths", "256", "--depths", "0,100",
+                   "--max-new-tokens", "3", "--mesh", "data=2,sequence=4"])
+  assert res.scores.shape == (2, 1)
+  # Each answer is what single-device generation gives for the cell's prompt.
+  cells = niah.make_cells(tokenizer, hay.Haystack(tokenizer, hay.filler_text(20_000, 0)), [256],
+                          [0.0, 1.0])
+  stops = gen.stop_ids(tokenizer)
+  outs = gen.generate(tiny_model, [c.prompt.ids for c in cells], max_new_tokens=3,
+                      stop_tokens=stops)
+  assert [r["answer"] for r in res.cells] == [
+      tokenizer.decode([t for t in out if t not in stops]) for out in outs]
+
+
+def test_cli_bad_mesh_is_refused_before_loading(tiny_model_dir, tokenizer_path, tmp_path,
+                                               flag_error, monkeypatch):
+  import ultralong_jax
+
+  def no_loading(*args, **kwargs):
+    raise AssertionError("the model was loaded before the flags were checked")
+
+  monkeypatch.setattr(ultralong_jax, "from_pretrained", no_loading)
+  base = ["--ckpt", tiny_model_dir, "--tokenizer", tokenizer_path, "--out", str(tmp_path),
+          "--lengths", "256"]
+  for mesh, says in [("sequence4", "axis=size pairs"), ("seq=4", "unknown mesh axes ['seq']"),
+                     ("sequence=16", "8 devices"), ("sequence=0", ">= 1"),
+                     ("data=2,data=2", "twice"), ("tensor=4", "use tensor in [1, 2]")]:
+    message = flag_error(niah.main, base + ["--mesh", mesh])
+    assert message.startswith(f"--mesh='{mesh}'") and says in message, message
+  # The mesh is checked first: a missing checkpoint is not even looked at.
+  assert flag_error(niah.main, ["--ckpt", str(tmp_path / "none"), "--tokenizer", "none", "--out",
+                                str(tmp_path), "--mesh", "seq=4"]).startswith("--mesh")
+
+
+def test_cli_bad_inputs_name_the_flag(tiny_model_dir, tokenizer_path, tmp_path, flag_error):
   base = ["--ckpt", tiny_model_dir, "--tokenizer", tokenizer_path, "--out", str(tmp_path)]
-  with pytest.raises(FileNotFoundError, match="--haystack"):
-    niah.main(base + ["--haystack", str(tmp_path / "missing.txt")])
+  assert "--haystack" in flag_error(niah.main, base + ["--haystack", str(tmp_path / "none.txt")])
   bad = tmp_path / "bad.txt"
   bad.write_bytes(b"\xff\xfe\x00bad")
-  with pytest.raises(ValueError, match="--haystack.*bad.txt"):
-    niah.main(base + ["--haystack", str(bad)])
-  with pytest.raises(FileNotFoundError, match="--ckpt"):
-    niah.main(["--ckpt", str(tmp_path / "nope"), "--tokenizer", tokenizer_path, "--out", "x"])
-  with pytest.raises(FileNotFoundError, match="--tokenizer"):
-    niah.main(["--ckpt", tiny_model_dir, "--tokenizer", str(tmp_path / "t"), "--out", "x"])
-  with pytest.raises(ValueError, match="--depths"):
-    niah.main(base + ["--depths", "0,150", "--lengths", "128"])
-  with pytest.raises(ValueError, match="--mesh"):
-    niah.main(base + ["--mesh", "sequence=16", "--lengths", "128"])
-  with pytest.raises(ValueError, match="--question"):
-    niah.main(base + ["--needle", "The key is under the mat."])
+  assert flag_error(niah.main, base + ["--haystack", str(bad)]).startswith(f"--haystack: {bad}")
+  assert flag_error(niah.main, ["--ckpt", str(tmp_path / "nope"), "--tokenizer", tokenizer_path,
+                                "--out", "x"]).startswith("--ckpt")
+  assert flag_error(niah.main, ["--ckpt", tiny_model_dir, "--tokenizer", str(tmp_path / "t"),
+                                "--out", "x"]).startswith("--tokenizer")
+  for flags, name in [(["--depths", "0,150", "--lengths", "128"], "--depths"),
+                      (["--lengths", "3k"], "--lengths"),
+                      (["--lengths", "20"], "--lengths"),  # no room for the haystack
+                      (["--min-length", "9000"], "--min-length"),  # above max_position_embeddings
+                      (["--batch-size", "0"], "--batch-size"),
+                      (["--num-lengths", "0"], "--num-lengths"),
+                      (["--kv-block", "0"], "--kv-block"),
+                      (["--needle", "The key is under the mat."], "--needle")]:
+    message = flag_error(niah.main, base + flags)
+    assert message.startswith(name), message

@@ -18,13 +18,16 @@ def _reference_nll(model, ids):
   return -np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
 
 
-@pytest.mark.parametrize("mesh_sizes", [None, {"sequence": 4, "tensor": 2}])
-def test_token_nll_matches_full_forward(tiny_model, mesh_sizes):
-  ids = np.random.RandomState(0).randint(0, 512, (2, 51))  # length 50: 2 chunks of 32, padded tail
+# 3 documents on data=2: the batch is padded to 4 rows and the padding row's losses dropped.
+@pytest.mark.parametrize("mesh_sizes,documents", [(None, 2), ({"sequence": 4, "tensor": 2}, 2),
+                                                  ({"data": 2, "sequence": 4}, 3)])
+def test_token_nll_matches_full_forward(tiny_model, mesh_sizes, documents):
+  # length 50: 2 chunks of 32, padded tail
+  ids = np.random.RandomState(0).randint(0, 512, (documents, 51))
   mesh = mesh_lib.make_mesh(mesh_sizes) if mesh_sizes else None
   runner = gen.CachedModel(tiny_model, mesh, kv_block=16)
   nll = perplexity.token_nll(runner, ids.tolist(), 50, chunk=32)
-  assert nll.shape == (2, 50)
+  assert nll.shape == (documents, 50)
   np.testing.assert_allclose(nll, _reference_nll(tiny_model, ids), rtol=1e-5, atol=1e-5)
 
 
@@ -52,13 +55,18 @@ def test_outputs_and_short_documents(tiny_model, tokenizer, tmp_path):
                               texts=[hay.filler_text(10)])
 
 
-def test_cli(tiny_model_dir, tokenizer_path, tmp_path):
+def test_cli(tiny_model_dir, tokenizer_path, tmp_path, flag_error):
   doc = tmp_path / "doc.txt"
   doc.write_text(hay.filler_text(200, seed=5))
   res = perplexity.main(["--ckpt", tiny_model_dir, "--tokenizer", tokenizer_path, "--out",
                          str(tmp_path / "o"), "--length", "40", "--documents", str(doc),
                          "--dtype", "float32", "--buckets", "3", "--prefill-chunk", "16"])
   assert res["documents"] == 1 and (tmp_path / "o" / "perplexity.png").exists()
-  with pytest.raises(FileNotFoundError, match="--documents"):
-    perplexity.main(["--ckpt", tiny_model_dir, "--tokenizer", tokenizer_path, "--out", "x",
-                     "--length", "40", "--documents", str(tmp_path / "missing.txt")])
+  base = ["--ckpt", tiny_model_dir, "--tokenizer", tokenizer_path, "--out", "x"]
+  missing = str(tmp_path / "missing.txt")
+  assert flag_error(perplexity.main, base + ["--length", "40", "--documents", missing]
+                    ).startswith("--documents")
+  assert flag_error(perplexity.main, base + ["--length", "4000", "--documents", str(doc)]
+                    ).startswith("--documents")  # shorter than --length + 1 tokens
+  assert flag_error(perplexity.main, base + ["--length", "40", "--mesh", "sequence=3,x=1"]
+                    ).startswith("--mesh")

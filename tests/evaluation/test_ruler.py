@@ -51,9 +51,13 @@ def test_run_ruler_outputs(tiny_model, tokenizer, tmp_path):
     assert f.read(4) == b"\x89PNG"
 
 
-def test_cli_errors(tiny_model_dir, tokenizer_path, tmp_path):
+def test_cli_errors(tiny_model_dir, tokenizer_path, tmp_path, flag_error):
   base = ["--ckpt", tiny_model_dir, "--tokenizer", tokenizer_path, "--out", str(tmp_path)]
-  with pytest.raises(ValueError, match="--tasks"):
-    ruler.main(base + ["--lengths", "300", "--tasks", "niah_multikey,qa"])
-  with pytest.raises(ValueError, match="--lengths"):
-    ruler.main(base + ["--lengths", "3k"])
+  assert flag_error(ruler.main, base + ["--lengths", "300", "--tasks", "niah_multikey,qa"]
+                    ).startswith("--tasks")
+  assert flag_error(ruler.main, base + ["--lengths", "3k"]).startswith("--lengths")
+  assert flag_error(ruler.main, base + ["--lengths", "40"]).startswith("--lengths")  # too short
+  assert flag_error(ruler.main, base + ["--lengths", "300", "--samples", "0"]).startswith(
+      "--samples")
+  assert flag_error(ruler.main, base + ["--lengths", "300", "--mesh", "data=16"]).startswith(
+      "--mesh")

@@ -8,9 +8,11 @@ check this against transformers' `generate` run prompt by prompt).
 
 On a mesh, the prompt's chunks are split over the `sequence` axis: the first chunk runs the
 training ring attention (zigzag layout), later chunks and every decode step attend to the
-sequence-sharded cache with the log-sum-exp merge (evaluation/sharded_cache.py). Sampling: greedy
-(temperature 0) or temperature + top-p (nucleus) sampling; stop tokens end a row (the stop token
-is kept, as transformers does; later steps are not returned).
+sequence-sharded cache with the log-sum-exp merge (evaluation/sharded_cache.py). The batch is split
+over data x fsdp, so a batch that does not divide by it gets copies of its last prompt as padding
+rows (`CachedModel.pad_rows`): they do the work of a real row, change no other row, and are never
+returned. Sampling: greedy (temperature 0) or temperature + top-p (nucleus) sampling; stop tokens
+end a row (the stop token is kept, as transformers does; later steps are not returned).
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class CachedModel:
     self.config, self.mesh = model.config, mesh
     self.params = sharded_cache.place_params(model, mesh)
     self.n = sharded_cache.sequence_size(mesh)
+    self.rows = sharded_cache.batch_size(mesh)
     self.kv_block = kv_block
     self._cache_attention = sharded_cache.cache_attention_fn(mesh, kv_block=kv_block)
     self._ring = sharded_cache.ring_prefill_fn(mesh, **ring_options) if ring else None
@@ -109,6 +112,11 @@ class CachedModel:
   def chunk_multiple(self) -> int:
     """Prefill chunks are multiples of this (2 x sequence size: the zigzag layout's chunks)."""
     return 2 * self.n
+
+  def pad_rows(self, rows: Sequence) -> list:
+    """`rows` followed by copies of the last one up to a multiple of the mesh's data x fsdp (the
+    cache's batch dimension is split over them); callers drop results past len(rows)."""
+    return list(rows) + list(rows[-1:]) * (-len(rows) % self.rows)
 
   def new_cache(self, batch: int, needed_slots: int) -> decode.KVCache:
     """An empty cache with at least `needed_slots` slots, padded so each device's share is a
@@ -166,22 +174,24 @@ class CachedModel:
     if temperature < 0 or not 0 < top_p <= 1:
       raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got "
                        f"temperature={temperature}, top_p={top_p}.")
-    longest = max(len(p) for p in prompts) if prompts else 0
+    if not prompts:
+      raise ValueError("generate: no prompts given.")
+    longest = max(len(p) for p in prompts)
     chunk = _round_up(min(prefill_chunk, max(longest, 1)), self.chunk_multiple())
-    batch = left_pad(prompts, _round_up(max(longest, 1), chunk), pad_id)
-    P = batch.ids.shape[1]
+    batch = left_pad(self.pad_rows(prompts), _round_up(max(longest, 1), chunk), pad_id)
+    B, P = batch.ids.shape
     if P + max_new_tokens > self.config.max_position_embeddings:
       # Not an error: extrapolation is a thing to measure; but say so.
       logging.warning("generate: %d slots exceed the model's max_position_embeddings %d.",
                       P + max_new_tokens, self.config.max_position_embeddings)
-    cache = self.new_cache(len(prompts), P + max_new_tokens)
+    cache = self.new_cache(B, P + max_new_tokens)
     logits, cache = self.prefill(batch, cache, chunk)
     key = jax.random.PRNGKey(seed)
     stops = np.asarray(list(stop_tokens), np.int32)
     positions = batch.lengths.copy()
-    done = np.zeros(len(prompts), bool)
+    done = np.arange(B) >= len(prompts)  # padding rows: never collected, never wait for a stop
     out = [[] for _ in prompts]
-    ones = np.ones((len(prompts), 1), np.int32)
+    ones = np.ones((B, 1), np.int32)
     for step in range(max_new_tokens):
       key, sub = jax.random.split(key)
       tokens = np.asarray(sample(logits, sub, temperature, top_p))

@@ -149,14 +149,19 @@ def save_results(rows, lengths, depths, scores, out_dir, *, settings, training_l
   return NiahResults(list(lengths), list(depths), np.asarray(scores), rows, paths)
 
 
-def _floats(text: str, flag: str) -> list[float]:
+def _numbers(text: str, flag: str, kind=float) -> list:
+  """'1,2,3' -> [kind(x), ...]; errors name the flag."""
   try:
-    return [float(x) for x in text.split(",") if x.strip()]
+    values = [kind(x) for x in text.split(",") if x.strip()]
   except ValueError:
-    raise ValueError(f"{flag}={text!r}: expected comma-separated numbers.") from None
+    what = "integers" if kind is int else "numbers"
+    raise ValueError(f"{flag}={text!r}: expected comma-separated {what}.") from None
+  if not values:
+    raise ValueError(f"{flag}={text!r}: no values given.")
+  return values
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
   from ultralong_jax.evaluation import loading  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog="python -m ultralong_jax.evaluation.niah",
                               description=__doc__.split("\n\n")[0])
@@ -180,27 +185,44 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max-new-tokens", type=int, default=32)
   p.add_argument("--batch-size", type=int, default=1)
   p.add_argument("--seed", type=int, default=0)
-  return p.parse_args(argv)
+  return p
 
 
 def main(argv=None) -> NiahResults:
   from ultralong_jax.evaluation import loading  # pylint: disable=g-import-not-at-top
-  args = parse_args(argv)
-  if args.needle not in ("passkey", "sentence") and not (args.question and args.answer):
-    raise ValueError("--needle with a custom sentence needs --question and --answer.")
-  needle = args.needle if args.needle in ("passkey", "sentence") else hay.Needle(
-      text=f" {args.needle.strip()} ", question=args.question, answer=args.answer)
-  text = hay.load_text_files(args.haystack) if args.haystack else None
-  model, tokenizer, mesh = loading.load(args)
-  max_length = args.max_length or model.config.max_position_embeddings
-  lengths = ([int(x) for x in _floats(args.lengths, "--lengths")] if args.lengths else
-             default_lengths(max_length, args.num_lengths, args.min_length))
-  depths = ([d / 100 for d in _floats(args.depths, "--depths")] if args.depths else
-            default_depths(args.num_depths))
-  if any(not 0 <= d <= 1 for d in depths):
-    raise ValueError(f"--depths must be percentages in [0, 100], got {args.depths}.")
-  results = run_niah(model, tokenizer, lengths=lengths, depths=depths, out_dir=args.out,
-                     mesh=mesh, needle=needle, haystack_text=text, chat=not args.no_chat,
+  parser = _parser()
+  args = parser.parse_args(argv)
+  # Every flag is checked before the weights load (minutes for a large model); errors name the flag.
+  with loading.flag_errors(parser):
+    loading.positive(args, "max_length", "min_length", "num_lengths", "num_depths",
+                     "training_length", "max_new_tokens", "batch_size")
+    if args.needle not in ("passkey", "sentence") and not (args.question and args.answer):
+      raise ValueError("--needle with a custom sentence needs --question and --answer.")
+    needle = args.needle if args.needle in ("passkey", "sentence") else hay.Needle(
+        text=f" {args.needle.strip()} ", question=args.question, answer=args.answer)
+    lengths = _numbers(args.lengths, "--lengths", int) if args.lengths else None
+    if lengths is not None and min(lengths) < 1:
+      raise ValueError(f"--lengths={args.lengths!r}: lengths must be >= 1.")
+    depths = ([d / 100 for d in _numbers(args.depths, "--depths")] if args.depths else
+              default_depths(args.num_depths))
+    if any(not 0 <= d <= 1 for d in depths):
+      raise ValueError(f"--depths must be percentages in [0, 100], got {args.depths}.")
+    text = hay.load_text_files(args.haystack) if args.haystack else None
+    flags = loading.check_model_flags(args)
+    if lengths is None:
+      max_length = args.max_length or flags.config.max_position_embeddings
+      if args.min_length is not None and args.min_length > max_length:
+        raise ValueError(f"--min-length {args.min_length} is above the longest length "
+                         f"{max_length} (--max-length or the model's max_position_embeddings).")
+      lengths = default_lengths(max_length, args.num_lengths, args.min_length)
+    try:  # the shortest cell must leave room for haystack after instructions, needle, question
+      make_cells(flags.tokenizer, hay.Haystack(flags.tokenizer, hay.filler_text(200)),
+                 [min(lengths)], [0.0], needle=needle, chat=not args.no_chat)
+    except ValueError as e:
+      raise ValueError(f"{'--lengths' if args.lengths else '--min-length'}: {e}") from None
+  model = loading.load_model(args)
+  results = run_niah(model, flags.tokenizer, lengths=lengths, depths=depths, out_dir=args.out,
+                     mesh=flags.mesh, needle=needle, haystack_text=text, chat=not args.no_chat,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                      training_length=args.training_length, prefill_chunk=args.prefill_chunk,
                      kv_block=args.kv_block, seed=args.seed)

@@ -49,8 +49,10 @@ def token_nll(runner: gen_lib.CachedModel, documents: Sequence[Sequence[int]], l
   if short:
     raise ValueError(f"documents {short} have fewer than length + 1 = {length + 1} tokens; "
                      "give longer documents or a smaller --length.")
-  ids = np.asarray([list(d[:length + 1]) for d in documents], np.int32)
-  B = len(documents)
+  # Padding rows (copies of the last document) fill the batch up to the mesh's data x fsdp; their
+  # losses are dropped below.
+  ids = np.asarray([list(d[:length + 1]) for d in runner.pad_rows(documents)], np.int32)
+  B = len(ids)
   chunk = min(-(-chunk // runner.chunk_multiple()) * runner.chunk_multiple(),
               -(-length // runner.chunk_multiple()) * runner.chunk_multiple())
   padded = -(-length // chunk) * chunk
@@ -68,7 +70,7 @@ def token_nll(runner: gen_lib.CachedModel, documents: Sequence[Sequence[int]], l
     out, cache = runner.step(cache, inputs[:, s], positions[:, s], segment_ids[:, s], start,
                              head="nll", targets=targets[:, s])
     nll.append(np.asarray(out))
-  return np.concatenate(nll, axis=1)[:, :length]
+  return np.concatenate(nll, axis=1)[:len(documents), :length]
 
 
 def run_perplexity(model, tokenizer, *, length: int, out_dir: str, texts: Sequence[str] | None = None,
@@ -109,15 +111,25 @@ def main(argv=None) -> dict:
   p.add_argument("--buckets", type=int, default=20)
   p.add_argument("--linear-buckets", action="store_true")
   args = p.parse_args(argv)
-  if args.length < 2:
-    raise ValueError(f"--length must be >= 2, got {args.length}.")
-  texts = None
-  if args.documents:
-    texts = [hay.load_text_files([path], flag="--documents") for path in args.documents]
-  model, tokenizer, mesh = loading.load(args)
-  result = run_perplexity(model, tokenizer, length=args.length, out_dir=args.out, texts=texts,
-                          mesh=mesh, num_buckets=args.buckets, log_buckets=not args.linear_buckets,
-                          chunk=args.prefill_chunk, kv_block=args.kv_block)
+  # Every flag is checked before the weights load (minutes for a large model); errors name the flag.
+  with loading.flag_errors(p):
+    loading.positive(args, "buckets")
+    if args.length < 2:
+      raise ValueError(f"--length must be >= 2, got {args.length}.")
+    texts = None
+    if args.documents:
+      texts = [hay.load_text_files([path], flag="--documents") for path in args.documents]
+    flags = loading.check_model_flags(args)
+    short = [path for path, text in zip(args.documents, texts or [])
+             if len(flags.tokenizer.encode(text)) < args.length + 1]
+    if short:
+      raise ValueError(f"--documents {short} have fewer than --length + 1 = {args.length + 1} "
+                       "tokens; give longer documents or a smaller --length.")
+  model = loading.load_model(args)
+  result = run_perplexity(model, flags.tokenizer, length=args.length, out_dir=args.out,
+                          texts=texts, mesh=flags.mesh, num_buckets=args.buckets,
+                          log_buckets=not args.linear_buckets, chunk=args.prefill_chunk,
+                          kv_block=args.kv_block)
   for b in result["buckets"]:
     print(f"positions [{b['start']:>8}, {b['end']:>8}): loss {b['loss']:.4f}", file=sys.stdout)
   print(f"written: {result['paths']['json']}, {result['paths']['plot']}")

@@ -189,18 +189,31 @@ def main(argv=None) -> dict:
   p.add_argument("--batch-size", type=int, default=1)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
-  try:
-    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-  except ValueError:
-    raise ValueError(f"--lengths={args.lengths!r}: expected comma-separated integers.") from None
-  tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-  bad = [t for t in tasks if t not in TASKS]
-  if bad:
-    raise ValueError(f"--tasks: unknown {bad}; choose from {TASKS}.")
-  text = hay.load_text_files(args.haystack) if args.haystack else None
-  model, tokenizer, mesh = loading.load(args)
-  res = run_ruler(model, tokenizer, lengths=lengths, out_dir=args.out, tasks=tasks,
-                  samples=args.samples, mesh=mesh, chat=not args.no_chat, haystack_text=text,
+  # Every flag is checked before the weights load (minutes for a large model); errors name the flag.
+  with loading.flag_errors(p):
+    loading.positive(args, "samples", "max_new_tokens", "batch_size")
+    try:
+      lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError:
+      raise ValueError(f"--lengths={args.lengths!r}: expected comma-separated integers.") from None
+    if not lengths or min(lengths) < 1:
+      raise ValueError(f"--lengths={args.lengths!r}: give lengths >= 1.")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+      raise ValueError(f"--tasks={args.tasks!r}: {f'unknown {bad}' if bad else 'no tasks'}; "
+                       f"choose from {TASKS}.")
+    text = hay.load_text_files(args.haystack) if args.haystack else None
+    flags = loading.check_model_flags(args)
+    filler = hay.Haystack(flags.tokenizer, hay.filler_text(200))
+    for t in tasks:  # the shortest length must hold each task's instructions and needles
+      try:
+        make_sample(t, flags.tokenizer, filler, min(lengths), 0, chat=not args.no_chat)
+      except ValueError as e:
+        raise ValueError(f"--lengths: {t}: {e}") from None
+  model = loading.load_model(args)
+  res = run_ruler(model, flags.tokenizer, lengths=lengths, out_dir=args.out, tasks=tasks,
+                  samples=args.samples, mesh=flags.mesh, chat=not args.no_chat, haystack_text=text,
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                   prefill_chunk=args.prefill_chunk, kv_block=args.kv_block, seed=args.seed)
   for t, by_length in res["scores"].items():

@@ -13,6 +13,7 @@ Shapes as in decode.py.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -27,6 +28,14 @@ def sequence_size(mesh) -> int:
     return 1
   axes = sharding.mesh_axes_of("length", mesh)
   return mesh.shape[axes[0]] if axes else 1
+
+
+def batch_size(mesh) -> int:
+  """Devices the `batch` logical axis is split over (data x fsdp; 1 without a mesh): a cache's
+  batch dimension must be a multiple of this."""
+  if mesh is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in sharding.mesh_axes_of("batch", mesh))
 
 
 def cache_attention_fn(mesh, *, kv_block: int = 512) -> decode.CacheAttentionFn:
