@@ -38,7 +38,10 @@ def main(argv) -> int:
   try:
     summary = loop.run(_CONFIG.value, _WORKDIR.value, checkpoint_dir=_CHECKPOINT_DIR.value)
   except ValueError as e:  # configuration and input errors: one clear line, no traceback
-    print(f"error: {e}", file=sys.stderr)
+    # loop.run has closed its checkpointer by now (background saves and reads done): the line
+    # comes last, whole, after anything already written to stdout.
+    sys.stdout.flush()
+    print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
   return 0

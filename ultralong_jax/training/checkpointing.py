@@ -11,11 +11,15 @@ the *current* mesh's shardings, so a run may resume on a different mesh shape.
 
 A complete but damaged checkpoint (a truncated file, a bad disk) fails to restore: `restore_latest`
 raises CorruptCheckpointError naming the step directory, or, when asked to fall back, moves it to
-`checkpoints_corrupt/` and resumes from the newest older step that restores.
+`checkpoints_corrupt/` and resumes from the newest older step that restores. Either way the
+failed restore's reads are finished before the error is reported (`_loops_closed_when_idle`), so
+nothing prints after it from a background thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
@@ -68,9 +72,10 @@ class RunCheckpointer:
   def restore(self, step: int, abstract_state: Any, data_iter) -> Any:
     """Restores `step` into arrays shaped/sharded like `abstract_state`; the Grain iterator is
     restored in place. Returns the state."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    with _loops_closed_when_idle():
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
     return restored["state"]
 
   def restore_latest(self, abstract_state: Any, data_iter, *,
@@ -126,8 +131,9 @@ class RunCheckpointer:
     self.manager.reload()
 
   def restore_config(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-        "config"]
+    with _loops_closed_when_idle():
+      return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+          "config"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -171,3 +177,61 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `tree` placed by `shardings` (restore targets for any mesh)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+# How long a failed restore's remaining reads may run on before they are cancelled: reads of a
+# local checkpoint end in milliseconds; a large one on an object store may need a while.
+_SETTLE_SECONDS = 60.0
+
+
+class _IdleClosingLoop(asyncio.SelectorEventLoop):
+  """An event loop that lets the tasks still pending on it end before it closes.
+
+  Orbax runs a restore as one asyncio.gather of TensorStore reads (one per array) on a fresh
+  loop, which it closes as soon as the gather returns, pending tasks or not
+  (orbax.checkpoint asyncio_utils._run_sync_via_new_loop). When one read fails the gather raises
+  at once, with the other reads still in flight in TensorStore's threads; as each completes,
+  TensorStore's done-callback calls loop.call_soon_threadsafe on the closed loop and reports the
+  `RuntimeError: Event loop is closed` through sys.unraisablehook, i.e. a traceback on stderr per
+  array, from a thread, at any moment, even in the middle of the run's own error line. Here
+  those tasks run to their end first, so every TensorStore callback lands on an open loop; past
+  _SETTLE_SECONDS they are cancelled (asyncio.run's own teardown; a cancelled TensorStore future
+  runs its callback at once, on this thread).
+  """
+
+  def close(self) -> None:
+    if not self.is_closed() and not self.is_running() and not _loop_running_here():
+      pending = asyncio.all_tasks(self)
+      if pending:
+        try:
+          self.run_until_complete(asyncio.wait_for(
+              asyncio.gather(*pending, return_exceptions=True), _SETTLE_SECONDS))
+        except TimeoutError:
+          logging.warning("a failed checkpoint read still ran after %.0f s; cancelled it",
+                          _SETTLE_SECONDS)
+    super().close()
+
+
+class _IdleClosingPolicy(asyncio.DefaultEventLoopPolicy):
+
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _IdleClosingLoop()
+
+
+def _loop_running_here() -> bool:
+  try:
+    asyncio.get_running_loop()
+  except RuntimeError:
+    return False
+  return True
+
+
+@contextlib.contextmanager
+def _loops_closed_when_idle():
+  """Event loops created inside (Orbax creates one per restore) close only once idle."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_IdleClosingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
