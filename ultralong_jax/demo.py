@@ -41,25 +41,34 @@ def _load_demo_configs(root: str):
   return get, module
 
 
-def make_data(data_dir: str, separator_id: int, quick: bool) -> dict:
+def make_data(data_dir: str, separator_id: int, quick: bool, corpus: dict | None = None) -> dict:
+  """The generated corpus (`corpus`, default configs/demo.py CORPUS: documents per domain, their
+  lengths in sentences, the share with a pass key; chats), tokenized into ArrayRecord shards."""
+  if corpus is None:
+    corpus = _load_demo_configs(data_dir)[1].CORPUS
   from ultralong_jax.data import prepare, synthetic  # pylint: disable=import-outside-toplevel
   from ultralong_jax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   os.makedirs(data_dir, exist_ok=True)
-  tokenizer_path = synthetic.build_tokenizer(os.path.join(data_dir, "tokenizer.json"), 512)
+  tokenizer_path = synthetic.build_tokenizer(os.path.join(data_dir, "tokenizer.json"),
+                                             corpus["vocab_size"])
   tokenizer = load_tokenizer(tokenizer_path)
   if tokenizer.token_id("<|end_of_text|>") != separator_id:
     raise RuntimeError("configs/demo.py: data.separator_id does not match the demo tokenizer's "
                        f"<|end_of_text|> ({tokenizer.token_id('<|end_of_text|>')}).")
-  # Two domains: short documents (pass key and question within the base's 128 tokens) and long
-  # ones (up to ~1,000 tokens) for the context extension.
-  n = 500 if quick else 5000
-  for domain, (lo, hi, seed) in {"short": (1, 10, 0), "long": (10, 110, 1)}.items():
-    docs = synthetic.write_documents(os.path.join(data_dir, f"{domain}.jsonl"), n, seed=seed,
-                                     min_sentences=lo, max_sentences=hi, passkey_fraction=0.9)
+  for domain, spec in corpus["documents"].items():
+    n = spec["docs"] // 10 if quick else spec["docs"]
+    docs = synthetic.write_documents(
+        os.path.join(data_dir, f"{domain}.jsonl"), n, seed=spec["seed"],
+        min_sentences=spec["min_sentences"], max_sentences=spec["max_sentences"],
+        passkey_fraction=spec["passkey_fraction"], repeat=spec["repeat"])
     prepare.prepare([docs], os.path.join(data_dir, domain), tokenizer_path, num_shards=4,
                     num_workers=1, domain=domain, progress=True)
-  synthetic.write_chats(os.path.join(data_dir, "chats.jsonl"), 500 if quick else 3000, seed=2)
-  return {"tokenizer": tokenizer_path, "documents": os.path.join(data_dir, "{short,long}.jsonl")}
+  chats = corpus["chats"]
+  synthetic.write_chats(os.path.join(data_dir, "chats.jsonl"),
+                        chats["count"] // 6 if quick else chats["count"], seed=chats["seed"],
+                        max_sentences=chats["max_sentences"])
+  names = ",".join(corpus["documents"])
+  return {"tokenizer": tokenizer_path, "documents": os.path.join(data_dir, f"{{{names}}}.jsonl")}
 
 
 def run_needle_evals(root: str, tokenizer_path: str, get_config, quick: bool, *,
@@ -122,7 +131,8 @@ def main(argv=None) -> int:
   get_config, module = _load_demo_configs(root)
   base_cfg = get_config("base")
   print(f"[data] generating corpus, chats and tokenizer under {root}/data")
-  data = make_data(os.path.join(root, "data"), base_cfg.data.separator_id, args.quick)
+  data = make_data(os.path.join(root, "data"), base_cfg.data.separator_id, args.quick,
+                   module.CORPUS)
   summaries = {}
   for stage in ("base", "stage1", "stage2"):
     c = get_config(stage)

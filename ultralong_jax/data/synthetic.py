@@ -44,21 +44,40 @@ def passkey_sentence(key: int) -> str:
   return f" The pass key is {key}. Remember it. "
 
 
-def passkey_document(rng: random.Random, n_sentences: int) -> str:
+def document_filler(rng: random.Random, n_sentences: int, repeat: float = 0.0) -> str:
+  """`filler`, except that each sentence after the first repeats one of the document's earlier
+  sentences with probability `repeat` (repeat=0 gives exactly `filler`'s text and random draws).
+
+  Real text repeats its own names and phrases, so a model learns early that copying from its
+  context pays; in independent random sentences only the pass key is worth copying."""
+  if not repeat:
+    return filler(rng, n_sentences)
+  sentences = []
+  for _ in range(n_sentences):
+    reuse = sentences and rng.random() < repeat
+    sentences.append(rng.choice(sentences) if reuse else filler_sentence(rng))
+  return " ".join(sentences)
+
+
+def passkey_document(rng: random.Random, n_sentences: int, repeat: float = 0.0) -> str:
   key = rng.randint(10000, 99999)
   before = rng.randint(0, n_sentences)
-  return (f"{INTRO}\n\n{filler(rng, before)}{passkey_sentence(key)}"
-          f"{filler(rng, n_sentences - before)}\n\n{QUESTION}\nAnswer: The pass key is {key}.")
+  return (f"{INTRO}\n\n{document_filler(rng, before, repeat)}{passkey_sentence(key)}"
+          f"{document_filler(rng, n_sentences - before, repeat)}\n\n{QUESTION}\n"
+          f"Answer: The pass key is {key}.")
 
 
 def write_documents(path: str, n_docs: int, seed: int, min_sentences: int = 4,
-                    max_sentences: int = 120, passkey_fraction: float = 0.5) -> str:
-  """JSONL of {"text": ...}; about `passkey_fraction` of the documents carry a pass key."""
+                    max_sentences: int = 120, passkey_fraction: float = 0.5,
+                    repeat: float = 0.0) -> str:
+  """JSONL of {"text": ...}; about `passkey_fraction` of the documents carry a pass key; each
+  sentence repeats an earlier one of its document with probability `repeat` (document_filler)."""
   rng = random.Random(seed)
   with open(path, "w") as f:
     for i in range(n_docs):
       n = rng.randint(min_sentences, max_sentences)
-      text = passkey_document(rng, n) if rng.random() < passkey_fraction else filler(rng, n)
+      text = (passkey_document(rng, n, repeat) if rng.random() < passkey_fraction
+              else document_filler(rng, n, repeat))
       f.write(json.dumps({"text": text, "id": i}) + "\n")
   return path
 

@@ -100,6 +100,7 @@ class CachedModel:
 
   def __init__(self, model, mesh=None, *, kv_block: int = 512, ring: bool = True, **ring_options):
     self.config, self.mesh = model.config, mesh
+    self._warned_past = 0  # the longest prompt + new tokens warned about (past max positions)
     self.params = sharded_cache.place_params(model, mesh)
     self.n = sharded_cache.sequence_size(mesh)
     self.rows = sharded_cache.batch_size(mesh)
@@ -180,8 +181,10 @@ class CachedModel:
     chunk = _round_up(min(prefill_chunk, max(longest, 1)), self.chunk_multiple())
     batch = left_pad(self.pad_rows(prompts), _round_up(max(longest, 1), chunk), pad_id)
     B, P = batch.ids.shape
-    if P + max_new_tokens > self.config.max_position_embeddings:
-      # Not an error: extrapolation is a thing to measure; but say so.
+    if P + max_new_tokens > max(self.config.max_position_embeddings, self._warned_past):
+      # Not an error: extrapolation is a thing to measure; but say so (once per new maximum, not
+      # once per cell of a grid).
+      self._warned_past = P + max_new_tokens
       logging.warning("generate: %d slots exceed the model's max_position_embeddings %d.",
                       P + max_new_tokens, self.config.max_position_embeddings)
     cache = self.new_cache(B, P + max_new_tokens)

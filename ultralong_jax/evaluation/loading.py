@@ -103,12 +103,7 @@ def check_model_flags(args: argparse.Namespace) -> ModelFlags:
   mesh = parse_mesh(args.mesh)
   from ultralong_jax.convert.api import load_config  # pylint: disable=g-import-not-at-top
   from ultralong_jax.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
-  try:
-    config = load_config(args.ckpt)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"--ckpt {args.ckpt}: {e}") from None
-  except ValueError as e:
-    raise ValueError(f"--ckpt {args.ckpt}: {e}") from None
+  config = _named("--ckpt", load_config, args.ckpt)
   tensor = mesh.shape["tensor"] if mesh is not None else 1
   heads = math.gcd(config.num_heads, config.num_kv_heads)
   if heads % tensor:
@@ -116,16 +111,19 @@ def check_model_flags(args: argparse.Namespace) -> ModelFlags:
     raise ValueError(f"--mesh={args.mesh!r}: tensor={tensor} does not divide the model's "
                      f"{config.num_heads} query / {config.num_kv_heads} kv heads (--ckpt "
                      f"{args.ckpt}); use tensor in {fits}.")
-  try:
-    tokenizer = load_tokenizer(args.tokenizer)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"--tokenizer: {e}") from None
-  except ValueError as e:
-    raise ValueError(f"--tokenizer {args.tokenizer}: {e}") from None
+  tokenizer = _named("--tokenizer", load_tokenizer, args.tokenizer)
   if tokenizer.vocab_size > config.vocab_size:
     raise ValueError(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens but the "
                      f"model in --ckpt {args.ckpt} only {config.vocab_size}: wrong pair?")
   return ModelFlags(config, tokenizer, mesh)
+
+
+def _named(flag: str, load, path: str):
+  """load(path), with a FileNotFoundError / ValueError re-raised naming the flag and the path."""
+  try:
+    return load(path)
+  except (FileNotFoundError, ValueError) as e:
+    raise type(e)(f"{flag} {path}: {e}") from None
 
 
 def load_model(args: argparse.Namespace):
