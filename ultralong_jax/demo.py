@@ -25,8 +25,9 @@ import time
 _FLAG = "--xla_force_host_platform_device_count=8"
 
 
-def _load_demo_configs(root: str):
-  """configs/demo.py with its run paths moved under `root`."""
+def load_demo_configs(root: str):
+  """(get_config(stage), the configs/demo.py module) with the configs' run paths moved under
+  `root`; the demo and notebooks/demo_walkthrough.ipynb build their stages from it."""
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
   spec = importlib.util.spec_from_file_location("demo_config", path)
   module = importlib.util.module_from_spec(spec)
@@ -45,7 +46,7 @@ def make_data(data_dir: str, separator_id: int, quick: bool, corpus: dict | None
   """The generated corpus (`corpus`, default configs/demo.py CORPUS: documents per domain, their
   lengths in sentences, the share with a pass key; chats), tokenized into ArrayRecord shards."""
   if corpus is None:
-    corpus = _load_demo_configs(data_dir)[1].CORPUS
+    corpus = load_demo_configs(data_dir)[1].CORPUS
   from ultralong_jax.data import prepare, synthetic  # pylint: disable=import-outside-toplevel
   from ultralong_jax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   os.makedirs(data_dir, exist_ok=True)
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
   root = args.workdir.rstrip("/")
   if os.path.exists(root):
     shutil.rmtree(root)
-  get_config, module = _load_demo_configs(root)
+  get_config, module = load_demo_configs(root)
   base_cfg = get_config("base")
   print(f"[data] generating corpus, chats and tokenizer under {root}/data")
   data = make_data(os.path.join(root, "data"), base_cfg.data.separator_id, args.quick,
