@@ -130,6 +130,11 @@ def test_resuming_a_finished_run_with_more_steps_rewrites_every_output(tiny_conf
     assert json.load(f)["step"] == 8
   leftovers = [n for n in os.listdir(workdir) if n.endswith((".partial", ".old"))]
   assert not leftovers, leftovers
+  again = loop.run(tiny_config(steps=8), workdir, progress=False)  # the same command, once more
+  assert again["start_step"] == again["end_step"] == 8 and again["complete"]
+  for got, want in zip(*map(jax.tree.leaves, (_final_params(os.path.join(workdir, "final")),
+                                              final))):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_resume_on_a_different_mesh(tiny_config, tmp_path):
