@@ -45,7 +45,7 @@ if [[ ! -x .venv/bin/python ]] || ! ok_python .venv/bin/python >/dev/null; then
 fi
 
 stamp=.venv/.ultralong-installed-$(basename "$reqs" .txt)
-digest=$(cat requirements.txt "$reqs" pyproject.toml | sha256sum | cut -d' ' -f1)
+digest=$(cat requirements*.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$digest" ]]; then
   echo "setup: installing $reqs into .venv (first time: several minutes; torch alone is ~2 GB)"
   .venv/bin/python -m pip install -q --upgrade pip
