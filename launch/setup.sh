@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates ./.venv with Python >= 3.12 and installs ultralong-jax into it.
 #   bash launch/setup.sh          runtime dependencies (requirements.txt)
-#   bash launch/setup.sh --test   plus test dependencies (requirements-test.txt: pytest, torch, transformers)
+#   bash launch/setup.sh --test   plus test dependencies (requirements-test.txt: pytest, torch, transformers,
+#                                 and the optional extras the tests exercise, e.g. requirements-tfds.txt)
 # Re-running is cheap: pip runs only when the requirements files changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."

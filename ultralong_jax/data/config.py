@@ -112,8 +112,8 @@ _COMMON = {"stage", "seq_len", "global_batch_size", "seed", "num_epochs", "token
            "vocab_size", "strict", "num_workers", "worker_buffer_size"}
 _STAGE_KEYS = {
     1: _COMMON | {"domains", "resample", "separator_id", "bos_id", "document_mask"},
-    2: _COMMON | {"chat_files", "chat_tfds", "chat_tfds_data_dir", "max_example_len", "over_limit", "packing", "num_packing_bins",
-                  "chat"},
+    2: _COMMON | {"chat_files", "chat_tfds", "chat_tfds_data_dir", "max_example_len",
+                  "over_limit", "packing", "num_packing_bins", "chat"},
 }
 _RESAMPLE_KEYS = {"short_threshold", "short_rate", "long_threshold", "long_rate"}
 _DOMAIN_KEYS = {"path", "tfds", "data_dir", "text_field", "weight", "resample"}

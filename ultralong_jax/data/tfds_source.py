@@ -80,8 +80,9 @@ def _builder(tfds, name: str, data_dir: str, key: str):
   if not data_dir or not os.path.isdir(data_dir):
     raise FileNotFoundError(f"{key}: TFDS data_dir {data_dir!r} is not a directory; give the "
                             "local directory that holds the prepared dataset.")
-  build_hint = (f"prepare it where the network is reachable (tfds build {name.split(':')[0]} "
-                f"--data_dir={data_dir} --file_format=array_record) and copy it there.")
+  build_hint = ("prepare it in the ArrayRecord format where the network is reachable, e.g. "
+                f"tfds.builder({name!r}, data_dir={data_dir!r}, file_format='array_record')"
+                ".download_and_prepare(), and copy it there.")
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
