@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates ./.venv with Python >= 3.12 and installs ultralong-jax into it.
 #   bash launch/setup.sh          runtime dependencies (requirements.txt)
-#   bash launch/setup.sh --test   plus test dependencies (requirements-test.txt: pytest, torch, transformers)
+#   bash launch/setup.sh --test   plus test dependencies (requirements-test.txt: pytest, torch, transformers,
+#                                 and the optional extras the tests exercise, e.g. requirements-tfds.txt)
 # Re-running is cheap: pip runs only when the requirements files changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +46,7 @@ if [[ ! -x .venv/bin/python ]] || ! ok_python .venv/bin/python >/dev/null; then
 fi
 
 stamp=.venv/.ultralong-installed-$(basename "$reqs" .txt)
-digest=$(cat requirements.txt "$reqs" pyproject.toml | sha256sum | cut -d' ' -f1)
+digest=$(cat requirements*.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$digest" ]]; then
   echo "setup: installing $reqs into .venv (first time: several minutes; torch alone is ~2 GB)"
   .venv/bin/python -m pip install -q --upgrade pip

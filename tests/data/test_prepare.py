@@ -103,17 +103,6 @@ def test_cli_with_worker_pool_matches_single_process(tmp, hf_tokenizer_path, jso
   assert shards.load_prepared(f"{tmp}/pool").domain == "pool"
 
 
-def test_tfds_needs_optional_package(tmp, hf_tokenizer_path):
-  try:
-    import tensorflow_datasets  # noqa: F401
-  except ImportError:
-    with pytest.raises(ImportError, match="tensorflow-datasets"):
-      prepare.prepare([], f"{tmp}/out", hf_tokenizer_path, tfds_spec=("x", tmp, "train"),
-                      num_workers=1, progress=False)
-    return
-  pytest.skip("tensorflow-datasets is installed; building a local TFDS dataset is out of scope")
-
-
 def test_expand_paths_and_format():
   with pytest.raises(FileNotFoundError, match="match nothing"):
     readers.expand_paths("/nonexistent/*.jsonl")

@@ -9,6 +9,7 @@
   pretrain.py        stage-1 pipeline (build_pretrain_pipeline)
   chat_template.py   Llama 3.1 chat template to ids + assistant mask
   jsonl_source.py    random-access JSONL for Grain
+  tfds_source.py     TFDS datasets (ArrayRecord) for Grain without TensorFlow
   sft.py             stage-2 pipeline (build_sft_pipeline)
   features.py        packed rows -> inputs/targets/positions/segment_ids/loss_mask
   stats.py           counters kept in Grain iterator state

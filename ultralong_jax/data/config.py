@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from ultralong_jax.data import tfds_source
+
 # Llama 3 special token ids (meta-llama/Llama-3.1-8B-Instruct tokenizer.json, `added_tokens`).
 LLAMA3_BEGIN_OF_TEXT = 128000
 LLAMA3_END_OF_TEXT = 128001
@@ -38,10 +40,13 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
     worker_buffer_size: batches each worker prefetches.
 
   Stage 1 keys:
-    domains: ConfigDict name -> {path, weight[, resample]}: `path` is a directory written by
-      `python -m ultralong_jax.data.prepare`; `weight` is the domain's share of *tokens*
-      (normalized over domains); an optional `resample` sub-dict overrides any of the global
-      resample keys for that domain.
+    domains: ConfigDict name -> {path | tfds + data_dir [+ text_field], weight[, resample]}:
+      `path` is a directory written by `python -m ultralong_jax.data.prepare`; or `tfds` is a
+      TFDS dataset "name:split" in the ArrayRecord format under the local `data_dir`, its
+      `text_field` feature (default "text") tokenized on the fly with `tokenizer` (needs
+      `pip install -r requirements-tfds.txt`, no TensorFlow; see tfds_source.TfdsDocuments);
+      `weight` is the domain's share of *tokens* (normalized over domains); an optional
+      `resample` sub-dict overrides any of the global resample keys for that domain.
     resample.short_threshold / short_rate: documents with fewer tokens than the threshold are
       kept with probability min(rate, 1) (rate < 1 down-samples). Paper section 3.1: < 4K.
     resample.long_threshold / long_rate: documents with more tokens than the threshold appear
@@ -57,6 +62,10 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
   Stage 2 keys:
     chat_files: comma-separated JSONL (or .jsonl.gz) paths or globs; one chat per line as
       `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`.
+    chat_tfds: instead of chat_files, a TFDS dataset "name:split" in the ArrayRecord format
+      whose `messages` feature holds the chats (a Sequence of {role, content} Text features,
+      or a Text feature holding the JSON list); needs `pip install -r requirements-tfds.txt`.
+    chat_tfds_data_dir: the local TFDS data_dir holding chat_tfds.
     max_example_len: token limit per rendered chat (paper: < 8K).
     over_limit: "drop" or "truncate" examples longer than `max_example_len` (counted).
     packing: "first_fit" or "best_fit" (Grain's packers) for rows of L + 1 tokens.
@@ -89,6 +98,8 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
     cfg.document_mask = False
   else:
     cfg.chat_files = ""
+    cfg.chat_tfds = ""
+    cfg.chat_tfds_data_dir = ""
     cfg.max_example_len = 8192
     cfg.over_limit = "drop"
     cfg.packing = "first_fit"
@@ -101,10 +112,11 @@ _COMMON = {"stage", "seq_len", "global_batch_size", "seed", "num_epochs", "token
            "vocab_size", "strict", "num_workers", "worker_buffer_size"}
 _STAGE_KEYS = {
     1: _COMMON | {"domains", "resample", "separator_id", "bos_id", "document_mask"},
-    2: _COMMON | {"chat_files", "max_example_len", "over_limit", "packing", "num_packing_bins",
-                  "chat"},
+    2: _COMMON | {"chat_files", "chat_tfds", "chat_tfds_data_dir", "max_example_len",
+                  "over_limit", "packing", "num_packing_bins", "chat"},
 }
 _RESAMPLE_KEYS = {"short_threshold", "short_rate", "long_threshold", "long_rate"}
+_DOMAIN_KEYS = {"path", "tfds", "data_dir", "text_field", "weight", "resample"}
 
 
 def _fail(key: str, got, fix: str):
@@ -121,6 +133,13 @@ def _check_resample(prefix: str, r) -> None:
   lo, hi = r.get("short_threshold", 0), r.get("long_threshold", 0)
   if "short_threshold" in r and "long_threshold" in r and lo > hi:
     _fail(f"{prefix}.short_threshold", lo, f"must be <= long_threshold ({hi}).")
+
+
+def _check_tfds(key: str, spec, data_dir_key: str, data_dir) -> None:
+  tfds_source.parse_spec(spec, f"data.{key}")
+  if not data_dir:
+    _fail(data_dir_key, data_dir, "give the local TFDS data_dir that holds the dataset.")
+  tfds_source.check_installed(f"data.{key}")
 
 
 def validate_data_config(cfg: ml_collections.ConfigDict, process_count: int = 1) -> None:
@@ -151,10 +170,18 @@ def validate_data_config(cfg: ml_collections.ConfigDict, process_count: int = 1)
       _fail("domains", "{}", "add at least one domain: "
             "cfg.domains.web = ConfigDict(dict(path='/data/web_tok', weight=1.0)).")
     for name, dom in cfg.domains.items():
-      extra = set(dom.keys()) - {"path", "weight", "resample"}
-      if extra or "path" not in dom:
-        _fail(f"domains.{name}", sorted(dom.keys()),
-              "a domain takes `path` (a prepared directory), `weight` and optional `resample`.")
+      keys = set(dom.keys())
+      if keys - _DOMAIN_KEYS or ("path" in keys) == ("tfds" in keys) or (
+          "path" in keys and keys & {"data_dir", "text_field"}):
+        _fail(f"domains.{name}", sorted(keys),
+              "a domain takes `path` (a prepared directory) or `tfds` (\"name:split\") with "
+              "`data_dir` and optional `text_field`, plus `weight` and optional `resample`.")
+      if "tfds" in keys:
+        _check_tfds(f"domains.{name}.tfds", dom.tfds, f"domains.{name}.data_dir",
+                    dom.get("data_dir", ""))
+        if not cfg.tokenizer:
+          _fail("tokenizer", cfg.tokenizer, f"domains.{name} is tokenized on the fly: give a "
+                "tokenizer path (or prepare it: python -m ultralong_jax.data.prepare --tfds_name).")
       if not dom.get("weight", 1.0) > 0:
         _fail(f"domains.{name}.weight", dom.get("weight"), "weights must be > 0.")
       if "resample" in dom:
@@ -166,8 +193,11 @@ def validate_data_config(cfg: ml_collections.ConfigDict, process_count: int = 1)
       if not -1 <= cfg[key] < cfg.vocab_size:
         _fail(key, cfg[key], f"use -1 (none) or a token id below vocab_size ({cfg.vocab_size}).")
   else:
-    if not cfg.chat_files:
-      _fail("chat_files", cfg.chat_files, "give comma-separated JSONL paths or globs.")
+    if bool(cfg.chat_files) == bool(cfg.chat_tfds):
+      _fail("chat_files", cfg.chat_files, "give comma-separated JSONL paths or globs, or "
+            "data.chat_tfds (a TFDS \"name:split\") instead; exactly one of the two.")
+    if cfg.chat_tfds:
+      _check_tfds("chat_tfds", cfg.chat_tfds, "chat_tfds_data_dir", cfg.chat_tfds_data_dir)
     if not 1 < cfg.max_example_len <= cfg.seq_len + 1:
       _fail("max_example_len", cfg.max_example_len,
             f"use 2..seq_len + 1 ({cfg.seq_len + 1}); an example must fit in one row.")

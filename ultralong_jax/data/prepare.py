@@ -86,6 +86,8 @@ def prepare(inputs: list[str], output_dir: str, tokenizer_path: str, *, fmt: str
             tfds_spec: tuple[str, str, str] | None = None, batch_docs: int = 64,
             progress: bool = True) -> dict:
   """Tokenizes `inputs` into `output_dir`; returns the manifest (also written as JSON)."""
+  if tfds_spec is not None:  # a missing package, dataset or split fails before any work
+    readers.check_tfds(*tfds_spec)
   num_workers = os.cpu_count() if num_workers is None else num_workers
   domain = domain or os.path.basename(os.path.normpath(output_dir))
   tokenizer = tok_lib.load_tokenizer(tokenizer_path)
@@ -184,7 +186,10 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--text_field", default="text",
                  help="JSON key / Parquet column / TFDS feature holding the text "
                       "('' for ArrayRecord records that are plain UTF-8 text)")
-  p.add_argument("--tfds_name", default="", help="TFDS dataset name (needs tensorflow-datasets)")
+  p.add_argument("--tfds_name", default="",
+                 help="TFDS dataset name[/config][:version] prepared under --tfds_data_dir "
+                      "(needs pip install -r requirements-tfds.txt; ArrayRecord datasets need "
+                      "no TensorFlow)")
   p.add_argument("--tfds_data_dir", default="", help="local TFDS data_dir")
   p.add_argument("--tfds_split", default="train")
   p.add_argument("--tokenizer", required=True, help="SentencePiece .model or tokenizer.json")

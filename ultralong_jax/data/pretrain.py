@@ -1,6 +1,6 @@
 """Stage-1 pipeline: prepared long documents -> resampled, mixed, separator-joined rows.
 
-  prepared shards (per domain)  --plan-->  resampled document indices (per domain)
+  prepared shards or a TFDS split (per domain)  --plan-->  resampled document indices
     -> shuffle (per epoch) -> repeat -> this process's slice -> read tokens, append separator
                                                            (Grain MapDataset, random access)
     -> mix domains by token weight                         (grain.IterDataset.mix)
@@ -12,6 +12,10 @@ Concat-then-split is the packer that matches the recipe: documents run on across
 boundaries, no padding, so no token is lost or duplicated; first/best-fit would pad instead.
 Memory: the pipeline holds the length arrays (8 bytes per document) and one row in flight per
 worker plus Grain's small read-ahead, never the corpus.
+
+A domain is a directory written by `prepare` (`path`), or a TFDS split in the ArrayRecord format
+(`tfds` + `data_dir`) whose documents are tokenized on the fly (tfds_source.TfdsDocuments); both
+give the same documents in the same order, so the same batches.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ultralong_jax.data import pipeline
 from ultralong_jax.data import resample
 from ultralong_jax.data import shards
 from ultralong_jax.data import stats
+from ultralong_jax.data import tfds_source
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +52,15 @@ def rates_for(cfg: ml_collections.ConfigDict, domain: ml_collections.ConfigDict
 
 
 class _LoadDocument:
-  """Domain document index -> {"tokens": [n + extras], "domain": d} or a Dropped marker."""
+  """Domain document index -> {"tokens": [n + extras], "domain": d} or a Dropped marker.
 
-  def __init__(self, corpus: shards.PreparedCorpus, domain_id: int, bos_id: int,
-               separator_id: int, vocab_size: int, strict: bool):
-    self._reader = shards.DocumentReader(corpus)
+  `reader(index)` gives a document's token ids and `reader.where(index)` its location:
+  shards.DocumentReader or tfds_source.TfdsDocuments.
+  """
+
+  def __init__(self, reader, domain_id: int, bos_id: int, separator_id: int, vocab_size: int,
+               strict: bool):
+    self._reader = reader
     self._domain_id = domain_id
     self._prefix = np.asarray([bos_id] if bos_id >= 0 else [], np.int32)
     self._suffix = np.asarray([separator_id] if separator_id >= 0 else [], np.int32)
@@ -95,9 +104,28 @@ class _Features:
                                       packed["tokens_positions"], self._document_mask)
 
 
+def _open_domain(cfg: ml_collections.ConfigDict, name: str, cache_dir: str | None):
+  """(reader, lengths, max token id, bad input counted before the pipeline) of one domain."""
+  dom = cfg.domains[name]
+  if "tfds" in dom:
+    docs = tfds_source.TfdsDocuments(
+        dom.tfds, dom.data_dir, dom.get("text_field", tfds_source.DEFAULT_TEXT_FIELD),
+        cfg.tokenizer, f"data.domains.{name}.tfds", cfg.strict, cache_dir)
+    return docs, docs.lengths, docs.max_token_id, docs.bad_input, (
+        f"data.domains.{name}.tfds: {dom.tfds} tokenized with {cfg.tokenizer}")
+  corpus = shards.load_prepared(dom.path)
+  return (shards.DocumentReader(corpus), corpus.lengths, corpus.manifest["max_token_id"],
+          corpus.manifest.get("bad_input", {}), f"data.domains.{name}.path: {dom.path}")
+
+
 def build_pretrain_pipeline(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
-                            process_count: int | None = None) -> pipeline.Pipeline:
-  """Builds the stage-1 pipeline of `cfg` (a `default_data_config(1)`) for one JAX process."""
+                            process_count: int | None = None, cache_dir: str | None = None
+                            ) -> pipeline.Pipeline:
+  """Builds the stage-1 pipeline of `cfg` (a `default_data_config(1)`) for one JAX process.
+
+  `cache_dir` keeps the token counts of TFDS domains tokenized on the fly (default: a
+  directory under the system temp dir).
+  """
   process_index, process_count = pipeline.process_info(process_index, process_count)
   config_lib.validate_data_config(cfg, process_count)
   names = sorted(cfg.domains.keys())
@@ -105,15 +133,14 @@ def build_pretrain_pipeline(cfg: ml_collections.ConfigDict, *, process_index: in
   domain_datasets, doc_weights, plan_stats = [], [], {}
   for domain_id, name in enumerate(names):
     dom = cfg.domains[name]
-    corpus = shards.load_prepared(dom.path)
-    if corpus.manifest["max_token_id"] >= cfg.vocab_size:
-      raise ValueError(f"data.domains.{name}.path: {dom.path} holds token id "
-                       f"{corpus.manifest['max_token_id']} >= data.vocab_size {cfg.vocab_size}; "
-                       "prepare it with the model's tokenizer (or fix vocab_size).")
+    reader, lengths, max_token_id, bad_before, what = _open_domain(cfg, name, cache_dir)
+    if max_token_id >= cfg.vocab_size:
+      raise ValueError(f"{what} holds token id {max_token_id} >= data.vocab_size "
+                       f"{cfg.vocab_size}; use the model's tokenizer (or fix vocab_size).")
     rates = rates_for(cfg, dom)
-    plan = resample.plan_domain(name, corpus.lengths, rates, cfg.seed)
+    plan = resample.plan_domain(name, lengths, rates, cfg.seed)
     plan_stats[name] = plan.summary(rates)
-    plan_stats[name]["prepare_bad_input"] = corpus.manifest.get("bad_input", {})
+    plan_stats[name]["prepare_bad_input"] = bad_before
     if len(plan.doc_indices) == 0:
       raise ValueError(f"data.domains.{name}: no document survives resampling "
                        f"({plan_stats[name]}); raise the rates or drop the domain.")
@@ -128,7 +155,7 @@ def build_pretrain_pipeline(cfg: ml_collections.ConfigDict, *, process_index: in
     # Slice per domain, before mixing: a slice of the mixed stream could give one process
     # (or one mp_prefetch worker, which Grain slices the same way) a single domain.
     ds = ds[process_index::process_count]
-    ds = ds.map(_LoadDocument(corpus, domain_id, cfg.bos_id, cfg.separator_id, cfg.vocab_size,
+    ds = ds.map(_LoadDocument(reader, domain_id, cfg.bos_id, cfg.separator_id, cfg.vocab_size,
                               cfg.strict))
     domain_datasets.append(ds.to_iter_dataset(grain.ReadOptions(
         num_threads=_READ_THREADS, prefetch_buffer_size=_READ_AHEAD)))

@@ -129,21 +129,19 @@ def read_arrayrecord(path: str, field: str, strict: bool) -> Iterator[Record]:
 
 
 def read_tfds(name: str, data_dir: str, split: str, field: str, strict: bool) -> Iterator[Record]:
-  """A TFDS dataset already prepared under `data_dir` (no download: machines are offline)."""
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError("TFDS input needs the optional tensorflow-datasets package "
-                      "(pip install tensorflow-datasets); JSONL, Parquet and ArrayRecord "
-                      "do not.") from e
-  builder = tfds.builder(name, data_dir=data_dir)
-  try:  # array_record datasets are random access without TensorFlow
-    source = builder.as_data_source(split=split)
-    examples = (source[i] for i in range(len(source)))
-  except (NotImplementedError, ValueError, AttributeError):
-    examples = tfds.as_numpy(builder.as_dataset(split=split))
-  for i, example in enumerate(examples):
-    yield text_field(dict(example), field, f"tfds:{name}/{split}:{i}", strict)
+  """A TFDS dataset already prepared under `data_dir` (no download: machines are offline).
+
+  ArrayRecord datasets are read without TensorFlow (see tfds_source); TFRecord-only ones
+  through TensorFlow when it is installed, else the error names the conversion command.
+  """
+  from ultralong_jax.data import tfds_source  # pylint: disable=import-outside-toplevel
+  return tfds_source.iter_texts(name, data_dir, split, field, strict, key="--tfds_name")
+
+
+def check_tfds(name: str, data_dir: str, split: str) -> None:
+  """Raises what `read_tfds` would, before any work starts (package, dataset, split, format)."""
+  from ultralong_jax.data import tfds_source  # pylint: disable=import-outside-toplevel
+  tfds_source.check_readable(name, data_dir, split, key="--tfds_name")
 
 
 def read_records(path: str, fmt: str, field: str, strict: bool) -> Iterator[Record]:

@@ -1,13 +1,15 @@
 """Stage-2 pipeline: chat JSONL -> Llama 3.1 template tokens -> packed rows, one example a segment.
 
-  JSONL lines (jsonl_source) -> shuffle (per epoch) -> repeat -> this process's slice
+  JSONL lines (jsonl_source) or TFDS examples (tfds_source)
+    -> shuffle (per epoch) -> repeat -> this process's slice
     -> parse + render + tokenize (chat_template), over-limit drop/truncate  (Grain MapDataset)
     -> count examples, tokens, truncations and every dropped kind          (stats)
     -> grain.experimental.FirstFitPackIterDataset / BestFitPackIterDataset (rows of seq_len + 1)
     -> features (features.sft_features) -> batch -> mp_prefetch workers
 
 First/best-fit packing pads instead of splitting, so an example never straddles two rows and
-never attends to another (segment ids and positions restart per example).
+never attends to another (segment ids and positions restart per example). A TFDS split holding
+the same chats in the same order as a JSONL file gives the same batches.
 """
 
 from __future__ import annotations
@@ -27,17 +29,24 @@ from ultralong_jax.data import jsonl_source
 from ultralong_jax.data import pipeline
 from ultralong_jax.data import readers
 from ultralong_jax.data import stats
+from ultralong_jax.data import tfds_source
 from ultralong_jax.data import tokenizer as tok_lib
 
 log = logging.getLogger(__name__)
 
 
 class RenderChat:
-  """(line bytes, where) -> {"tokens", "trainable", "truncated"} or a Dropped marker."""
+  """(record, where) -> {"tokens", "trainable", "truncated"} or a Dropped marker.
+
+  `parse(record, where, strict)` turns a record into a JSON-like chat object or a Dropped
+  marker: readers.parse_json_line for JSONL lines, tfds_source.chat_from_example for TFDS.
+  """
 
   def __init__(self, template: chat_template.Llama31ChatTemplate, max_example_len: int,
-               over_limit: str, vocab_size: int, strict: bool):
+               over_limit: str, vocab_size: int, strict: bool,
+               parse=readers.parse_json_line):
     self._template = template
+    self._parse = parse
     self._max_len = max_example_len
     self._over_limit = over_limit
     self._vocab_size = vocab_size
@@ -45,7 +54,7 @@ class RenderChat:
 
   def __call__(self, record: tuple[bytes, str]) -> dict[str, Any] | bi.Dropped:
     raw, where = record
-    obj = readers.parse_json_line(raw, where, self._strict)
+    obj = self._parse(raw, where, self._strict)
     if isinstance(obj, bi.Dropped):
       return obj
     if "messages" not in obj:
@@ -88,14 +97,23 @@ def build_sft_pipeline(cfg: ml_collections.ConfigDict, *, process_index: int | N
   """Builds the stage-2 pipeline of `cfg` (a `default_data_config(2)`) for one JAX process."""
   process_index, process_count = pipeline.process_info(process_index, process_count)
   config_lib.validate_data_config(cfg, process_count)
-  paths = readers.expand_paths(cfg.chat_files)
-  source = jsonl_source.JsonlSource(paths, cache_dir=cache_dir)
-  empty = [p for p, n in zip(paths, source.lines_per_file) if n == 0]
   bad = bi.BadInputLog(cfg.strict)
-  for p in empty:
-    bad.report(bi.EMPTY_SOURCE, f"{p}:0", "no lines")
-  if len(source) == 0:
-    raise ValueError(f"data.chat_files: {cfg.chat_files!r} holds no lines.")
+  if cfg.chat_tfds:
+    source = tfds_source.TfdsSource(cfg.chat_tfds, cfg.chat_tfds_data_dir, "data.chat_tfds")
+    parse = tfds_source.chat_from_example
+    if len(source) == 0:
+      raise ValueError(f"data.chat_tfds: {cfg.chat_tfds!r} holds no examples.")
+    build = {"tfds": cfg.chat_tfds, "examples": len(source)}
+  else:
+    paths = readers.expand_paths(cfg.chat_files)
+    source = jsonl_source.JsonlSource(paths, cache_dir=cache_dir)
+    parse = readers.parse_json_line
+    empty = [p for p, n in zip(paths, source.lines_per_file) if n == 0]
+    for p in empty:
+      bad.report(bi.EMPTY_SOURCE, f"{p}:0", "no lines")
+    if len(source) == 0:
+      raise ValueError(f"data.chat_files: {cfg.chat_files!r} holds no lines.")
+    build = {"files": len(paths), "lines": len(source)}
   template = chat_template.Llama31ChatTemplate(
       tok_lib.load_tokenizer(cfg.tokenizer), date_preamble=cfg.chat.date_preamble,
       date_string=cfg.chat.date_string)
@@ -103,7 +121,7 @@ def build_sft_pipeline(cfg: ml_collections.ConfigDict, *, process_index: int | N
   ds = ds.repeat(cfg.num_epochs if cfg.num_epochs > 0 else None)
   ds = ds[process_index::process_count]
   ds = ds.map(RenderChat(template, cfg.max_example_len, cfg.over_limit, cfg.vocab_size,
-                         cfg.strict))
+                         cfg.strict, parse))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
   ds = stats.CountingIterDataset(ds, _count, name="sft")
   packer = (grain.experimental.FirstFitPackIterDataset if cfg.packing == "first_fit"
@@ -114,6 +132,6 @@ def build_sft_pipeline(cfg: ml_collections.ConfigDict, *, process_index: int | N
   ds = ds.map(_to_features)
   batch_size = cfg.global_batch_size // process_count
   ds = pipeline.batch_and_prefetch(ds, batch_size, cfg)
-  build = {"files": len(paths), "lines": len(source), "bad_input": dict(bad.counts)}
-  log.info("SFT data: %d files, %d lines; empty sources %s", len(paths), len(source), empty)
+  build["bad_input"] = dict(bad.counts)
+  log.info("SFT data: %s; bad input at build %s", source, build["bad_input"])
   return pipeline.Pipeline(ds, batch_size, cfg.seq_len, build)

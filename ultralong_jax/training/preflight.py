@@ -41,16 +41,21 @@ def _readable_file(key: str, path: str) -> None:
 
 def check_paths(data: ml_collections.ConfigDict) -> None:
   """Stage 1: every domain's prepared directory holds files; stage 2: every chat glob matches a
-  readable file; both: the tokenizer (where set) exists."""
+  readable file; both: the tokenizer (where set) and every TFDS data_dir exist."""
   if data.get("tokenizer"):
     _readable_file("data.tokenizer", data.tokenizer)
   if data.stage == 1:
     for name, dom in data.domains.items():
+      if "tfds" in dom:  # the dataset itself is opened (and checked) when the pipeline builds
+        _readable_file(f"data.domains.{name}.data_dir", dom.data_dir)
+        continue
       key = f"data.domains.{name}.path"
       _readable_file(key, dom.path)
       if not os.path.isdir(dom.path) or not os.listdir(dom.path):
         raise ValueError(f"{key}: {dom.path} is not a non-empty directory; prepare it with "
                          "python -m ultralong_jax.data.prepare --output_dir=...")
+  elif data.chat_tfds:
+    _readable_file("data.chat_tfds_data_dir", data.chat_tfds_data_dir)
   else:
     for pattern in (p.strip() for p in data.chat_files.split(",") if p.strip()):
       files = sorted(glob.glob(pattern))
