@@ -73,11 +73,11 @@ def _run(kernel_name, causal):
   return jax.jit(f)
 
 
-# (causal, segment ids, kv heads K, group G = N / K): GQA 1, 4 and 8 each with and without
-# segment ids, causal (diagonal) and full (off-diagonal) blocks.
+# (causal, segment ids, kv heads K, group G = N / K): causal (diagonal) and full (off-diagonal)
+# blocks, each with and without segment ids, covering GQA 1, 4 and 8 (each case compiles three
+# interpret-mode kernels: a few seconds).
 @pytest.mark.parametrize("causal,with_segments,kv_heads,group", [
-    (True, True, 2, 4), (True, False, 2, 1), (True, True, 1, 8),
-    (False, True, 2, 1), (False, False, 1, 8), (False, True, 1, 4)])
+    (True, True, 2, 4), (True, False, 1, 8), (False, True, 2, 1), (False, False, 1, 4)])
 def test_block_matches_xla_kernel(causal, with_segments, kv_heads, group):
   inputs = _block(256, causal, with_segments, kv_heads, group)
   out_x, lse_x, grads_x = _run("xla", causal)(*inputs)
@@ -219,10 +219,12 @@ def test_auto_picks_splash_on_tpu_and_validates_lengths(monkeypatch):
   assert select("auto", has_segment_ids=False, platform="tpu", block_length=4096) == "chunked"
   with pytest.raises(ValueError, match=r"tested with JAX >= 0\.1 and < 0\.2"):
     select("splash", has_segment_ids=False, platform="tpu", block_length=256)
-  inputs = _block(128, True, False, 1, 1)
+  q = jax.ShapeDtypeStruct((1, 128, 1, 1, 32), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, 128, 1, 32), jnp.float32)
+  forward = functools.partial(block_attention.get_kernel("splash", chunk_size=CHUNK).forward,
+                              q_seg=None, kv_seg=None, causal=True, scale=SCALE)
   with pytest.raises(RuntimeError, match="attention.kernel='chunked'"):
-    block_attention.get_kernel("splash", chunk_size=CHUNK).forward(
-        *inputs[:5], causal=True, scale=SCALE)
+    jax.eval_shape(forward, q, kv, kv)
 
 
 def test_config_names_the_key_when_lengths_do_not_tile():

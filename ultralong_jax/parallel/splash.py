@@ -159,12 +159,13 @@ def splash_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: bo
 
   def run(interpret):
     kernel = _make(t, k.shape[1], n, causal, chunk_size, interpret)
-    sizes, options = kernel.kwargs["block_sizes"], dict(
-        is_mqa=False, mask_value=kernel.kwargs["mask_value"], attn_logits_soft_cap=None,
-        q_layout=kernel.kwargs["block_sizes"].q_layout,
-        k_layout=kernel.kwargs["block_sizes"].k_layout,
-        v_layout=kernel.kwargs["block_sizes"].v_layout,
-        mask_function=kernel.kwargs["mask_function"], interpret=interpret)
+    sizes = kernel.kwargs["block_sizes"]
+    # Causal and full masks carry no partial mask blocks (the causal one is a mask function over
+    # q_sequence), so the mask infos go in as made, without the public path's block reshape.
+    options = dict(is_mqa=False, mask_value=kernel.kwargs["mask_value"],
+                   attn_logits_soft_cap=None, q_layout=sizes.q_layout, k_layout=sizes.k_layout,
+                   v_layout=sizes.v_layout, mask_function=kernel.kwargs["mask_function"],
+                   interpret=interpret)
 
     def one(q, k, v, segs, lse, do, di):
       _, dk, dv = kernel_lib._splash_attention_bwd_dkv(  # pylint: disable=protected-access
