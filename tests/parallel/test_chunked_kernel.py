@@ -181,7 +181,7 @@ def _check_ring(reference, mesh_spec, strategy, causal, with_segments, group, ch
 
 def test_select_kernel_auto():
   select = block_attention.select_kernel
-  for platform in ("cpu", "tpu"):
+  for platform in ("cpu",):  # TPU: tests/parallel/test_splash_kernel.py
     for seg in (False, True):
       assert select("auto", has_segment_ids=seg, platform=platform, block_length=4096) == "chunked"
       assert select("auto", has_segment_ids=seg, platform=platform, block_length=512) == "xla"

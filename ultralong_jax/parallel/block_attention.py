@@ -27,6 +27,9 @@ Kernels:
              two flash backwards). No segment ids (the public API takes none).
   "dpa_xla"  the same adapter over `implementation="xla"` with the residual's gradient stopped: the
              cuDNN path's math, testable on CPU.
+  "splash"   Pallas splash attention (TPU; Pallas interpret mode elsewhere), in parallel/splash.py:
+             float32 log-sum-exp, segment ids, GQA, splash's own backward kernels with the global
+             lse/delta. Block lengths and chunk_size must be multiples of 128.
 """
 
 import functools
@@ -315,17 +318,30 @@ def _public_kernel(implementation: str) -> BlockKernel:
       functools.partial(_public_backward, implementation=implementation), segment_ids=False)
 
 
+def _splash_kernel(chunk_size: int) -> BlockKernel:
+  """splash.splash_kernel(chunk_size), imported on first call (splash builds on this module)."""
+  def call(part, *args, **kwargs):
+    from ultralong_jax.parallel import splash  # pylint: disable=import-outside-toplevel
+    return getattr(splash.splash_kernel(chunk_size), part)(*args, **kwargs)
+  return BlockKernel(functools.partial(call, "forward"), functools.partial(call, "backward"),
+                     segment_ids=True)
+
+
 KERNELS = {
     "xla": BlockKernel(xla_forward, xla_backward, segment_ids=True),
     "chunked": chunked_kernel(CHUNK_SIZE),
     "cudnn": _public_kernel("cudnn"),
     "dpa_xla": _public_kernel("xla"),
+    "splash": _splash_kernel(CHUNK_SIZE),
 }
 
 
 def get_kernel(kernel: str, *, chunk_size: int = CHUNK_SIZE) -> BlockKernel:
-  """The BlockKernel named `kernel` (as select_kernel returns it); "chunked" with `chunk_size`."""
-  return chunked_kernel(chunk_size) if kernel == "chunked" else KERNELS[kernel]
+  """The BlockKernel named `kernel` (as select_kernel returns it); "chunked" and "splash" with
+  `chunk_size`."""
+  if kernel == "chunked":
+    return chunked_kernel(chunk_size)
+  return _splash_kernel(chunk_size) if kernel == "splash" else KERNELS[kernel]
 
 
 def select_kernel(kernel: str, *, has_segment_ids: bool, platform: str | None = None,
@@ -337,16 +353,24 @@ def select_kernel(kernel: str, *, has_segment_ids: bool, platform: str | None = 
   `chunk_size`; block_length = the kernel's query length, e.g. T / 2n under the zigzag layout),
   else "xla": a block that fits one chunk would be a single tile anyway, and the einsum kernel
   is simpler and what the small CPU tests exercise. Without `block_length`, "xla".
+  On TPU, auto is "splash" (segment ids or not) when `block_length` and `chunk_size` are
+  multiples of 128 and the installed JAX is one splash supports (splash.unsupported_reason);
+  otherwise the rule above. An explicit "splash" validates the same conditions with an error
+  that says the fix; on GPU it is refused (a TPU kernel; elsewhere it runs in Pallas interpret
+  mode, which is what CPU tests use).
   The GPU Pallas `mha` (jax.experimental.pallas.ops.gpu.attention) takes ONE segment_ids array
-  for queries and keys alike, which fits only the diagonal ring block, so it is not used; TPU
-  splash attention is not wired yet.
+  for queries and keys alike, which fits only the diagonal ring block, so it is not used.
   """
+  from ultralong_jax.parallel import splash  # pylint: disable=import-outside-toplevel
   platform = platform or jax.default_backend()
   if chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size}: expected a positive number of tokens.")
   if kernel == "auto":
     if platform == "gpu" and not has_segment_ids:
       kernel = "cudnn"
+    elif (platform == "tpu" and block_length is not None and not block_length % splash.LANES
+          and not chunk_size % splash.LANES and splash.unsupported_reason() is None):
+      kernel = "splash"
     elif block_length is not None and block_length > chunk_size:
       kernel = "chunked"
     else:
@@ -356,6 +380,14 @@ def select_kernel(kernel: str, *, has_segment_ids: bool, platform: str | None = 
   if has_segment_ids and not KERNELS[kernel].segment_ids:
     raise ValueError(f"kernel={kernel!r} does not support segment_ids; use kernel='chunked', "
                      "'xla' or 'auto'.")
+  if kernel == "splash":
+    if platform == "gpu":
+      raise ValueError("kernel='splash' is a TPU kernel (Pallas Mosaic); on GPU use 'cudnn', "
+                       "'chunked' or 'auto'.")
+    if splash.unsupported_reason():
+      raise ValueError(splash.unsupported_reason())
+    if block_length is not None:
+      splash.check_lengths(block_length, chunk_size)
   return kernel
 
 

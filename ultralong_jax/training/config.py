@@ -14,7 +14,7 @@ import ml_collections
 from ultralong_jax.data.config import default_data_config, validate_data_config
 from ultralong_jax.modeling import presets, rope
 from ultralong_jax.modeling.config import DTYPES, REMAT_POLICIES, LlamaConfig
-from ultralong_jax.parallel import block_attention
+from ultralong_jax.parallel import block_attention, splash
 from ultralong_jax.training.optimizer import SCHEDULES
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
@@ -84,9 +84,11 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   mesh.{data,fsdp,sequence,tensor}: mesh axis sizes, one may be -1 ("the rest").
   attention.strategy: ring | allgather (sequence-parallel attention when mesh.sequence > 1).
   attention.layout: zigzag | contiguous (causal load balance; applied once to the batch).
-  attention.kernel: auto | xla | chunked | cudnn — the ring's per-block kernel (auto: cuDNN on
-    GPU without segment ids, else chunked for blocks longer than chunk_size, else xla).
-  attention.chunk_size: query/key tile of the chunked kernel (memory O(chunk^2) per tile).
+  attention.kernel: auto | xla | chunked | cudnn | splash — the ring's per-block kernel (auto:
+    splash on TPU when ring blocks are multiples of 128 tokens, cuDNN on GPU without segment ids,
+    else chunked for blocks longer than chunk_size, else xla).
+  attention.chunk_size: query/key tile of the chunked kernel (memory O(chunk^2) per tile); for
+    splash the largest tile (capped at 512), a multiple of 128.
   data: see ultralong_jax.data.config.default_data_config.
   optim.learning_rate / warmup_steps / schedule (constant|cosine|linear) / final_lr_fraction.
   optim.b1, b2, eps, weight_decay: AdamW; grad_clip_norm: global-norm clip (0 = off).
@@ -242,6 +244,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   if c.attention.get("chunk_size", 1024) < 1:
     raise ValueError(f"attention.chunk_size={c.attention.chunk_size}: use a positive number of "
                      "tokens (e.g. 1024).")
+  if c.attention.kernel == "splash":
+    # The ring block the kernel sees (ring_attention: T / 2n under zigzag, T / n contiguous; the
+    # whole sequence with one shard): splash tiles it in multiples of 128 tokens.
+    block = L // n // (2 if n > 1 and c.attention.layout == "zigzag" else 1)
+    splash.check_lengths(block, c.attention.get("chunk_size", 1024))
   t = sizes["tensor"]
   for key, value in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads)):
     if value % t:
