@@ -127,6 +127,32 @@ def test_every_token_kept_once_and_separators_between_documents(corpus):
   assert pretrain.realized_mix(pipe.stats(it)) == {"web": 1.0}
 
 
+@pytest.mark.parametrize("packing", ["first_fit", "best_fit"])
+def test_fit_packing_keeps_every_document_whole_in_one_row(corpus, packing):
+  path, docs = corpus
+  cfg = make_cfg({"web": path}, seq_len=128, num_epochs=1, global_batch_size=1, packing=packing,
+                 num_packing_bins=4)
+  batches, _ = all_batches(pretrain.build_pretrain_pipeline(cfg, process_index=0,
+                                                            process_count=1))
+  whole = []
+  for b in batches:
+    real = b["segment_ids"][0] > 0
+    row = b["inputs"][0][real]
+    if real.all() and b["loss_mask"][0][-1]:  # a full row: its last token is the last target
+      row = np.concatenate([row, b["targets"][0][-1:]])
+    assert row[-1] == SEP  # a row ends at a document's end, never inside one
+    whole += split_docs(row)
+    # padding is never a target, and no target crosses from padding into text
+    assert not b["loss_mask"][0][~real].any()
+  assert sorted(whole) == sorted(tuple(d) + (SEP,) for d in docs)
+  assert len(batches) < len(docs)  # rows hold several documents
+  too_short = make_cfg({"web": path}, seq_len=64, packing=packing)
+  longest = max(map(len, docs))
+  with pytest.raises(ValueError, match=rf"data.packing='{packing}': \d+ document.*longest has "
+                     rf"{longest} tokens.*packing='concat'"):
+    pretrain.build_pretrain_pipeline(too_short, process_index=0, process_count=1)
+
+
 def test_features_cross_document_hand_case():
   # Row of L + 1 = 7 tokens: doc A = [5, 6] + sep, doc B = [7, 8, 9], then padding (0).
   row = np.array([5, 6, SEP, 7, 8, 9, 0])

@@ -58,6 +58,10 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
     document_mask: False (paper default) = documents attend to each other, positions run
       0..L-1 over the row, segment_ids are 1 on every real token; True = positions restart
       per document and segment_ids number the documents in the row (ablation).
+    packing: "concat" (the recipe: concat-then-split, documents run on across rows, no padding)
+      or "first_fit" / "best_fit" (whole documents per row, the rest padded; every document,
+      with its BOS / separator, must fit in a row of L + 1 tokens).
+    num_packing_bins: rows first/best-fit fills at once (as in stage 2).
 
   Stage 2 keys:
     chat_files: comma-separated JSONL (or .jsonl.gz) paths or globs; one chat per line as
@@ -96,6 +100,8 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
     cfg.separator_id = LLAMA3_END_OF_TEXT
     cfg.bos_id = -1
     cfg.document_mask = False
+    cfg.packing = "concat"
+    cfg.num_packing_bins = 16
   else:
     cfg.chat_files = ""
     cfg.chat_tfds = ""
@@ -111,10 +117,12 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
 _COMMON = {"stage", "seq_len", "global_batch_size", "seed", "num_epochs", "tokenizer",
            "vocab_size", "strict", "num_workers", "worker_buffer_size"}
 _STAGE_KEYS = {
-    1: _COMMON | {"domains", "resample", "separator_id", "bos_id", "document_mask"},
+    1: _COMMON | {"domains", "resample", "separator_id", "bos_id", "document_mask", "packing",
+                  "num_packing_bins"},
     2: _COMMON | {"chat_files", "chat_tfds", "chat_tfds_data_dir", "max_example_len",
                   "over_limit", "packing", "num_packing_bins", "chat"},
 }
+PRETRAIN_PACKING = ("concat", "first_fit", "best_fit")
 _RESAMPLE_KEYS = {"short_threshold", "short_rate", "long_threshold", "long_rate"}
 _DOMAIN_KEYS = {"path", "tfds", "data_dir", "text_field", "weight", "resample"}
 
@@ -192,6 +200,10 @@ def validate_data_config(cfg: ml_collections.ConfigDict, process_count: int = 1)
     for key in ("separator_id", "bos_id"):
       if not -1 <= cfg[key] < cfg.vocab_size:
         _fail(key, cfg[key], f"use -1 (none) or a token id below vocab_size ({cfg.vocab_size}).")
+    if cfg.packing not in PRETRAIN_PACKING:
+      _fail("packing", cfg.packing, f"use one of {', '.join(map(repr, PRETRAIN_PACKING))}.")
+    if cfg.num_packing_bins < 1:
+      _fail("num_packing_bins", cfg.num_packing_bins, "use at least 1 bin.")
   else:
     if bool(cfg.chat_files) == bool(cfg.chat_tfds):
       _fail("chat_files", cfg.chat_files, "give comma-separated JSONL paths or globs, or "

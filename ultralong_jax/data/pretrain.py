@@ -5,11 +5,15 @@
                                                            (Grain MapDataset, random access)
     -> mix domains by token weight                         (grain.IterDataset.mix)
     -> count the realized mix, drop bad documents          (stats.CountingIterDataset)
-    -> grain.experimental.ConcatThenSplitIterDataset       (rows of exactly seq_len + 1)
+    -> grain.experimental.ConcatThenSplitIterDataset       (rows of exactly seq_len + 1;
+                                                           data.packing: or first/best-fit)
     -> features (features.pretrain_features) -> batch -> mp_prefetch workers
 
-Concat-then-split is the packer that matches the recipe: documents run on across row
-boundaries, no padding, so no token is lost or duplicated; first/best-fit would pad instead.
+Concat-then-split (`packing="concat"`) is the packer that matches the recipe: documents run on
+across row boundaries, no padding, so no token is lost or duplicated. `first_fit` / `best_fit`
+put whole documents in rows and pad the rest (for short-context pretraining where a document cut
+in two would lose its point, e.g. a question separated from its context); every document must
+fit in a row, checked before the pipeline starts.
 Memory: the pipeline holds the length arrays (8 bytes per document) and one row in flight per
 worker plus Grain's small read-ahead, never the corpus.
 
@@ -144,6 +148,8 @@ def build_pretrain_pipeline(cfg: ml_collections.ConfigDict, *, process_index: in
     if len(plan.doc_indices) == 0:
       raise ValueError(f"data.domains.{name}: no document survives resampling "
                        f"({plan_stats[name]}); raise the rates or drop the domain.")
+    if cfg.packing != "concat":
+      _check_rows_fit(cfg, name, lengths, extras)
     # MapDataset.mix draws documents; turn the token weight into a document weight by the
     # domain's mean tokens per sampled document (separators included, they fill rows too).
     mean_tokens = plan.tokens_after / len(plan.doc_indices) + extras
@@ -162,13 +168,32 @@ def build_pretrain_pipeline(cfg: ml_collections.ConfigDict, *, process_index: in
   ds = (grain.IterDataset.mix(domain_datasets, weights=doc_weights) if len(names) > 1
         else domain_datasets[0])
   ds = stats.CountingIterDataset(ds, _CountMix(names, extras), name="mix")
-  ds = grain.experimental.ConcatThenSplitIterDataset(
-      ds, length_struct={"tokens": cfg.seq_len + 1}, split_full_length_features=True)
+  row = {"tokens": cfg.seq_len + 1}
+  if cfg.packing == "concat":
+    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=row,
+                                                       split_full_length_features=True)
+  else:
+    packer = (grain.experimental.FirstFitPackIterDataset if cfg.packing == "first_fit"
+              else grain.experimental.BestFitPackIterDataset)
+    ds = packer(ds, length_struct=row, num_packing_bins=cfg.num_packing_bins, seed=cfg.seed,
+                shuffle_bins=True)
   ds = ds.map(_Features(cfg.document_mask))
   batch_size = cfg.global_batch_size // process_count
   ds = pipeline.batch_and_prefetch(ds, batch_size, cfg)
   _log_plan(plan_stats, names, [cfg.domains[n].get("weight", 1.0) for n in names])
   return pipeline.Pipeline(ds, batch_size, cfg.seq_len, {"domains": plan_stats})
+
+
+def _check_rows_fit(cfg: ml_collections.ConfigDict, name: str, lengths: np.ndarray,
+                    extras: int) -> None:
+  """First/best-fit packing never cuts a document: every one must fit in a row."""
+  too_long = int(np.sum(np.asarray(lengths) + extras > cfg.seq_len + 1))
+  if too_long:
+    raise ValueError(
+        f"data.packing={cfg.packing!r}: {too_long} document(s) of data.domains.{name} are longer "
+        f"than a row ({cfg.seq_len + 1} tokens with BOS / separator; the longest has "
+        f"{int(np.max(lengths))} tokens); use data.packing='concat' (documents run on across "
+        "rows) or a longer data.seq_len.")
 
 
 def _log_plan(plan_stats: dict[str, dict], names: list[str], weights: list[float]) -> None:

@@ -69,17 +69,119 @@ def passkey_document(rng: random.Random, n_sentences: int, repeat: float = 0.0) 
 
 def write_documents(path: str, n_docs: int, seed: int, min_sentences: int = 4,
                     max_sentences: int = 120, passkey_fraction: float = 0.5,
-                    repeat: float = 0.0) -> str:
+                    repeat: float = 0.0, tokens: int | tuple[int, int] = 0,
+                    tokenizer: str | None = None) -> str:
   """JSONL of {"text": ...}; about `passkey_fraction` of the documents carry a pass key; each
-  sentence repeats an earlier one of its document with probability `repeat` (document_filler)."""
+  sentence repeats an earlier one of its document with probability `repeat` (document_filler).
+
+  tokens: 0 = documents of min..max_sentences sentences; n = every document exactly n tokens
+  under the tokenizer file `tokenizer` (`ExactLength`); (lo, hi) = each document's length drawn
+  uniformly from lo..hi tokens."""
   rng = random.Random(seed)
+  lo, hi = (tokens, tokens) if isinstance(tokens, int) else tokens
+  exact = ExactLength(tokenizer, hi) if hi > 0 else None
   with open(path, "w") as f:
     for i in range(n_docs):
-      n = rng.randint(min_sentences, max_sentences)
-      text = (passkey_document(rng, n, repeat) if rng.random() < passkey_fraction
-              else document_filler(rng, n, repeat))
+      passkey = rng.random() < passkey_fraction
+      if exact is not None:
+        text = exact.document(rng, passkey, repeat, tokens=rng.randint(lo, hi))
+      else:
+        n = rng.randint(min_sentences, max_sentences)
+        text = passkey_document(rng, n, repeat) if passkey else document_filler(rng, n, repeat)
       f.write(json.dumps({"text": text, "id": i}) + "\n")
   return path
+
+
+class ExactLength:
+  """Documents (`passkey_document` / `document_filler` text) of exactly `tokens` tokens.
+
+  With documents of seq_len + 1 - (separator, BOS) tokens, concat-then-split packing puts one
+  whole document in each row: no pass key is cut off from its question by a row boundary, and the
+  key sits at every depth of the full context. Sentences are drawn at random until the rest fits
+  one or two more sentences of the right lengths; the text is then tokenized to check the length
+  (sentence token counts add up; a merge at a join is corrected for and the document redrawn).
+  """
+
+  def __init__(self, tokenizer_path: str, tokens: int):
+    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+    if not tokenizer_path:
+      raise ValueError("synthetic.ExactLength: documents of an exact token length need the "
+                       "tokenizer file (tokenizer=...).")
+    self._tok = Tokenizer.from_file(tokenizer_path)
+    self.tokens = tokens
+    sentences = [f"{s.capitalize()} {v} {o}." for s in _SUBJECTS for v in _VERBS for o in _OBJECTS]
+    encoded = self._tok.encode_batch([" " + x for x in sentences])
+    self._length = {sentence: len(enc.ids) for sentence, enc in zip(sentences, encoded)}
+    self._by_length: dict[int, list[str]] = {}
+    for sentence, n in self._length.items():
+      self._by_length.setdefault(n, []).append(sentence)
+    self._longest = max(self._by_length)
+    # Tokens the joins of a pass-key document's parts gain or lose ("it. \n\n" is one token
+    # fewer than its parts apart), learned from the first miss.
+    self._merges = 0
+
+  def _count(self, text: str) -> int:
+    return len(self._tok.encode(text).ids)
+
+  def _sentences(self, rng: random.Random, budget: int, repeat: float) -> list[str] | None:
+    """Sentences whose token lengths (each with its leading space) sum to exactly `budget`."""
+    out, used = [], 0
+    while budget - used > 2 * self._longest:
+      reuse = out and rng.random() < repeat
+      sentence = rng.choice(out) if reuse else filler_sentence(rng)
+      out.append(sentence)
+      used += self._length[sentence]
+    rest = budget - used
+    for _ in range(len(out) + 1):
+      fill = self._fill(rng, rest)
+      if fill is not None:
+        return out + fill
+      if not out:
+        return None
+      rest += self._length[out.pop()]  # too little left for one sentence: give one back
+    return None
+
+  def _fill(self, rng: random.Random, rest: int) -> list[str] | None:
+    if rest == 0:
+      return []
+    if rest in self._by_length:
+      return [rng.choice(self._by_length[rest])]
+    pairs = [(a, rest - a) for a in self._by_length if rest - a in self._by_length]
+    if not pairs:
+      return None
+    a, b = rng.choice(pairs)
+    return [rng.choice(self._by_length[a]), rng.choice(self._by_length[b])]
+
+  def document(self, rng: random.Random, passkey: bool, repeat: float = 0.0,
+               tokens: int | None = None) -> str:
+    """A pass-key document (spaced as the needle eval splices its needle: the needle's trailing
+    space stays a token of its own) or plain filler, of exactly `tokens` (default
+    `self.tokens`) tokens."""
+    target = self.tokens if tokens is None else tokens
+    for _ in range(20):
+      if passkey:
+        key = rng.randint(10000, 99999)
+        intro, needle = f"{INTRO}\n\n", passkey_sentence(key)
+        question = f"\n\n{QUESTION}\nAnswer: The pass key is {key}."
+        frame = self._count(intro + needle + question)
+        sentences = self._sentences(rng, target - frame + self._merges, repeat)
+        if sentences is None:
+          continue
+        before = rng.randint(0, len(sentences))
+        text = (intro + " ".join(sentences[:before]) + needle
+                + "".join(" " + x for x in sentences[before:]) + question)
+      else:
+        sentences = self._sentences(rng, target, repeat)
+        if sentences is None:
+          continue
+        text = " ".join(sentences)
+      count = self._count(text)
+      if count == target:
+        return text
+      if passkey and 0 < before < len(sentences):
+        self._merges += target - count
+    raise RuntimeError(f"synthetic.ExactLength: no document of exactly {target} tokens after "
+                       "20 draws; the tokenizer does not split this corpus additively.")
 
 
 def write_chats(path: str, n_chats: int, seed: int, max_sentences: int = 30) -> str:
