@@ -251,7 +251,8 @@ def _train_watched(c, workdir, built: _Run, ckpt, writer, max_steps, progress, a
           batch = next(data_iter)
           if n_seq > 1:
             batch = layout.zigzag_permute(batch, n_seq, layout=c.attention.layout)
-        state, step_metrics = built.step_fn(state, train_step.put_batch(batch, built.batch_sharding))
+        batch = train_step.put_batch(batch, built.batch_sharding)
+        state, step_metrics = built.step_fn(state, batch)
         step += 1
         if step % c.train.log_every == 0 or step == end_step:
           last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}

@@ -100,7 +100,8 @@ class Watchdog:
       frame = frames.get(thread.ident)
       if frame is None or thread is threading.current_thread():
         continue
-      lines.append(f'--- thread "{thread.name}" (id {thread.ident}{", daemon" if thread.daemon else ""})')
+      daemon = ", daemon" if thread.daemon else ""
+      lines.append(f'--- thread "{thread.name}" (id {thread.ident}{daemon})')
       lines.extend(line.rstrip("\n") for line in traceback.format_stack(frame))
     report = "\n".join(lines)
     logging.error("hang watchdog fired at step %s; see the stacks on stderr", step)
