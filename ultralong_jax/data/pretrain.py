@@ -60,6 +60,8 @@ class _LoadDocument:
 
   def __call__(self, index: int) -> dict[str, Any] | bi.Dropped:
     tokens = self._reader(index)
+    if tokens is None:  # a damaged record, data.damaged_records=skip
+      return bi.Dropped(bi.DAMAGED_RECORD, self._reader.where(index), "damaged")
     if tokens.size == 0:
       return bi.reject(bi.EMPTY_DOCUMENT, self._reader.where(index), "", self._strict)
     if tokens.min() < 0 or tokens.max() >= self._vocab_size:
@@ -105,7 +107,7 @@ def build_pretrain_pipeline(cfg: ml_collections.ConfigDict, *, process_index: in
   domain_datasets, doc_weights, plan_stats = [], [], {}
   for domain_id, name in enumerate(names):
     dom = cfg.domains[name]
-    corpus = shards.load_prepared(dom.path)
+    corpus = shards.load_prepared(dom.path, cfg.damaged_records)
     if corpus.manifest["max_token_id"] >= cfg.vocab_size:
       raise ValueError(f"data.domains.{name}.path: {dom.path} holds token id "
                        f"{corpus.manifest['max_token_id']} >= data.vocab_size {cfg.vocab_size}; "
