@@ -10,8 +10,9 @@ FAULT: none, one of _driver.py's (kill_in_step:N, kill_in_save:N), or
                         lines and TensorBoard events stay under the limit
   disk_freed_on_retry   with disk_full_at_save: the limit is lifted while the checkpointer backs
                         off before its first retry (a transient quota error)
-  stall_in_step:N       the N-th step of this invocation never returns (the main thread sleeps),
-                        as in a hung collective
+  stall_in_step:N[@P]   the N-th step of this invocation never returns (the main thread sleeps),
+                        as in a hung collective; with @P only on JAX process P
+TRAIN FLAGs go to the CLI (launch/multihost.sh appends --coordinator_address and the others).
 The CLI reads CONFIG.json through a generated config file (as test_damaged_checkpoint.py does),
 so exit codes and the last line printed are the CLI's own.
 """
@@ -23,8 +24,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 import _driver  # noqa: E402  (sets the 8 simulated devices and the matmul precision)
 
+if "device_count" in _XLA_FLAGS:  # launch/multihost.sh --local gave each process its share
+  os.environ["XLA_FLAGS"] = _XLA_FLAGS
+
+import jax  # noqa: E402
 from absl import app  # noqa: E402
 
 from ultralong_jax.training import checkpointing, loop  # noqa: E402
@@ -62,7 +68,7 @@ def _disk_full_at_save(step: int, freed_on_retry: bool) -> None:
     checkpointing.RunCheckpointer._backoff = backoff  # pylint: disable=protected-access
 
 
-def _stall_in_step(n: int) -> None:
+def _stall_in_step(n: int, process: int | None) -> None:
   real_build = loop._build  # pylint: disable=protected-access
 
   def build(c):
@@ -71,7 +77,7 @@ def _stall_in_step(n: int) -> None:
 
     def step_fn(state, batch):
       calls["n"] += 1
-      if calls["n"] == n:
+      if calls["n"] == n and process in (None, jax.process_index()):
         print(f"faults: step call {n} stalls", file=sys.stderr, flush=True)
         while True:
           time.sleep(3600)
@@ -87,7 +93,8 @@ def inject(faults: str) -> None:
     if kind == "disk_full_at_save":
       _disk_full_at_save(int(arg), "disk_freed_on_retry" in faults)
     elif kind == "stall_in_step":
-      _stall_in_step(int(arg))
+      step, _, process = arg.partition("@")
+      _stall_in_step(int(step), int(process) if process else None)
     elif kind not in ("disk_freed_on_retry", "none"):
       _driver._inject(fault)  # pylint: disable=protected-access
 

@@ -121,3 +121,31 @@ def test_full_disk_hang_and_kill_each_lose_only_the_steps_since_the_last_checkpo
   scalars = _tensorboard_scalars(events[0])
   assert scalars["time/goodput"] == pytest.approx(account["goodput"], rel=1e-5)
   assert scalars["time/recomputed_steps"] == 2
+
+
+@pytest.mark.slow  # two processes, each compiling: ~40 s on 2 cores
+def test_hang_on_one_of_two_processes_ends_the_job_with_the_stacks(session_config, tmp_path):
+  """2 processes x 4 CPU devices (launch/multihost.sh --local 2): process 1 stalls in step 3,
+  process 0 waits for it in the step's collectives. Both watchdogs fire, each log holds its
+  process's report, and the job ends with 75."""
+  c = session_config(steps=6)
+  c.train.hang_timeout_s = 5.0
+  c.export.hf = False
+  path = str(tmp_path / "config.json")
+  with open(path, "w") as f:
+    f.write(c.to_json())
+  logs = tmp_path / "logs"
+  result = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "multihost.sh"), "--local", "2", "--log-dir",
+       str(logs), "--", sys.executable, FAULTS, path, str(tmp_path / "run"), "stall_in_step:3@1"],
+      env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=""), capture_output=True, text=True,
+      timeout=300, cwd=REPO)
+  log = [(logs / f"process_{i}.log").read_text() for i in range(2)]
+  assert result.returncode == 75, result.stderr + "\n".join(text[-3000:] for text in log)
+  for process, text in enumerate(log):
+    report = text[text.index("hang watchdog: "):]
+    assert "the last completed step is 2" in report, report[:2000]
+    assert f"process {process} of 2, devices [cpu:" in report, report[:2000]
+    assert report.count("--- thread") >= 2, report[-3000:]
+  assert "time.sleep(3600)" in log[1]  # the stalled call, in process 1's main thread
+  assert "jax.device_get(step_metrics)" in log[0]  # process 0 waits for step 3's result
