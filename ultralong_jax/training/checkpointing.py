@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any
@@ -258,11 +260,15 @@ def check_directory(directory: str) -> None:
 
 
 def _short(e: Exception) -> str:
-  """The first line of an error, capped: TensorStore errors embed a whole JSON spec. The cut is
-  in the middle: a write error ends with the OS error ("File too large [os_error_code='27']")."""
+  """The first line of an error, capped: TensorStore errors embed a whole JSON spec. An OS error
+  inside (TensorStore's "[os_error_code=27]") is named in full, wherever the cap falls."""
   text = str(e).strip().splitlines()[0] if str(e).strip() else ""
   if len(text) > 300:
-    text = f"{text[:140]} ... {text[-160:]}"
+    text = f"{text[:140]} ... {text[-140:]}"
+  os_error = re.search(r"os_error_code='?(\d+)", str(e))
+  if os_error:
+    code = int(os_error.group(1))
+    text += f" [OS error {errno.errorcode.get(code, code)}: {os.strerror(code)}]"
   return f"{type(e).__name__}: {text}"
 
 
