@@ -22,6 +22,7 @@ INVALID_FIELD = "invalid_field"
 EMPTY_DOCUMENT = "empty_document"
 TOKEN_OUT_OF_VOCAB = "token_out_of_vocab"
 EMPTY_SOURCE = "empty_source"
+DAMAGED_RECORD = "damaged_record"  # a prepared shard's record that fails its checksum
 # Not malformed, but dropped by a configured policy; counted the same way.
 OVER_LIMIT_DROPPED = "over_limit_dropped"
 NO_ASSISTANT_TOKENS = "no_assistant_tokens"

@@ -55,6 +55,10 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
     separator_id: token placed between consecutive documents in a row (default Llama 3
       `<|end_of_text|>`); -1 for none.
     bos_id: token prepended to every document (-1 = none, the paper's setting).
+    damaged_records: "error" (default) or "skip": what a damaged prepared shard does (a size
+      that differs from its manifest, found when the pipeline is built; a record whose CRC-32
+      differs, found when it is read): stop with an error naming the file and record, or
+      skip its records and count them as `damaged_record` in the data stats (data/shards.py).
     document_mask: False (paper default) = documents attend to each other, positions run
       0..L-1 over the row, segment_ids are 1 on every real token; True = positions restart
       per document and segment_ids number the documents in the row (ablation).
@@ -102,6 +106,7 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
     cfg.document_mask = False
     cfg.packing = "concat"
     cfg.num_packing_bins = 16
+    cfg.damaged_records = "error"
   else:
     cfg.chat_files = ""
     cfg.chat_tfds = ""
@@ -118,7 +123,7 @@ _COMMON = {"stage", "seq_len", "global_batch_size", "seed", "num_epochs", "token
            "vocab_size", "strict", "num_workers", "worker_buffer_size"}
 _STAGE_KEYS = {
     1: _COMMON | {"domains", "resample", "separator_id", "bos_id", "document_mask", "packing",
-                  "num_packing_bins"},
+                  "num_packing_bins", "damaged_records"},
     2: _COMMON | {"chat_files", "chat_tfds", "chat_tfds_data_dir", "max_example_len",
                   "over_limit", "packing", "num_packing_bins", "chat"},
 }
@@ -197,6 +202,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict, process_count: int = 1)
     _check_resample("resample", cfg.resample)
     if missing_r := _RESAMPLE_KEYS - set(cfg.resample.keys()):
       _fail(f"resample.{sorted(missing_r)[0]}", "missing", "set all four resample keys.")
+    if cfg.damaged_records not in ("error", "skip"):
+      _fail("damaged_records", cfg.damaged_records, "use 'error' or 'skip'.")
     for key in ("separator_id", "bos_id"):
       if not -1 <= cfg[key] < cfg.vocab_size:
         _fail(key, cfg[key], f"use -1 (none) or a token id below vocab_size ({cfg.vocab_size}).")

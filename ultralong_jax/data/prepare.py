@@ -99,6 +99,7 @@ def prepare(inputs: list[str], output_dir: str, tokenizer_path: str, *, fmt: str
   # group_size:1 makes every record its own chunk: cheap random access for shuffled reads.
   writers = [arm.ArrayRecordWriter(os.path.join(output_dir, n), "group_size:1") for n in names]
   lengths: list[list[int]] = [[] for _ in range(num_shards)]
+  crcs: list[list[int]] = [[] for _ in range(num_shards)]  # per record, checked when read
   max_id, n_docs, n_tokens = -1, 0, 0
 
   records = _all_records(inputs, fmt, text_field, strict, bad, tfds_spec)
@@ -122,8 +123,10 @@ def prepare(inputs: list[str], output_dir: str, tokenizer_path: str, *, fmt: str
                      f"vocab_size {vocab_size}")
           continue
         shard = n_docs % num_shards
-        writers[shard].write(shards.encode_doc(ids))
+        record = shards.encode_doc(ids)
+        writers[shard].write(record)
         lengths[shard].append(ids.size)
+        crcs[shard].append(shards.record_crc32(record))
         max_id = max(max_id, int(ids.max()))
         n_docs += 1
         n_tokens += ids.size
@@ -140,10 +143,13 @@ def prepare(inputs: list[str], output_dir: str, tokenizer_path: str, *, fmt: str
   if n_docs == 0:
     raise ValueError(f"no usable documents in {inputs or tfds_spec}; bad input: {dict(bad.counts)}")
   shard_info = []
-  for name, lens in zip(names, lengths):
+  for name, lens, crc in zip(names, lengths, crcs):
     np.save(os.path.join(output_dir, shards.lengths_name(name)), np.asarray(lens, np.int64))
+    np.save(os.path.join(output_dir, shards.crc32_name(name)), np.asarray(crc, np.uint32))
+    path = os.path.join(output_dir, name)
     shard_info.append(dict(file=name, lengths=shards.lengths_name(name), num_documents=len(lens),
-                           num_tokens=int(sum(lens))))
+                           num_tokens=int(sum(lens)), crc32=shards.crc32_name(name),
+                           bytes=os.path.getsize(path), sha256=shards.file_sha256(path)))
   manifest = dict(
       format_version=shards.FORMAT_VERSION, domain=domain, tokenizer=os.path.abspath(tokenizer_path),
       vocab_size=vocab_size, max_token_id=max_id, num_documents=n_docs,

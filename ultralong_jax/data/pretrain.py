@@ -73,6 +73,8 @@ class _LoadDocument:
 
   def __call__(self, index: int) -> dict[str, Any] | bi.Dropped:
     tokens = self._reader(index)
+    if tokens is None:  # a damaged record, data.damaged_records=skip
+      return bi.Dropped(bi.DAMAGED_RECORD, self._reader.where(index), "damaged")
     if tokens.size == 0:
       return bi.reject(bi.EMPTY_DOCUMENT, self._reader.where(index), "", self._strict)
     if tokens.min() < 0 or tokens.max() >= self._vocab_size:
@@ -117,7 +119,7 @@ def _open_domain(cfg: ml_collections.ConfigDict, name: str, cache_dir: str | Non
         cfg.tokenizer, f"data.domains.{name}.tfds", cfg.strict, cache_dir)
     return docs, docs.lengths, docs.max_token_id, docs.bad_input, (
         f"data.domains.{name}.tfds: {dom.tfds} tokenized with {cfg.tokenizer}")
-  corpus = shards.load_prepared(dom.path)
+  corpus = shards.load_prepared(dom.path, cfg.damaged_records)
   return (shards.DocumentReader(corpus), corpus.lengths, corpus.manifest["max_token_id"],
           corpus.manifest.get("bad_input", {}), f"data.domains.{name}.path: {dom.path}")
 

@@ -14,16 +14,26 @@ raises CorruptCheckpointError naming the step directory, or, when asked to fall 
 `checkpoints_corrupt/` and resumes from the newest older step that restores. Either way the
 failed restore's reads are finished before the error is reported (`_loops_closed_when_idle`), so
 nothing prints after it from a background thread.
+
+A write that fails (a full disk or bucket quota, a lost permission) is retried `retries` times,
+each time with the step at hand, after a backoff that doubles; past that the run stops with
+CheckpointWriteError naming the directory and the error. A failed write is never renamed into
+place, so the newest complete checkpoint stays the one a restart restores. An async write fails
+in Orbax's background thread: `save` looks for that at every step boundary (without waiting for
+a write still in flight) and raises or retries there, one step after the failure at most.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import importlib.util
 import logging
 import os
+import re
 import shutil
+import time
 from typing import Any
 
 import grain
@@ -37,13 +47,18 @@ class CorruptCheckpointError(ValueError):
   """A checkpoint directory that exists and is complete but cannot be restored."""
 
 
+class CheckpointWriteError(ValueError):
+  """A checkpoint write failed, and kept failing after checkpoint.retries attempts."""
+
+
 class RunCheckpointer:
   """Saves every `every_steps` (and when forced), keeps the newest `keep`, async by default."""
 
   def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True,
-               directory: str | None = None):
+               directory: str | None = None, retries: int = 3, backoff_s: float = 10.0):
     """Checkpoints go to `directory` (a path, or a gs:// / s3:// URL Orbax writes through
-    TensorStore and etils.epath) or by default to workdir/checkpoints."""
+    TensorStore and etils.epath) or by default to workdir/checkpoints. A failed write is
+    retried `retries` times, after backoff_s, 2 x backoff_s, ... seconds."""
     if directory is None:
       directory = os.path.join(workdir, "checkpoints")
     check_directory(directory)
@@ -57,17 +72,85 @@ class RunCheckpointer:
                        "data_iter": grain.checkpoint.CheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()},
         options=options)
+    self.retries, self.backoff_s, self._async = retries, backoff_s, async_save
+    # A failed write ends its background event loop the way a failed restore does (see
+    # _IdleClosingLoop); for the checkpointer's life every new loop lets its tasks end first.
+    self._previous_policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_IdleClosingPolicy())
+    self._in_flight: int | None = None  # the step of an async write not yet known complete
+    self._failures = 0  # failed writes since the last one that completed
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_iter, config: ml_collections.ConfigDict, *,
            force: bool = False) -> bool:
-    """Starts a save when the interval says so (or `force`); returns whether one started."""
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data_iter=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(config.to_dict())), force=force)
+    """Starts a save when the interval says so (or `force`); returns whether one started.
+
+    Call at every step boundary: it is also where the failure of an earlier async write is
+    found (without blocking on a write still in flight) and answered with a retry of this step.
+    Raises CheckpointWriteError once `retries` retries have failed too.
+    """
+    # With several processes the hosts may see the background write end at different steps, and
+    # a retry on some of them only would leave the others waiting in its collectives: there the
+    # failure is found at the next interval save instead, inside manager.save, on every host.
+    if (self._in_flight is not None and jax.process_count() == 1
+        and not self.manager.is_saving_in_progress()):
+      force |= not self._settle()  # the background write ended; failed: retry with this step
+    while True:
+      try:
+        started = self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data_iter=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(config.to_dict())), force=force)
+      except Exception as e:  # pylint: disable=broad-except  # TensorStore/OS/etils all differ
+        # manager.save first waits for the previous async write: its error surfaces here too.
+        self._failed(self._in_flight if self._in_flight is not None else step, e)
+        self._in_flight, force = None, True
+        continue
+      if started and self._async:
+        self._in_flight = step
+      elif started:  # a synchronous write is complete on return
+        self._in_flight, self._failures = None, 0
+      return started
+
+  def _settle(self) -> bool:
+    """Whether the async write in flight completed; on a failure, counts and logs it (raising
+    CheckpointWriteError once there were too many). Blocks until that write has ended."""
+    step = self._in_flight
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._in_flight = None
+      self._failed(step, e)
+      return False
+    self._in_flight, self._failures = None, 0
+    return True
+
+  def _failed(self, step: int, error: Exception) -> None:
+    self._failures += 1
+    where = os.path.join(self.directory, str(step))
+    newest = self.manager.latest_step()
+    if self._failures > self.retries:
+      raise CheckpointWriteError(
+          f"checkpoint write to {self.directory} failed {self._failures} times in a row; the "
+          f"last, step {step}: {_short(error)}. The newest complete checkpoint is "
+          f"{'step ' + str(newest) if newest is not None else 'none'}; free space or fix the "
+          "permissions there, then run the same command again to resume (checkpoint.retries="
+          f"{self.retries}).") from error
+    delay = self.backoff_s * 2 ** (self._failures - 1)
+    logging.warning("checkpoint write %s failed (%s); retry %d of %d in %.1f s, with the step "
+                    "at hand", where, _short(error), self._failures, self.retries, delay)
+    self._backoff(delay)
+
+  def _backoff(self, seconds: float) -> None:
+    time.sleep(seconds)
+
+  def finish(self, step: int, state: Any, data_iter, config: ml_collections.ConfigDict) -> None:
+    """Waits for the last write of the run; if it failed, writes `step` again (retries) until
+    one completes or CheckpointWriteError is raised."""
+    while self._in_flight is not None and not self._settle():
+      self.save(step, state, data_iter, config, force=True)
 
   def restore(self, step: int, abstract_state: Any, data_iter) -> Any:
     """Restores `step` into arrays shaped/sharded like `abstract_state`; the Grain iterator is
@@ -136,11 +219,20 @@ class RunCheckpointer:
           "config"]
 
   def wait(self) -> None:
+    """Blocks until the write in flight has ended (a failure counts as in `save`)."""
+    if self._in_flight is not None:
+      self._settle()
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    """Ends the checkpointer; a write failure not reported by `save`/`finish` (the run stopped
+    on another error) is logged, so that it does not replace that error."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("checkpoint write in %s failed: %s", self.directory, _short(e))
     self.manager.close()
+    asyncio.set_event_loop_policy(self._previous_policy)
 
 
 def is_url(path: str) -> bool:
@@ -168,9 +260,16 @@ def check_directory(directory: str) -> None:
 
 
 def _short(e: Exception) -> str:
-  """The first line of an error, capped: TensorStore errors embed a whole JSON spec."""
+  """The first line of an error, capped: TensorStore errors embed a whole JSON spec. An OS error
+  inside (TensorStore's "[os_error_code=27]") is named in full, wherever the cap falls."""
   text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-  return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+  if len(text) > 300:
+    text = f"{text[:140]} ... {text[-140:]}"
+  os_error = re.search(r"os_error_code='?(\d+)", str(e))
+  if os_error:
+    code = int(os_error.group(1))
+    text += f" [OS error {errno.errorcode.get(code, code)}: {os.strerror(code)}]"
+  return f"{type(e).__name__}: {text}"
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

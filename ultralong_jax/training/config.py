@@ -104,10 +104,18 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
     step with a message naming the step and the last good checkpoint.
   train.max_nonfinite_steps: with skip, stop anyway once more steps than this were skipped
     (a run that keeps diverging is not recovering; 0 = no limit).
+  train.hang_timeout_s: the hang watchdog's limit on one step (seconds; 0 = 10 x the median
+    step time, at least 600 s); past it the process prints every thread's stack and exits 75
+    so the launcher restarts it (training/watchdog.py, docs/launch.md).
+  train.hang_startup_s: the watchdog's allowance before the first step completes (build,
+    restore, compile) and around checkpoint writes.
   checkpoint.every_steps: save interval (0 = only at the end); checkpoint.keep: newest K kept;
   checkpoint.async_save: write in the background while training continues.
   checkpoint.fallback_on_corrupt: when the newest checkpoint cannot be restored, move it aside
     to checkpoints_corrupt/ and resume from the previous one (False: stop with an error naming it).
+  checkpoint.retries: a failed checkpoint write (full disk or quota, lost permission) is retried
+    this many times, with the step at hand, before the run stops with an error naming the
+    directory; checkpoint.retry_backoff_s: the wait before the first retry, doubled each time.
   preflight.check_paths: before compiling, check that data paths / chat files / tokenizer exist
     and are readable, and the tokenizer's vocabulary fits the model's embedding.
   preflight.check_memory: before compiling, estimate bytes per device and stop if they exceed
@@ -134,9 +142,11 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
       state_dtype="float32"))
   c.train = ml_collections.ConfigDict(dict(
       steps=480 if stage == 1 else 1000, microbatches=1, loss_chunk_size=4096, z_loss_weight=0.0,
-      seed=0, log_every=1, nonfinite="skip", max_nonfinite_steps=20, run_name=""))
+      seed=0, log_every=1, nonfinite="skip", max_nonfinite_steps=20, run_name="",
+      hang_timeout_s=0.0, hang_startup_s=3600.0))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=3, async_save=True,
-                                                fallback_on_corrupt=False))
+                                                fallback_on_corrupt=False, retries=3,
+                                                retry_backoff_s=10.0))
   c.preflight = ml_collections.ConfigDict(dict(check_paths=True, check_memory=True))
   c.export = ml_collections.ConfigDict(dict(hf=True, dtype="bfloat16"))
   c.metrics = ml_collections.ConfigDict(dict(peak_tflops=0.0))
@@ -274,4 +284,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   if c.train.get("max_nonfinite_steps", 0) < 0:
     raise ValueError(f"train.max_nonfinite_steps={c.train.max_nonfinite_steps}; use >= 0 "
                      "(0 = no limit).")
+  for key in ("train.hang_timeout_s", "train.hang_startup_s", "checkpoint.retries",
+              "checkpoint.retry_backoff_s"):
+    section, name = key.split(".")
+    if c[section].get(name, 0) < 0:
+      raise ValueError(f"{key}={c[section][name]}; use >= 0.")
   return model

@@ -30,8 +30,10 @@ from ultralong_jax.modeling import llama
 from ultralong_jax.parallel import layout, mesh as mesh_lib, sharding
 from ultralong_jax.parallel.ring_attention import make_attention_fn
 from ultralong_jax.training import checkpointing, metrics as metrics_lib, optimizer, outputs
+from ultralong_jax.training import goodput
 from ultralong_jax.training import preflight
 from ultralong_jax.training import train_step
+from ultralong_jax.training import watchdog
 from ultralong_jax.training import config as config_lib
 
 
@@ -145,28 +147,36 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = N
   workdir/checkpoints; everything else the run writes stays in workdir (a filesystem path).
 
   max_steps stops after that many steps *of this invocation* (tests use it to interrupt a run);
-  the run is otherwise complete at c.train.steps. Returns a summary dict (also summary.json).
+  the run is otherwise complete at c.train.steps. Returns a summary dict (also summary.json),
+  with the invocation's time account (goodput.py) under "time".
   """
+  account = goodput.TimeAccount()
   check_workdir(workdir)
   if checkpoint_dir is not None:
     checkpointing.check_directory(checkpoint_dir)
   os.makedirs(workdir, exist_ok=True)
-  built = _build(c)  # validation and everything that can fail on bad input, before any compile
-  ckpt = checkpointing.RunCheckpointer(workdir, every_steps=c.checkpoint.every_steps,
-                                       keep=c.checkpoint.keep, async_save=c.checkpoint.async_save,
-                                       directory=checkpoint_dir)
+  with account.timed("startup"):
+    built = _build(c)  # validation and everything that can fail on bad input, before any compile
+    ckpt = checkpointing.RunCheckpointer(
+        workdir, every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep,
+        async_save=c.checkpoint.async_save, directory=checkpoint_dir,
+        retries=c.checkpoint.retries, backoff_s=c.checkpoint.retry_backoff_s)
   writer = metrics_lib.MetricsWriter(workdir)
   try:
-    summary = _train(c, workdir, built, ckpt, writer, max_steps, progress)
+    summary = _train(c, workdir, built, ckpt, writer, max_steps, progress, account)
   finally:
     ckpt.close()
     writer.close()
   if summary["complete"]:  # every process: the gather and the checkpoint write are collectives
-    summary.update(_finish(c, workdir, built.model_cfg, summary.pop("_params"), writer.path,
-                           summary["end_step"]))
+    with account.timed("export"):
+      summary.update(_finish(c, workdir, built.model_cfg, summary.pop("_params"), writer.path,
+                             summary["end_step"]))
   summary.pop("_params", None)
   summary["process_count"] = jax.process_count()
+  summary["time"] = account.summary()
+  logging.info("time account: %s", json.dumps(summary["time"]))
   if jax.process_index() == 0:  # one writer per run (the workdir is shared between hosts)
+    goodput.write_tensorboard(workdir, summary["end_step"], summary["time"])
     outputs.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
@@ -185,7 +195,16 @@ def check_workdir(workdir: str) -> None:
         "--checkpoint_dir=gs://BUCKET/runs/stage1/checkpoints (docs/launch.md, Storage).")
 
 
-def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[str, Any]:
+def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress,
+           account: goodput.TimeAccount) -> dict[str, Any]:
+  dog = watchdog.Watchdog(c.train.hang_timeout_s, c.train.hang_startup_s,
+                          watchdog.describe_process())
+  with dog:
+    return _train_watched(c, workdir, built, ckpt, writer, max_steps, progress, account, dog)
+
+
+def _train_watched(c, workdir, built: _Run, ckpt, writer, max_steps, progress, account,
+                   dog) -> dict[str, Any]:
   seq_len, batch_size = c.data.seq_len, c.data.global_batch_size
   n_seq = built.mesh.shape["sequence"]
   tx = built.tx
@@ -195,14 +214,21 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
     abstract = checkpointing.abstract_with_shardings(
         jax.eval_shape(lambda p: train_step.init_state(p, tx), built.abstract_params),
         built.state_sharding)
-    start_step, state = ckpt.restore_latest(
-        abstract, data_iter, fallback=c.checkpoint.get("fallback_on_corrupt", False))
+    with account.timed("restore"):
+      start_step, state = ckpt.restore_latest(
+          abstract, data_iter, fallback=c.checkpoint.get("fallback_on_corrupt", False))
     logging.info("resumed from step %s in %s", start_step, ckpt.directory)
   if start_step is None:
     start_step = 0
-    params = _initial_params(c, built.model_cfg, built.params_sharding)
-    state = jax.jit(lambda p: train_step.init_state(p, tx),
-                    out_shardings=built.state_sharding)(params)
+    with account.timed("startup"):
+      params = _initial_params(c, built.model_cfg, built.params_sharding)
+      state = jax.jit(lambda p: train_step.init_state(p, tx),
+                      out_shardings=built.state_sharding)(params)
+  # Steps up to the last one an earlier invocation logged are computed a second time.
+  account.replay_until = goodput.last_logged_step(writer.path)
+  if account.replay_until > start_step:
+    logging.warning("resumed at step %d: steps %d-%d are computed again", start_step,
+                    start_step + 1, account.replay_until)
 
   flops_per_token = metrics_lib.train_flops_per_token(built.model_cfg, seq_len)
   peak = metrics_lib.peak_tflops(override=c.metrics.peak_tflops)
@@ -215,49 +241,61 @@ def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress) -> dict[s
   seen_nonfinite = {"count": 0}  # warn when the device-side count grows, not on every log line
   step = saved_step = start_step
   t_prev = time.perf_counter()
+  account.start_steps()
   # The mesh context serves activation sharding hints inside the step; model construction and
   # loading stay outside it (NNX would read logical names as mesh axes there).
-  with _Preemption() as preemption, jax.set_mesh(built.mesh):
-    while step < end_step:
-      batch = next(data_iter)
-      if n_seq > 1:
-        batch = layout.zigzag_permute(batch, n_seq, layout=c.attention.layout)
-      state, step_metrics = built.step_fn(state, train_step.put_batch(batch, built.batch_sharding))
-      step += 1
-      if step % c.train.log_every == 0 or step == end_step:
-        last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        now = time.perf_counter()
-        seconds = (now - t_prev) / c.train.log_every
-        t_prev = now
-        last.update(step_time_s=seconds, tokens_per_s=tokens_per_step / seconds)
-        tflops = flops_per_token * last["tokens_per_s"] / jax.device_count() / 1e12
-        last["tflops_per_device"] = tflops
-        if peak:
-          last["mfu"] = tflops / peak
-        writer.write(step, last)
-        _check_numerics(c, last, ckpt, seen_nonfinite)  # after the write: the bad row is logged
-        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
-                        tok_s=f"{last['tokens_per_s']:,.0f}", tflops=f"{tflops:.3g}",
-                        **({"mfu": f"{last['mfu']:.1%}"} if peak else {}))
-      bar.update(1)
-      preemption.check(step)
-      if stop_on_nonfinite and (preemption.requested or ckpt.manager.should_save(step)):
-        # Never checkpoint past a non-finite step under `stop`: one small sync per save.
+  try:
+    with _Preemption() as preemption, jax.set_mesh(built.mesh):
+      while step < end_step:
+        with account.timed("data_wait"):
+          batch = next(data_iter)
+          if n_seq > 1:
+            batch = layout.zigzag_permute(batch, n_seq, layout=c.attention.layout)
+        batch = train_step.put_batch(batch, built.batch_sharding)
+        state, step_metrics = built.step_fn(state, batch)
+        step += 1
+        if step % c.train.log_every == 0 or step == end_step:
+          last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          now = time.perf_counter()
+          seconds = (now - t_prev) / c.train.log_every
+          t_prev = now
+          last.update(step_time_s=seconds, tokens_per_s=tokens_per_step / seconds)
+          tflops = flops_per_token * last["tokens_per_s"] / jax.device_count() / 1e12
+          last["tflops_per_device"] = tflops
+          if peak:
+            last["mfu"] = tflops / peak
+          writer.write(step, last)
+          _check_numerics(c, last, ckpt, seen_nonfinite)  # after the write: the bad row is logged
+          bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
+                          tok_s=f"{last['tokens_per_s']:,.0f}", tflops=f"{tflops:.3g}",
+                          **({"mfu": f"{last['mfu']:.1%}"} if peak else {}))
+        bar.update(1)
+        preemption.check(step)
+        if stop_on_nonfinite and (preemption.requested or ckpt.manager.should_save(step)):
+          # Never checkpoint past a non-finite step under `stop`: one small sync per save.
+          _check_numerics(c, {k: float(step_metrics[k]) for k in _NONFINITE_KEYS}, ckpt,
+                          seen_nonfinite)
+        dog.beat(step)
+        with account.timed("checkpoint"):
+          dog.slow_section()
+          if ckpt.save(step, state, data_iter, c, force=preemption.requested):
+            saved_step = step
+        dog.beat(step, step_time=False)
+        account.step_done(step)
+        if preemption.requested:
+          preempted = True
+          logging.warning("SIGTERM: saved step %d, exiting", step)
+          break
+  finally:  # an error inside leaves the bar closed before it is printed
+    bar.close()
+  dog.slow_section()
+  with account.timed("checkpoint"):
+    if step != saved_step and (step == c.train.steps or max_steps is not None):
+      if stop_on_nonfinite and step > start_step:
         _check_numerics(c, {k: float(step_metrics[k]) for k in _NONFINITE_KEYS}, ckpt,
                         seen_nonfinite)
-      if ckpt.save(step, state, data_iter, c, force=preemption.requested):
-        saved_step = step
-      if preemption.requested:
-        preempted = True
-        logging.warning("SIGTERM: saved step %d, exiting", step)
-        break
-  bar.close()
-  if step != saved_step and (step == c.train.steps or max_steps is not None):
-    if stop_on_nonfinite and step > start_step:
-      _check_numerics(c, {k: float(step_metrics[k]) for k in _NONFINITE_KEYS}, ckpt,
-                      seen_nonfinite)
-    ckpt.save(step, state, data_iter, c, force=True)  # the end of this invocation
-  ckpt.wait()
+      ckpt.save(step, state, data_iter, c, force=True)  # the end of this invocation
+    ckpt.finish(step, state, data_iter, c)
   complete = step == c.train.steps
   data_stats = _jsonable(built.pipe.stats(data_iter))
   if c.stage == 1:  # the mix the resampling actually produced, next to the configured weights
