@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -137,7 +138,7 @@ def run_kernels(plan: Plan, rows: _Rows, deadline: float) -> None:
         compile_s = time.perf_counter() - start
         seconds = ring_overhead._median_seconds(lambda *a: fn(*a, seg), x, plan.repeats)  # pylint: disable=protected-access
         if t == plan.lengths[0]:
-          row["rel_err_vs_chunked"] = _rel_err_vs_chunked(fn, x, seg, scale)
+          row["rel_err_vs_chunked"] = _rel_err_vs_chunked(fn, plan, t, packed, scale)
         docs = row["documents"]
         useful = docs * attention._useful_flops(1, t // docs, plan.heads, plan.head_dim)  # pylint: disable=protected-access
         rows.add({**row, "compile_and_first_s": compile_s, "seconds": seconds,
@@ -146,21 +147,37 @@ def run_kernels(plan: Plan, rows: _Rows, deadline: float) -> None:
         rows.add({**row, "error": _error(e)})
 
 
-def _rel_err_vs_chunked(fn, x, seg, scale) -> float:
-  """Largest relative L2 distance of fn's (dq, dk, dv) from the chunked kernel's on the same
-  inputs: checks a fused kernel's layout on the device (bf16 rounding: ~1e-2)."""
+@functools.cache
+def _chunked_grads(scale: float):
+  """The chunked kernel's (dq, dk, dv) of one causal block, jitted once per section."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ultralong_jax.parallel import block_attention  # pylint: disable=g-import-not-at-top
   kernel = block_attention.KERNELS["chunked"]
 
-  def reference(q, k, v, dout, seg):
+  def grads(q, k, v, dout, seg):
     out, lse = kernel.forward(q, k, v, seg, seg, causal=True, scale=scale)
     delta = jnp.einsum("BTKGH,BTKGH->BKGT", dout.astype(jnp.float32), out)
     return kernel.backward(q, k, v, seg, seg, out, lse, dout, delta, causal=True, scale=scale)
+  return jax.jit(grads)
 
-  got, want = fn(*x, seg), jax.jit(reference)(*x, seg)
-  return max(float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) for a, b in zip(got, want))
+
+def _rel_err_vs_chunked(fn, plan: Plan, t: int, packed: bool, scale: float) -> float:
+  """Largest relative L2 distance of fn's (dq, dk, dv), which depend on its output and lse, from
+  the chunked kernel's: checks a fused kernel's layouts on the device (bf16 rounding ~1e-2).
+  Two rows; packed: with different numbers of documents (the entry point compacts segments
+  across rows)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ultralong_jax.bench import ring_overhead  # pylint: disable=g-import-not-at-top
+  x = ring_overhead.inputs(2, t, plan.kv_heads, plan.heads // plan.kv_heads, plan.head_dim,
+                           jnp.bfloat16, seed=1)
+  seg = None
+  if packed:
+    uneven = jnp.arange(t) * 3 // t + 10                  # 3 documents, ids 10..12
+    seg = jnp.stack([jnp.arange(t) * plan.documents // t, uneven]).astype(jnp.int32)
+  got, want = fn(*x, seg), _chunked_grads(scale)(*x, seg)
+  return max(float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+             for a, b in zip(got, want))
 
 
 def _step_estimate(plan: Plan, t: int, platform: str) -> float:

@@ -19,8 +19,8 @@ in the query block is paired with the run of the same id in the key block (lengt
 those query rows see no key; they get out = 0, lse = NEG_INF like the other kernels). A block
 whose ids do not form at most `max_segments` runs, each id in one run, cannot be laid out so; it
 runs the `fallback` kernel (the chunked XLA kernel) under `lax.cond`, so results are exact for
-any ids. cuDNN's statistics in this layout are [B * M, N, T]: segment m of row b is "batch"
-b * M + m, its tokens at their offset within the segment (`_token_stats`).
+any ids. cuDNN's statistics in this layout are [B * M, N, T]: one row per segment, in order
+over all rows, its tokens at their offset within the segment (`_token_index`).
 
 The public vjp of the fused call covers the output only (not the statistic), so `backward` adds
 the missing log-sum-exp term with a second call (see its docstring).
@@ -44,7 +44,11 @@ PACKED_STAT_TOKENS = 1 << 20
 
 
 def max_segments(block_length: int) -> int:
-  """The static number of segments per row of a packed block of `block_length` tokens."""
+  """The static number of segments per row of a packed block of `block_length` tokens.
+
+  At 1 (blocks of 1M tokens) the entry point makes a dense call (it packs only for M > 1); that
+  is still exact: a fitting block is one run, whose key run is the whole key block or absent
+  (then `attend` blanks its rows)."""
   return max(1, min(block_length, PACKED_STAT_TOKENS // max(block_length, 1)))
 
 
@@ -66,10 +70,12 @@ def cudnn_entry():
 
 
 class PackedLayout(NamedTuple):
-  """cuDNN's packed layout of one block (M = segments per row, int32)."""
-  q_offsets: jax.Array    # [B, M + 1] start of query segment m; entry M (and unused ones) = T
-  q_seqlen: jax.Array     # [B, M] its length (0 = unused)
-  kv_offsets: jax.Array   # [B, M + 1] start of the key run with the same id (S if none)
+  """cuDNN's packed layout of one block, as JAX's entry point takes it (M = segments per row;
+  int32; -1 marks an unused entry, and the last offset column is always -1: the entry point
+  compacts the used entries of all rows into one list of B-row-spanning segments)."""
+  q_offsets: jax.Array    # [B, M + 1] start of query segment m
+  q_seqlen: jax.Array     # [B, M] its length
+  kv_offsets: jax.Array   # [B, M + 1] start of the key run with the same id (0 if none)
   kv_seqlen: jax.Array    # [B, M] its length (0: the query segment sees no key)
   q_run: jax.Array        # [B, T] the query segment of each query token
   fits: jax.Array         # [] bool: every row's ids form <= M runs, each id in one run
@@ -102,11 +108,12 @@ def packed_layout(q_seg, kv_seg, m: int) -> PackedLayout:
   match = (q_ids[:, :, None] == kv_ids[:, None, :]) & kv_used[:, None, :]   # [B, M, M]
   q_used = jnp.arange(m)[None] < q_count[:, None]
   found = match.any(axis=2) & q_used
-  kv_off = jnp.where(found, (match * kv_start[:, None, :]).sum(axis=2), s).astype(jnp.int32)
-  kv_sz = jnp.where(found, (match * kv_len[:, None, :]).sum(axis=2), 0).astype(jnp.int32)
-  end = lambda x, n: jnp.concatenate([x, jnp.full((x.shape[0], 1), n, jnp.int32)], axis=1)
+  unused = lambda x: jnp.where(q_used, x, -1).astype(jnp.int32)
+  kv_off = unused(jnp.where(found, (match * kv_start[:, None, :]).sum(axis=2), 0))
+  kv_sz = unused(jnp.where(found, (match * kv_len[:, None, :]).sum(axis=2), 0))
+  end = lambda x: jnp.concatenate([x, jnp.full((x.shape[0], 1), -1, jnp.int32)], axis=1)
   fits = jnp.all((q_count <= m) & (kv_count <= m) & q_unique & kv_unique)
-  return PackedLayout(end(q_start, t), q_len, end(kv_off, s), kv_sz, q_run, fits)
+  return PackedLayout(end(unused(q_start)), unused(q_len), end(kv_off), kv_sz, q_run, fits)
 
 
 def packed_mask(layout: PackedLayout, s: int, causal: bool):
@@ -124,9 +131,13 @@ def packed_mask(layout: PackedLayout, s: int, causal: bool):
 
 
 def _token_index(layout: PackedLayout, m: int):
-  """Where each query token's statistic lives in cuDNN's packed [B * M, N, T] statistics."""
-  b, t = layout.q_run.shape
-  segment = jnp.arange(b)[:, None] * m + layout.q_run
+  """Where each query token's statistic lives in cuDNN's packed [B * M, N, T] statistics: the
+  entry point compacts the used segments of all rows in order, so segment m of row b is row
+  (segments of the rows before b) + m, and its tokens sit at their offset within the segment."""
+  del m
+  t = layout.q_run.shape[1]
+  used = (layout.q_seqlen >= 0).sum(axis=1)
+  segment = (jnp.cumsum(used) - used)[:, None] + layout.q_run
   offset = jnp.arange(t)[None] - jnp.take_along_axis(layout.q_offsets, layout.q_run, axis=1)
   return segment, offset
 
