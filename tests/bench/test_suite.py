@@ -18,17 +18,18 @@ def test_smoke_run_writes_every_section(tmp_path):
   assert [r["kernel"] for r in rows["kernels"]] == ["dpa_xla", "dpa_xla_packed", "chunked", "xla"]
   assert all(r["tflops"] > 0 and r["seconds"] > 0 for r in rows["kernels"])
   # The on-device layout check: every kernel's gradients against the chunked kernel's (bf16).
-  assert all(r["rel_err_vs_chunked"] < 3e-2 for r in rows["kernels"]), rows["kernels"]
+  fused = [r for r in rows["kernels"] if r["kernel"].startswith("dpa_xla")]
+  assert len(fused) == 2 and all(r["rel_err_vs_chunked"] < 3e-2 for r in fused), fused
   (step,) = rows["train_step"]
   assert step["step_s"] > 0 and step["tokens_per_s_per_device"] > 0
   assert step["estimate_bytes"] > 0 and step["peak_estimate_bytes"] > 0
-  assert [r["blocks"] for r in rows["ring_overhead"]] == [2, 4]
+  assert [r["blocks"] for r in rows["ring_overhead"]] == [2]
   summary = rows["longest"][-1]
   assert summary["longest_trained"] and summary["longest_trained"] % 256 == 0
   saved = json.loads((tmp_path / "suite.json").read_text())
   assert [r["name"] for r in saved["results"]] == list(status)
   text = (tmp_path / "suite.md").read_text()
-  for heading in ("| kernel | T | documents |", "| preset | L | T | kernel |",
+  for heading in ("| kernel | B | T | documents per row |", "| preset | L | T | kernel |",
                   "| kernel | T | n blocks |", "longest that trained"):
     assert heading in text
 

@@ -4,11 +4,12 @@
   python -m ultralong_jax.bench.suite --out /tmp/suite --smoke    # tiny shapes, CPU (the CI test)
 
 Sections (each a child process of this one, under its share of `--budget-s`):
-  kernels        one causal block of T tokens, forward + backward, per block kernel that runs on
-                 the platform (GPU: cudnn, cudnn_packed, chunked, xla; TPU: splash if present,
+  kernels        one causal block of two rows of T tokens, forward + backward, per kernel that
+                 runs on the platform (GPU: cudnn, cudnn_packed, chunked, xla; TPU: splash if present,
                  chunked, xla; CPU: their twins dpa_xla, dpa_xla_packed, chunked, xla), at
                  8K / 32K / 128K, Llama-3.2-1B's attention shape (N 32, K 8, H 64, bf16):
-                 TFLOP/s of useful causal work (packed: 8 documents per row, their work only).
+                 TFLOP/s of useful causal work (packed: 8 and 3 documents, their work only);
+                 at the first length the fused kernels' gradients against the chunked kernel's.
                  The xla kernel materializes [N, T, T] scores: only T <= 8K.
   train_step     the Llama-3.2-1B step on one device (bench/train_step.py, kernel auto) at each
                  length: step time, tokens/s, MFU, memory_stats() peak next to XLA's plan and
@@ -73,7 +74,7 @@ class Plan:
 
 SMOKE = Plan(lengths=(256,), heads=4, kv_heads=2, head_dim=16, documents=4, xla_max_length=256,
              preset="tiny", layers=2, steps=1, warmup=1, repeats=1, ring_length=256,
-             ring_blocks=(2, 4), longest_step=256, memory_limit=48 * 2**20)
+             ring_blocks=(2,), longest_step=256, memory_limit=48 * 2**20)
 
 
 # --- the sections (run in child processes; they import JAX) -----------------------------------
@@ -100,24 +101,33 @@ def _device():
   return {"platform": d.platform, "device_kind": d.device_kind, "jax": jax.__version__}
 
 
+def _documents(t: int, documents: int):
+  """Segment ids [2, T] of two packed rows: `documents` equal documents, and 3 unequal ones."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  position = jnp.arange(t)
+  return jnp.stack([position * documents // t, position * 3 // t + 10]).astype(jnp.int32)
+
+
 def run_kernels(plan: Plan, rows: _Rows, deadline: float) -> None:
+  """Two rows of T tokens per call (packed kernels: 8 and 3 documents, so that the check below
+  sees segments compacted across rows). At the first length a fused kernel's gradients, which
+  depend on its output and log-sum-exp, are compared with the chunked kernel's: the on-device
+  check of its layouts (bf16 rounding ~1e-2; a wrong layout is O(1))."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from ultralong_jax.bench import attention, ring_overhead  # pylint: disable=g-import-not-at-top
   from ultralong_jax.parallel import block_attention  # pylint: disable=g-import-not-at-top
   platform = jax.devices()[0].platform
   scale = plan.head_dim ** -0.5
+  grads = lambda kernel: jax.jit(functools.partial(_block_grads, kernel, scale))
+  reference = grads(block_attention.KERNELS["chunked"])
   for name in (n for n in KERNELS[platform] if n in block_attention.KERNELS):
     kernel = block_attention.KERNELS[name]
     packed = kernel.segment_ids and name not in ("xla", "chunked")
-
-    def step(q, k, v, dout, seg, kernel=kernel):
-      out, lse = kernel.forward(q, k, v, seg, seg, causal=True, scale=scale)
-      delta = jnp.einsum("BTKGH,BTKGH->BKGT", dout.astype(jnp.float32), out)
-      return kernel.backward(q, k, v, seg, seg, out, lse, dout, delta, causal=True, scale=scale)
-
     for t in plan.lengths:
-      row = {"kernel": name, "seq_len": t, "documents": plan.documents if packed else 1}
+      row = {"kernel": name, "seq_len": t, "batch": 2,
+             "documents": f"{plan.documents}, 3" if packed else "1"}
       if name == "xla" and t > plan.xla_max_length:
         rows.add({**row, "skipped": f"materializes [N, T, T] scores (runs up to "
                                     f"{plan.xla_max_length})"})
@@ -126,58 +136,33 @@ def run_kernels(plan: Plan, rows: _Rows, deadline: float) -> None:
         rows.add({**row, "skipped": "section budget spent"})
         continue
       try:
-        x = ring_overhead.inputs(1, t, plan.kv_heads, plan.heads // plan.kv_heads, plan.head_dim,
+        x = ring_overhead.inputs(2, t, plan.kv_heads, plan.heads // plan.kv_heads, plan.head_dim,
                                  jnp.bfloat16)
-        seg = None
-        if packed:
-          seg = jnp.repeat(jnp.arange(plan.documents, dtype=jnp.int32),
-                           t // plan.documents)[None]
-        fn = jax.jit(step)
+        seg = _documents(t, plan.documents) if packed else None
+        fn = grads(kernel)
         start = time.perf_counter()
-        jax.block_until_ready(fn(*x, seg))
+        got = jax.block_until_ready(fn(*x, seg))
         compile_s = time.perf_counter() - start
         seconds = ring_overhead._median_seconds(lambda *a: fn(*a, seg), x, plan.repeats)  # pylint: disable=protected-access
-        if t == plan.lengths[0]:
-          row["rel_err_vs_chunked"] = _rel_err_vs_chunked(fn, plan, t, packed, scale)
-        docs = row["documents"]
-        useful = docs * attention._useful_flops(1, t // docs, plan.heads, plan.head_dim)  # pylint: disable=protected-access
+        if t == plan.lengths[0] and name not in ("xla", "chunked"):   # CPU-tested references
+          want = reference(*x, seg)
+          row["rel_err_vs_chunked"] = max(
+              float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) for a, b in zip(got, want))
+        lengths = ([np.bincount(np.asarray(r)).tolist() for r in seg] if packed else [[t], [t]])
+        useful = sum(attention._useful_flops(1, n, plan.heads, plan.head_dim)  # pylint: disable=protected-access
+                     for row_lengths in lengths for n in row_lengths if n)
         rows.add({**row, "compile_and_first_s": compile_s, "seconds": seconds,
                   "tflops": useful / seconds / 1e12})
       except Exception as e:  # pylint: disable=broad-except
         rows.add({**row, "error": _error(e)})
 
 
-@functools.cache
-def _chunked_grads(scale: float):
-  """The chunked kernel's (dq, dk, dv) of one causal block, jitted once per section."""
-  import jax  # pylint: disable=g-import-not-at-top
+def _block_grads(kernel, scale, q, k, v, dout, seg):
+  """One causal block's forward and backward through `kernel`: (dq, dk, dv)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ultralong_jax.parallel import block_attention  # pylint: disable=g-import-not-at-top
-  kernel = block_attention.KERNELS["chunked"]
-
-  def grads(q, k, v, dout, seg):
-    out, lse = kernel.forward(q, k, v, seg, seg, causal=True, scale=scale)
-    delta = jnp.einsum("BTKGH,BTKGH->BKGT", dout.astype(jnp.float32), out)
-    return kernel.backward(q, k, v, seg, seg, out, lse, dout, delta, causal=True, scale=scale)
-  return jax.jit(grads)
-
-
-def _rel_err_vs_chunked(fn, plan: Plan, t: int, packed: bool, scale: float) -> float:
-  """Largest relative L2 distance of fn's (dq, dk, dv), which depend on its output and lse, from
-  the chunked kernel's: checks a fused kernel's layouts on the device (bf16 rounding ~1e-2).
-  Two rows; packed: with different numbers of documents (the entry point compacts segments
-  across rows)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ultralong_jax.bench import ring_overhead  # pylint: disable=g-import-not-at-top
-  x = ring_overhead.inputs(2, t, plan.kv_heads, plan.heads // plan.kv_heads, plan.head_dim,
-                           jnp.bfloat16, seed=1)
-  seg = None
-  if packed:
-    uneven = jnp.arange(t) * 3 // t + 10                  # 3 documents, ids 10..12
-    seg = jnp.stack([jnp.arange(t) * plan.documents // t, uneven]).astype(jnp.int32)
-  got, want = fn(*x, seg), _chunked_grads(scale)(*x, seg)
-  return max(float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
-             for a, b in zip(got, want))
+  out, lse = kernel.forward(q, k, v, seg, seg, causal=True, scale=scale)
+  delta = jnp.einsum("BTKGH,BTKGH->BKGT", dout.astype(jnp.float32), out)
+  return kernel.backward(q, k, v, seg, seg, out, lse, dout, delta, causal=True, scale=scale)
 
 
 def _step_estimate(plan: Plan, t: int, platform: str) -> float:
@@ -339,12 +324,13 @@ def markdown(results: list[dict], command: str) -> str:
                    f"{r['error'] or ''}")
   by = lambda s: [row for r in results if r["section"] == s for row in r["rows"]]
   lines += ["", "Kernels, one causal block, forward + backward:", "",
-            "| kernel | T | documents | compile + first s | ms | TFLOP/s | rel. err vs chunked |",
-            "|---|---|---|---|---|---|---|"]
+            "| kernel | B | T | documents per row | compile + first s | ms | TFLOP/s | "
+            "rel. err vs chunked |",
+            "|---|---|---|---|---|---|---|---|"]
   for row in by("kernels"):
     note = row.get("skipped") or row.get("error")
-    lines.append(f"| {row['kernel']} | {row['seq_len']:,} | {row['documents']} | " + (
-        f"{note} | | | |" if note else
+    lines.append(f"| {row['kernel']} | {row['batch']} | {row['seq_len']:,} | {row['documents']} | "
+                 + (f"{note} | | | |" if note else
         f"{row['compile_and_first_s']:.1f} | {row['seconds'] * 1e3:.2f} | {row['tflops']:.4g} | "
         f"{_fmt(row.get('rel_err_vs_chunked'), '.1e')} |"))
   lines += ["", "Train step, one device:", "",
