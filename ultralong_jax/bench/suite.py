@@ -5,8 +5,8 @@
 
 Sections (each a child process of this one, under its share of `--budget-s`):
   kernels        one causal block of two rows of T tokens, forward + backward, per kernel that
-                 runs on the platform (GPU: cudnn, cudnn_packed, chunked, xla; TPU: splash if present,
-                 chunked, xla; CPU: their twins dpa_xla, dpa_xla_packed, chunked, xla), at
+                 runs on the platform (GPU: cudnn, cudnn_packed, chunked, xla; TPU: splash if
+                 present, chunked, xla; CPU: their twins dpa_xla, dpa_xla_packed, chunked, xla), at
                  8K / 32K / 128K, Llama-3.2-1B's attention shape (N 32, K 8, H 64, bf16):
                  TFLOP/s of useful causal work (packed: 8 and 3 documents, their work only);
                  at the first length the fused kernels' gradients against the chunked kernel's.
@@ -231,7 +231,8 @@ def run_longest(plan: Plan, rows: _Rows, deadline: float) -> None:
       if plan.memory_limit and r["peak_estimate_bytes"] > limit:
         raise MemoryError(f"XLA plan {r['peak_estimate_bytes']} B > limit {limit} B")
       rows.add({"seq_len": t, "trains": True, "step_s": r.get("step_s"),
-                "memory_stats": r.get("memory_stats"), "peak_estimate_bytes": r["peak_estimate_bytes"]})
+                "memory_stats": r.get("memory_stats"),
+                "peak_estimate_bytes": r["peak_estimate_bytes"]})
       trains_at = max(trains_at or 0, t)
     except Exception as e:  # pylint: disable=broad-except
       rows.add({"seq_len": t, "trains": False, "error": _error(e)})
@@ -334,7 +335,8 @@ def markdown(results: list[dict], command: str) -> str:
         f"{row['compile_and_first_s']:.1f} | {row['seconds'] * 1e3:.2f} | {row['tflops']:.4g} | "
         f"{_fmt(row.get('rel_err_vs_chunked'), '.1e')} |"))
   lines += ["", "Train step, one device:", "",
-            "| preset | L | T | kernel | remat | compile s | step ms | tokens/s | TFLOP/s | MFU % | "
+            "| preset | L | T | kernel | remat | compile s | step ms | tokens/s | TFLOP/s | "
+            "MFU % | "
             "memory_stats peak GiB | XLA plan GiB | estimate GiB |", "|---" * 13 + "|"]
   for row in by("train_step"):
     s = row["setup"]
