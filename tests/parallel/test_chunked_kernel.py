@@ -187,9 +187,7 @@ def test_select_kernel_auto():
       assert select("auto", has_segment_ids=seg, platform=platform, block_length=512) == "xla"
       assert select("auto", has_segment_ids=seg, platform=platform) == "xla"
   assert select("auto", has_segment_ids=False, platform="gpu", block_length=65536) == "cudnn"
-  assert select("auto", has_segment_ids=True, platform="gpu", block_length=65536) == "chunked"
-  assert select("auto", has_segment_ids=True, platform="gpu", block_length=64,
-                chunk_size=32) == "chunked"
+  assert select("auto", has_segment_ids=True, platform="gpu", block_length=65536) == "cudnn_packed"
   with pytest.raises(ValueError, match="chunk_size"):
     select("chunked", has_segment_ids=True, platform="cpu", chunk_size=0)
 

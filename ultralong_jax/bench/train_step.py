@@ -12,8 +12,8 @@ with abstract arrays (ShapeDtypeStruct + sharding: nothing allocated) and reads 
 memory and cost analysis. Unless --abstract, it then allocates random weights and a random batch
 and times `--steps` synchronized steps after `--warmup` steps; the median is reported.
 
---kernel: auto (block_attention.select_kernel: cuDNN on GPU without segment ids, else chunked for
-blocks longer than --chunk-size, else xla), xla, chunked, cudnn, dpa_xla, or standin: a
+--kernel: auto (block_attention.select_kernel: cuDNN on GPU, else chunked for blocks longer than
+--chunk-size, else xla), any name of block_attention.KERNELS, or standin: a
 memory stand-in for a flash kernel with the same inputs, outputs and residuals (out, lse) but O(T)
 work and no [c, c] score block, so that XLA's memory plan of everything else in the step can be
 read on CPU (where the reference kernel's materialized scores would dominate). Its FLOPs and
@@ -333,7 +333,7 @@ def main(argv=None) -> list[dict[str, Any]]:
   parser.add_argument("--remat", default="full",
                       choices=["none", "full", "dots", "dots_no_batch", "qkv_attention"])
   parser.add_argument("--kernel", default="auto",
-                      help="auto | xla | chunked | cudnn | dpa_xla | standin")
+                      help="auto | standin | a name of block_attention.KERNELS")
   parser.add_argument("--chunk-size", type=int, default=1024, help="the chunked kernel's tile")
   parser.add_argument("--microbatches", type=int, default=1)
   parser.add_argument("--strategy", default="ring", choices=["ring", "allgather"])

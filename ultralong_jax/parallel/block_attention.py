@@ -21,12 +21,14 @@ Kernels:
              `chunk_size` (default CHUNK_SIZE) tokens with an online softmax (forward) and the
              flash-attention-2 backward per tile, so temporaries are O(chunk^2 + block length).
              Causal blocks skip the tiles above the diagonal. Segment ids; any platform.
-  "cudnn"    `jax.nn.dot_product_attention(implementation="cudnn", return_residual=True)` (H100 flash
-             attention). Its public vjp ignores the cotangent of the log-sum-exp the ring merge
-             needs, so `_public_backward` adds that term with a second call (backward costs about
-             two flash backwards). No segment ids (the public API takes none).
-  "dpa_xla"  the same adapter over `implementation="xla"` with the residual's gradient stopped: the
-             cuDNN path's math, testable on CPU.
+  "cudnn"    one cuDNN flash-attention call per block through JAX's cuDNN entry point
+             (parallel/cudnn_attention.py), with cuDNN's float32 log-sum-exp. Its vjp ignores the
+             cotangent of the log-sum-exp the ring merge needs, so the backward adds that term
+             with a second call (backward costs about two flash backwards). No segment ids.
+  "cudnn_packed"  the same on cuDNN's packed layout (Hopper+): segment ids as per-segment
+             offsets; a block with more runs of ids than the layout holds runs "chunked".
+  "dpa_xla", "dpa_xla_packed"  their twins over XLA (same contract, same dtype handling, same
+             backward): the cuDNN paths' math, testable on CPU.
   "splash"   Pallas splash attention (TPU; Pallas interpret mode elsewhere), in parallel/splash.py:
              float32 log-sum-exp, segment ids, GQA, splash's own backward kernels with the global
              lse/delta. Block lengths and chunk_size must be multiples of 128.
@@ -37,6 +39,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from ultralong_jax.parallel import cudnn_attention
 
 # Finite "minus infinity": a fully masked row then gives a finite lse that the merge weighs by
 # exp(-1e30 - lse) = 0, instead of exp(-inf + inf) = nan.
@@ -266,56 +270,23 @@ def chunked_kernel(chunk_size: int = CHUNK_SIZE) -> BlockKernel:
                      functools.partial(chunked_backward, chunk_size=chunk_size), segment_ids=True)
 
 
-def _public_attention(q, k, v, *, causal, scale, implementation):
-  """jax.nn.dot_product_attention on the internal layout: (out [B,T,K,G,H], lse [B,K,G,T])."""
-  b, t, kh, g, h = q.shape
-  out, lse = jax.nn.dot_product_attention(
-      q.reshape(b, t, kh * g, h), k, v, scale=scale, is_causal=causal,
-      implementation=implementation, return_residual=True)
-  lse = lse.astype(jnp.float32).reshape(b, t, kh, g).transpose(0, 2, 3, 1)
-  if implementation != "cudnn":
-    # Emulates cuDNN, whose vjp drops the residual's cotangent, so CPU tests cover this path.
-    lse = jax.lax.stop_gradient(lse)
-  return out.reshape(b, t, kh, g, h), lse
-
-
-def _public_forward(q, k, v, q_seg, kv_seg, *, causal, scale, implementation):
-  if q_seg is not None:
-    raise ValueError(f"kernel {implementation!r} takes no segment ids; use 'chunked' or 'xla'.")
-  out, lse = _public_attention(q, k, v, causal=causal, scale=scale, implementation=implementation)
-  return out.astype(jnp.float32), lse
-
-
-def _public_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal, scale,
-                     implementation):
-  """Block backward from a kernel whose vjp covers its output only (not its log-sum-exp).
-
-  With block-local softmax p_j, weight w = exp(lse_j - lse), the exact score gradient is
-  w p_j (dout v^T - delta); the kernel's vjp at cotangent w * dout gives w p_j (dout v^T -
-  rowsum(dout * out_j)), so the missing term is p_j * c with c = w (rowsum(dout * out_j) - delta):
-  dq += scale c (p_j k) = scale c attn(q, k, k), dk += scale p_j^T (c q) = the v-gradient of
-  attn(q, k, .) at cotangent scale c q.
-  """
-  del q_seg, kv_seg, out
-  attend = functools.partial(_public_attention, causal=causal, scale=scale,
-                             implementation=implementation)
-  (out_j, lse_j), vjp = jax.vjp(attend, q, k, v)
-  w = jnp.exp(lse_j - lse)                                   # [B, K, G, T]
-  w_t = w.transpose(0, 3, 1, 2)[..., None]                   # [B, T, K, G, 1]
-  dq, dk, dv = vjp(((w_t * dout).astype(out_j.dtype), jnp.zeros_like(lse_j)))
-  c = w * (jnp.einsum("BTKGH,BTKGH->BKGT", dout.astype(jnp.float32),
-                      out_j.astype(jnp.float32)) - delta)
-  c_t = (c * scale).transpose(0, 3, 1, 2)[..., None]
-  (pk, _), vjp_v = jax.vjp(lambda v_: attend(q, k, v_), k)
-  (dk_extra,) = vjp_v(((c_t * q).astype(pk.dtype), jnp.zeros_like(lse_j)))
-  return (dq.astype(jnp.float32) + c_t * pk.astype(jnp.float32),
-          dk.astype(jnp.float32) + dk_extra.astype(jnp.float32), dv.astype(jnp.float32))
-
-
-def _public_kernel(implementation: str) -> BlockKernel:
+def _fused_kernel(implementation: str) -> BlockKernel:
+  """One fused call per block (cudnn_attention), no segment ids."""
   return BlockKernel(
-      functools.partial(_public_forward, implementation=implementation),
-      functools.partial(_public_backward, implementation=implementation), segment_ids=False)
+      functools.partial(cudnn_attention.forward, implementation=implementation),
+      functools.partial(cudnn_attention.backward, implementation=implementation),
+      segment_ids=False)
+
+
+def _packed_kernel(implementation: str, chunk_size: int = CHUNK_SIZE) -> BlockKernel:
+  """The fused call on cuDNN's packed layout; blocks it cannot lay out run the chunked kernel."""
+  fallback = chunked_kernel(chunk_size)
+  return BlockKernel(
+      functools.partial(cudnn_attention.packed_forward, implementation=implementation,
+                        fallback=fallback.forward),
+      functools.partial(cudnn_attention.packed_backward, implementation=implementation,
+                        fallback=fallback.backward),
+      segment_ids=True)
 
 
 def _splash_kernel(chunk_size: int) -> BlockKernel:
@@ -330,26 +301,32 @@ def _splash_kernel(chunk_size: int) -> BlockKernel:
 KERNELS = {
     "xla": BlockKernel(xla_forward, xla_backward, segment_ids=True),
     "chunked": chunked_kernel(CHUNK_SIZE),
-    "cudnn": _public_kernel("cudnn"),
-    "dpa_xla": _public_kernel("xla"),
+    "cudnn": _fused_kernel("cudnn"),
+    "dpa_xla": _fused_kernel("xla"),
+    "cudnn_packed": _packed_kernel("cudnn"),
+    "dpa_xla_packed": _packed_kernel("xla"),
     "splash": _splash_kernel(CHUNK_SIZE),
 }
 
+_PACKED = {"cudnn_packed": "cudnn", "dpa_xla_packed": "xla"}
+
 
 def get_kernel(kernel: str, *, chunk_size: int = CHUNK_SIZE) -> BlockKernel:
-  """The BlockKernel named `kernel` (as select_kernel returns it); "chunked" and "splash" with
-  `chunk_size`."""
-  if kernel == "chunked":
-    return chunked_kernel(chunk_size)
-  return _splash_kernel(chunk_size) if kernel == "splash" else KERNELS[kernel]
+  """The BlockKernel named `kernel` (as select_kernel returns it); "chunked", "splash" and the
+  packed kernels (whose fallback is "chunked") with `chunk_size`."""
+  if kernel in _PACKED:
+    return _packed_kernel(_PACKED[kernel], chunk_size)
+  if kernel == "splash":
+    return _splash_kernel(chunk_size)
+  return chunked_kernel(chunk_size) if kernel == "chunked" else KERNELS[kernel]
 
 
 def select_kernel(kernel: str, *, has_segment_ids: bool, platform: str | None = None,
                   block_length: int | None = None, chunk_size: int = CHUNK_SIZE) -> str:
   """Resolves kernel="auto" by backend and block length; validates an explicit choice.
 
-  auto: cuDNN flash attention on GPU when there are no segment ids. Otherwise (CPU, TPU, GPU with
-  segment ids) "chunked" when a ring block is longer than one chunk (`block_length` >
+  auto: cuDNN flash attention on GPU ("cudnn", or "cudnn_packed" with segment ids). Otherwise
+  (CPU, TPU) "chunked" when a ring block is longer than one chunk (`block_length` >
   `chunk_size`; block_length = the kernel's query length, e.g. T / 2n under the zigzag layout),
   else "xla": a block that fits one chunk would be a single tile anyway, and the einsum kernel
   is simpler and what the small CPU tests exercise. Without `block_length`, "xla".
@@ -366,8 +343,8 @@ def select_kernel(kernel: str, *, has_segment_ids: bool, platform: str | None = 
   if chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size}: expected a positive number of tokens.")
   if kernel == "auto":
-    if platform == "gpu" and not has_segment_ids:
-      kernel = "cudnn"
+    if platform == "gpu":
+      kernel = "cudnn_packed" if has_segment_ids else "cudnn"
     elif (platform == "tpu" and block_length is not None and not block_length % splash.LANES
           and not chunk_size % splash.LANES and splash.unsupported_reason() is None):
       kernel = "splash"

@@ -266,7 +266,8 @@ def kernel_class(kernel: str, platform: str, has_segment_ids: bool, seq_len: int
   block = seq_len // (2 * sequence) if sequence > 1 and layout == "zigzag" else seq_len // sequence
   kernel = block_attention.select_kernel(kernel, has_segment_ids=has_segment_ids,
                                          platform=platform, block_length=block, chunk_size=chunk)
-  kernel = {"cudnn": "flash", "splash": "flash", "dpa_xla": "xla"}.get(kernel, kernel)
+  kernel = {"cudnn": "flash", "cudnn_packed": "flash", "splash": "flash", "dpa_xla": "xla",
+            "dpa_xla_packed": "xla"}.get(kernel, kernel)
   return "plain" if kernel == "xla" and sequence == 1 else kernel
 
 
