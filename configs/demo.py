@@ -26,15 +26,17 @@ MODEL = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_l
 # The generated corpus (ultralong_jax.data.synthetic): documents per domain, their length in
 # filler sentences (~8 tokens each), the share that state a pass key and ask for it at the end,
 # and the chance that a sentence repeats an earlier one of its document (synthetic.document_filler);
-# the chats for stage 2. `python -m ultralong_jax.demo --quick` uses a tenth of the documents and a
-# sixth of the chats. docs/demo.md lists the variants tried and what they gave.
+# the chats for stage 2; `tokens` (0 = off) gives every document an exact token length, or one
+# drawn from a [lo, hi] range (synthetic.ExactLength). `python -m ultralong_jax.demo --quick` uses
+# a tenth of the documents and a sixth of the chats. docs/demo.md lists the variants tried and
+# what they gave.
 CORPUS = {
     "vocab_size": MODEL["vocab_size"],  # of the byte-level BPE trained on the corpus
     "documents": {  # short: within the base's 128 tokens; long: up to ~1,000 tokens for stage 1
         "short": {"docs": 5000, "min_sentences": 1, "max_sentences": 10,
-                  "passkey_fraction": 0.9, "repeat": 0.0, "seed": 0},
+                  "passkey_fraction": 0.9, "repeat": 0.0, "tokens": 0, "seed": 0},
         "long": {"docs": 5000, "min_sentences": 10, "max_sentences": 110,
-                 "passkey_fraction": 0.9, "repeat": 0.0, "seed": 1},
+                 "passkey_fraction": 0.9, "repeat": 0.0, "tokens": 0, "seed": 1},
     },
     # stage 2: pass-key questions about a text of up to max_sentences (60%), small sums (40%)
     "chats": {"count": 3000, "max_sentences": 30, "seed": 2},
