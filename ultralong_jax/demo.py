@@ -148,11 +148,14 @@ def main(argv=None) -> int:
 
   print(f"\nUltraLong recipe in miniature: done in {elapsed / 60:.1f} min on "
         f"{jax.device_count()} simulated {jax.devices()[0].platform} devices\n")
-  print(f"  {'stage':<8} {'length':>7} {'first loss':>10} {'last loss':>10}  loss curve")
+  print(f"  {'stage':<8} {'length':>7} {'first loss':>10} {'last loss':>10} {'wall s':>7} "
+        f"{'compile s':>9} {'goodput':>7}  loss curve")
   for stage, s in summaries.items():
     rows = [json.loads(line) for line in open(s["metrics"])]
+    t = s["time"]  # where the stage's time went (training/goodput.py)
     print(f"  {stage:<8} {get_config(stage).data.seq_len:>7} {rows[0]['loss']:>10.3f} "
-          f"{rows[-1]['loss']:>10.3f}  {s.get('loss_plot', '-')}")
+          f"{rows[-1]['loss']:>10.3f} {t['wall_s']:>7.0f} {t['compile_s']:>9.1f} "
+          f"{t['goodput']:>7.0%}  {s.get('loss_plot', '-')}")
   print("\n  needle in a haystack (pass key retrieval, exact match; lengths x depths):")
   for name, result in niah.items():
     print(f"  {name:<8} mean {result.mean:6.1%}   {result.paths['heatmap']}")
