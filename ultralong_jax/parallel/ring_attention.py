@@ -226,8 +226,8 @@ def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, cau
     scale: score scale, default 1/sqrt(H).
     strategy: "ring" (ppermute K/V) or "allgather" (gather K/V once).
     layout: "zigzag" (balanced causal work) or "contiguous" (unbalanced; for comparison).
-    kernel: "auto" | "xla" | "chunked" | "cudnn" | "dpa_xla" | "splash"
-      (block_attention.select_kernel).
+    kernel: "auto" | "xla" | "chunked" | "cudnn" | "cudnn_packed" | "dpa_xla" |
+      "dpa_xla_packed" | "splash" (block_attention.select_kernel).
     chunk_size: query/key chunk of the "chunked" kernel; "auto" picks that kernel (where cuDNN
       and splash do not apply) when a ring block is longer than this. Caps splash's tile.
   Returns:

@@ -84,9 +84,10 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   mesh.{data,fsdp,sequence,tensor}: mesh axis sizes, one may be -1 ("the rest").
   attention.strategy: ring | allgather (sequence-parallel attention when mesh.sequence > 1).
   attention.layout: zigzag | contiguous (causal load balance; applied once to the batch).
-  attention.kernel: auto | xla | chunked | cudnn | splash — the ring's per-block kernel (auto:
-    splash on TPU when ring blocks are multiples of 128 tokens, cuDNN on GPU without segment ids,
-    else chunked for blocks longer than chunk_size, else xla).
+  attention.kernel: auto | xla | chunked | cudnn | cudnn_packed | splash (and the CPU twins
+    dpa_xla, dpa_xla_packed) — the ring's per-block kernel (auto: splash on TPU when ring blocks
+    are multiples of 128 tokens; on GPU cuDNN, cudnn_packed with segment ids; else chunked for
+    blocks longer than chunk_size, else xla).
   attention.chunk_size: query/key tile of the chunked kernel (memory O(chunk^2) per tile); for
     splash the largest tile (capped at 512), a multiple of 128.
   data: see ultralong_jax.data.config.default_data_config.
