@@ -62,7 +62,7 @@ def make_data(data_dir: str, separator_id: int, quick: bool, corpus: dict | None
         os.path.join(data_dir, f"{domain}.jsonl"), n, seed=spec["seed"],
         min_sentences=spec["min_sentences"], max_sentences=spec["max_sentences"],
         passkey_fraction=spec["passkey_fraction"], repeat=spec["repeat"],
-        tokens=spec.get("tokens", 0), tokenizer=tokenizer_path)
+        tokens=spec.get("tokens", 0), tokenizer=tokenizer_path, recalls=spec.get("recalls", 0))
     prepare.prepare([docs], os.path.join(data_dir, domain), tokenizer_path, num_shards=4,
                     num_workers=1, domain=domain, progress=True)
   chats = corpus["chats"]

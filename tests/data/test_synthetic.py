@@ -42,3 +42,27 @@ def test_exact_length_documents_have_the_asked_token_count_and_the_evals_needle_
                                      passkey_fraction=1.0, tokens=(60, 127), tokenizer=path)
   lengths = [len(tok.encode(json.loads(line)["text"]).ids) for line in open(ranged)]
   assert min(lengths) >= 60 and max(lengths) <= 127 and len(set(lengths)) > 40
+
+
+def test_recalls_repeat_the_question_and_answer_after_the_key_and_too_short_is_refused(tmp_path):
+  import json
+
+  import pytest
+  from tokenizers import Tokenizer
+
+  path = synthetic.build_tokenizer(str(tmp_path / "tokenizer.json"))
+  tok = Tokenizer.from_file(path)
+  docs = synthetic.write_documents(str(tmp_path / "recalls.jsonl"), 50, seed=0,
+                                   passkey_fraction=1.0, tokens=(90, 127), tokenizer=path,
+                                   recalls=2)
+  for line in open(docs):
+    text = json.loads(line)["text"]
+    key = text.rsplit(" ", 1)[1].rstrip(".")
+    assert 90 <= len(tok.encode(text).ids) <= 127
+    # the needle, two recalls after it, the final answer
+    assert text.count(f"The pass key is {key}.") == 4
+    assert text.index(f"The pass key is {key}. Remember it.") < text.index(
+        f"{synthetic.QUESTION} The pass key is {key}.")
+  exact = synthetic.ExactLength(path, 127)
+  with pytest.raises(ValueError, match="needs at least .* tokens, asked for 50"):
+    exact.document(random.Random(0), True, tokens=50, recalls=1)

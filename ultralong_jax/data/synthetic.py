@@ -70,13 +70,14 @@ def passkey_document(rng: random.Random, n_sentences: int, repeat: float = 0.0) 
 def write_documents(path: str, n_docs: int, seed: int, min_sentences: int = 4,
                     max_sentences: int = 120, passkey_fraction: float = 0.5,
                     repeat: float = 0.0, tokens: int | tuple[int, int] = 0,
-                    tokenizer: str | None = None) -> str:
+                    tokenizer: str | None = None, recalls: int = 0) -> str:
   """JSONL of {"text": ...}; about `passkey_fraction` of the documents carry a pass key; each
   sentence repeats an earlier one of its document with probability `repeat` (document_filler).
 
   tokens: 0 = documents of min..max_sentences sentences; n = every document exactly n tokens
   under the tokenizer file `tokenizer` (`ExactLength`); (lo, hi) = each document's length drawn
-  uniformly from lo..hi tokens."""
+  uniformly from lo..hi tokens; `recalls` (exact lengths only): extra question-and-answer sentences
+  per pass-key document (ExactLength.document)."""
   rng = random.Random(seed)
   lo, hi = (tokens, tokens) if isinstance(tokens, int) else tokens
   exact = ExactLength(tokenizer, hi) if hi > 0 else None
@@ -84,7 +85,7 @@ def write_documents(path: str, n_docs: int, seed: int, min_sentences: int = 4,
     for i in range(n_docs):
       passkey = rng.random() < passkey_fraction
       if exact is not None:
-        text = exact.document(rng, passkey, repeat, tokens=rng.randint(lo, hi))
+        text = exact.document(rng, passkey, repeat, tokens=rng.randint(lo, hi), recalls=recalls)
       else:
         n = rng.randint(min_sentences, max_sentences)
         text = passkey_document(rng, n, repeat) if passkey else document_filler(rng, n, repeat)
@@ -115,7 +116,7 @@ class ExactLength:
     self._by_length: dict[int, list[str]] = {}
     for sentence, n in self._length.items():
       self._by_length.setdefault(n, []).append(sentence)
-    self._longest = max(self._by_length)
+    self._shortest, self._longest = min(self._by_length), max(self._by_length)
     # Tokens the joins of a pass-key document's parts gain or lose ("it. \n\n" is one token
     # fewer than its parts apart), learned from the first miss.
     self._merges = 0
@@ -153,23 +154,32 @@ class ExactLength:
     return [rng.choice(self._by_length[a]), rng.choice(self._by_length[b])]
 
   def document(self, rng: random.Random, passkey: bool, repeat: float = 0.0,
-               tokens: int | None = None) -> str:
+               tokens: int | None = None, recalls: int = 0) -> str:
     """A pass-key document (spaced as the needle eval splices its needle: the needle's trailing
     space stays a token of its own) or plain filler, of exactly `tokens` (default
-    `self.tokens`) tokens."""
+    `self.tokens`) tokens. `recalls` more question-and-answer sentences ("What is the pass key?
+    The pass key is K.") sit at random places after the key: more copies to learn from."""
     target = self.tokens if tokens is None else tokens
     for _ in range(20):
       if passkey:
         key = rng.randint(10000, 99999)
         intro, needle = f"{INTRO}\n\n", passkey_sentence(key)
         question = f"\n\n{QUESTION}\nAnswer: The pass key is {key}."
-        frame = self._count(intro + needle + question)
+        recall = f"{QUESTION} The pass key is {key}."
+        frame = self._count(intro + needle + question) + recalls * self._count(" " + recall)
+        if target < frame + self._shortest:
+          raise ValueError(f"synthetic.ExactLength: a pass-key document with {recalls} recalls "
+                           f"needs at least {frame + self._shortest} tokens, asked for {target}; "
+                           "raise the corpus's `tokens`.")
         sentences = self._sentences(rng, target - frame + self._merges, repeat)
         if sentences is None:
           continue
         before = rng.randint(0, len(sentences))
+        after = sentences[before:]
+        for _ in range(recalls):
+          after.insert(rng.randint(0, len(after)), recall)
         text = (intro + " ".join(sentences[:before]) + needle
-                + "".join(" " + x for x in sentences[before:]) + question)
+                + "".join(" " + x for x in after) + question)
       else:
         sentences = self._sentences(rng, target, repeat)
         if sentences is None:
@@ -178,7 +188,7 @@ class ExactLength:
       count = self._count(text)
       if count == target:
         return text
-      if passkey and 0 < before < len(sentences):
+      if passkey and 0 < before < len(sentences) and after[-1] != recall:
         self._merges += target - count
     raise RuntimeError(f"synthetic.ExactLength: no document of exactly {target} tokens after "
                        "20 draws; the tokenizer does not split this corpus additively.")
