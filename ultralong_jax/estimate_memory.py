@@ -1,7 +1,7 @@
 """Will it fit? Per-device memory of a training config, estimated before launching.
 
-  python -m ultralong_jax.estimate_memory --config=configs/llama31_8b_stage1_1m.py --devices=64
-  python -m ultralong_jax.estimate_memory --config=configs/llama31_8b_stage1_4m.py --devices=256 \
+  python -m ultralong_jax.estimate_memory --config=configs/llama31_8b_stage1.py:1m --devices=64
+  python -m ultralong_jax.estimate_memory --config=configs/llama31_8b_stage1.py:4m --devices=256 \
       --device=v5p --suggest                # the meshes that fit, best first
   python -m ultralong_jax.estimate_memory --config=configs/demo.py:stage1 --devices=8 --xla
   python -m ultralong_jax.estimate_memory --recipes   # the mesh table of docs/training.md

@@ -6,7 +6,6 @@ of the tiny model (V 512, D 64, F 128, N 4, H 32) equals it: an all-gather resul
 dimension of 1024 can only be a whole-sequence activation.
 """
 
-import importlib.util
 import json
 import pathlib
 
@@ -14,6 +13,7 @@ import pytest
 
 from ultralong_jax.bench import memory
 from ultralong_jax.bench import train_step as bench
+from ultralong_jax.training import config as config_lib
 
 T = 1024
 
@@ -108,15 +108,11 @@ def test_cli_runs_steps_and_writes_json(tmp_path, capsys):
   assert "| tiny | 2 | 256 |" in capsys.readouterr().out  # preset, layers, length
 
 
-@pytest.mark.parametrize("name", ["llama31_8b_stage1_1m", "llama31_8b_stage1_2m",
-                                  "llama31_8b_stage1_4m", "llama32_1b_stage1_1m"])
+@pytest.mark.parametrize("name", ["llama31_8b_stage1.py:1m", "llama31_8b_stage1.py:2m",
+                                  "llama31_8b_stage1.py:4m", "llama32_1b_stage1_1m.py"])
 def test_memory_plan_uses_the_configs_meshes(name):
   # The memory table claims to be "the planned meshes": keep it in step with configs/.
-  path = pathlib.Path(__file__).parents[2] / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = config_lib.load_config_file(str(pathlib.Path(__file__).parents[2] / "configs" / name))
   rows = [dict(mesh) for _, preset, t, mesh in memory.PLAN
           if t == c.data.seq_len and preset.startswith(c.model.preset)]
   assert {"sequence": c.mesh.sequence, "tensor": c.mesh.tensor} in [

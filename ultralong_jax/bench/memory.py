@@ -42,7 +42,7 @@ from ultralong_jax.training import memory  # noqa: E402
 GiB = 2**30
 STANDIN = bench.STANDIN
 
-# (model, preset, T, mesh): the configs' meshes (configs/llama31_8b_stage1_{1m,2m,4m}.py: TP8 x
+# (model, preset, T, mesh): the configs' meshes (configs/llama31_8b_stage1.py:{1m,2m,4m}: TP8 x
 # CP4/8/16; configs/llama32_1b_stage1_1m.py: CP8), each also at the lengths around it.
 K = 1024
 PLAN = (

@@ -1,6 +1,6 @@
 """Per-device memory of a training step, estimated before anything compiles.
 
-  python -m ultralong_jax.estimate_memory --config=configs/llama31_8b_stage1_1m.py --devices=64
+  python -m ultralong_jax.estimate_memory --config=configs/llama31_8b_stage1.py:1m --devices=64
 
 `estimate(shape)` splits the bytes one device holds at the step's high-water mark into parts:
 
