@@ -22,9 +22,6 @@ import os
 import shutil
 import time
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-
-
 def load_demo_configs(root: str):
   """(get_config(stage), the ultralong_jax.configs.demo module) with the configs' run paths moved
   under `root`; the demo and notebooks/demo_walkthrough.ipynb build their stages from it."""
@@ -118,8 +115,8 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", default="runs/demo")
   parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
   args = parser.parse_args(argv)
-  if _FLAG not in os.environ.get("XLA_FLAGS", ""):  # before JAX initializes its backend
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+  from ultralong_jax.parallel import host_devices  # pylint: disable=import-outside-toplevel
+  host_devices.simulate(8)  # the stages' meshes take 8 devices; before JAX initializes
   import jax  # pylint: disable=import-outside-toplevel
   from ultralong_jax.training import loop  # pylint: disable=import-outside-toplevel
 

@@ -8,11 +8,13 @@ dimension of 1024 can only be a whole-sequence activation.
 
 import json
 import pathlib
+import re
 
 import pytest
 
 from ultralong_jax.bench import memory
 from ultralong_jax.bench import train_step as bench
+from ultralong_jax.parallel import block_attention
 from ultralong_jax.training import config as config_lib
 
 T = 1024
@@ -70,6 +72,19 @@ def test_standin_kernel_keeps_memory_below_reference(compiled):
   standin = compiled(2, kernel=bench.STANDIN)[0]
   assert standin["temp_bytes"] < xla["temp_bytes"]
   assert standin["argument_bytes"] == xla["argument_bytes"]  # same params + AdamW state
+  # Passed to the ring as an explicit kernel: the config's kernel table stays as it is.
+  assert bench.STANDIN not in block_attention.KERNELS
+
+
+def test_the_library_never_imports_the_benchmarks():
+  """Benchmarks call the library, never the other way (the estimate's --xla uses compile_plan)."""
+  package = pathlib.Path(__file__).parents[2] / "ultralong_jax"
+  imports_bench = re.compile(r"^\s*(from ultralong_jax\.bench\b|import ultralong_jax\.bench\b"
+                             r"|from ultralong_jax import bench\b)", re.M)
+  importers = [str(p.relative_to(package)) for p in package.rglob("*.py")
+               if p.parent.name != "bench" and imports_bench.search(p.read_text())]
+  assert importers == []
+  assert imports_bench.search("  from ultralong_jax.bench import train_step as bench")  # control
 
 
 def test_all_gather_shape_parser():

@@ -13,8 +13,9 @@ import os
 import signal
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+from ultralong_jax.parallel import host_devices  # noqa: E402  (imports no JAX)
+
+host_devices.simulate(8)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
