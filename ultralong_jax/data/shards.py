@@ -14,8 +14,8 @@ checks the whole files, e.g. after a copy). A pipeline checks the sizes when it 
 truncated copy fails before anything compiles) and each record's CRC-32 when it reads it (a
 flipped bit fails at that record, for ~1 ms per 1M tokens). A damaged shard raises
 DamagedShardError naming the file and record; with data.damaged_records=skip its records are
-dropped instead and counted as `damaged_record` in the run's data stats. Corpora prepared
-without these fields read as before, unchecked.
+dropped instead and counted as `damaged_record` in the run's data stats. A corpus prepared
+without these fields reads unchecked.
 """
 
 from __future__ import annotations
