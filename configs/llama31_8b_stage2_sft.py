@@ -20,9 +20,9 @@ def get_config():
   c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 1, -1, 1, 8
   c.data.seq_len, c.data.global_batch_size = 8192, 32
   c.data.max_example_len = 8192
-  # With plain attention at mesh.sequence == 1, "dots" kept every layer's [8K, 8K] scores (XLA's
-  # plan: 167 GiB per device on 64 devices). Attention now runs the chunked kernel there (28.9
-  # GiB); dots_no_batch keeps only the projections' outputs whatever the kernel
+  # "dots" would keep every layer's [8K, 8K] scores under plain attention at mesh.sequence == 1
+  # (XLA's plan: 167 GiB per device on 64 devices); with the chunked kernel there the plan is
+  # 28.9 GiB, and dots_no_batch keeps only the projections' outputs whatever the kernel
   # (python -m ultralong_jax.estimate_memory --config=<this> --devices=64 --xla).
   c.model.remat_policy = "dots_no_batch"
   c.train.steps = 600

@@ -7,7 +7,7 @@
 #   launch/tpu_vm.sh copy             # this checkout -> ~/ultralong-jax on every worker
 #   launch/tpu_vm.sh setup            # launch/setup.sh + jax[tpu] on every worker
 #   launch/tpu_vm.sh run -- .venv/bin/python -m ultralong_jax.train \
-#       --config=configs/llama31_8b_stage1_1m.py --workdir=/mnt/gcs/runs/stage1_1m ...
+#       --config=configs/llama31_8b_stage1.py:1m --workdir=/mnt/gcs/runs/stage1_1m ...
 #   launch/tpu_vm.sh logs             # every worker's logs -> runs/tpu-logs/$TPU_NAME/worker-<i>/
 #   launch/tpu_vm.sh delete
 #

@@ -3,12 +3,9 @@
 XLA_FLAGS must be set before JAX is imported anywhere, so this runs at collection time.
 """
 
-import os
+from ultralong_jax.parallel import host_devices  # imports no JAX
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+host_devices.simulate(8, cpu=True)
 
 import jax  # noqa: E402
 

@@ -10,41 +10,35 @@
 4. stage 2: chat SFT with loss on assistant tokens only, examples packed with per-example masks;
 5. needle-in-a-haystack heatmaps of the base, stage-1 and stage-2 models (lengths up to 1,024);
 6. the final model exported as a Hugging Face directory (stage2/hf).
-Configs: configs/demo.py. Everything lands under --workdir.
+Configs: ultralong_jax/configs/demo.py (configs/demo.py re-exports it for the train CLI).
+Everything lands under --workdir.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
 import time
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-
-
 def load_demo_configs(root: str):
-  """(get_config(stage), the configs/demo.py module) with the configs' run paths moved under
-  `root`; the demo and notebooks/demo_walkthrough.ipynb build their stages from it."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
-  spec = importlib.util.spec_from_file_location("demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  """(get_config(stage), the ultralong_jax.configs.demo module) with the configs' run paths moved
+  under `root`; the demo and notebooks/demo_walkthrough.ipynb build their stages from it."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.configs import demo as module  # pylint: disable=import-outside-toplevel
 
   def get(stage: str):
     c = module.get_config(stage)
-    moved = json.loads(json.dumps(c.to_dict()).replace("runs/demo", root))
-    import ml_collections  # pylint: disable=import-outside-toplevel
-    return ml_collections.ConfigDict(moved)
+    return ml_collections.ConfigDict(json.loads(json.dumps(c.to_dict()).replace("runs/demo", root)))
 
   return get, module
 
 
 def make_data(data_dir: str, separator_id: int, quick: bool, corpus: dict | None = None) -> dict:
-  """The generated corpus (`corpus`, default configs/demo.py CORPUS: documents per domain, their
-  lengths in sentences, the share with a pass key; chats), tokenized into ArrayRecord shards."""
+  """The generated corpus (`corpus`, default ultralong_jax/configs/demo.py CORPUS: documents per
+  domain, their lengths in sentences, the share with a pass key; chats), tokenized into
+  ArrayRecord shards."""
   if corpus is None:
     corpus = load_demo_configs(data_dir)[1].CORPUS
   from ultralong_jax.data import prepare, synthetic  # pylint: disable=import-outside-toplevel
@@ -121,8 +115,8 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", default="runs/demo")
   parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
   args = parser.parse_args(argv)
-  if _FLAG not in os.environ.get("XLA_FLAGS", ""):  # before JAX initializes its backend
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+  from ultralong_jax.parallel import host_devices  # pylint: disable=import-outside-toplevel
+  host_devices.simulate(8)  # the stages' meshes take 8 devices; before JAX initializes
   import jax  # pylint: disable=import-outside-toplevel
   from ultralong_jax.training import loop  # pylint: disable=import-outside-toplevel
 

@@ -1,7 +1,7 @@
 """Will it fit? Per-device memory of a training config, estimated before launching.
 
-  python -m ultralong_jax.estimate_memory --config=configs/llama31_8b_stage1_1m.py --devices=64
-  python -m ultralong_jax.estimate_memory --config=configs/llama31_8b_stage1_4m.py --devices=256 \
+  python -m ultralong_jax.estimate_memory --config=configs/llama31_8b_stage1.py:1m --devices=64
+  python -m ultralong_jax.estimate_memory --config=configs/llama31_8b_stage1.py:4m --devices=256 \
       --device=v5p --suggest                # the meshes that fit, best first
   python -m ultralong_jax.estimate_memory --config=configs/demo.py:stage1 --devices=8 --xla
   python -m ultralong_jax.estimate_memory --recipes   # the mesh table of docs/training.md
@@ -26,11 +26,9 @@ def _xla_devices_from_argv(argv: list[str]) -> None:
   config file imports JAX when the flags are parsed)."""
   if "--xla" not in argv:
     return
+  from ultralong_jax.parallel import host_devices  # pylint: disable=import-outside-toplevel
   devices = next((m.group(1) for a in argv for m in [re.match(r"--devices=(\d+)$", a)] if m), "8")
-  flag = f"--xla_force_host_platform_device_count={devices}"
-  if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  host_devices.simulate(int(devices), keep_count=True, cpu=True)
 
 
 _xla_devices_from_argv(sys.argv)
@@ -79,16 +77,16 @@ def report(est: dict, device: str) -> str:
 
 
 def xla_plan(model, shape) -> dict:
-  """XLA's compiled per-device plan of this config's train step (bench/train_step.py)."""
-  from ultralong_jax.bench import train_step as bench  # pylint: disable=import-outside-toplevel
-  # flash: a memory stand-in (no GPU kernel compiles on CPU); plain: what "auto" gives with
-  # mesh.sequence == 1.
-  kernel = {"flash": bench.STANDIN, "plain": "auto"}.get(shape.kernel, shape.kernel)
-  setup = bench.Setup(model=model, seq_len=shape.seq_len, mesh=tuple(shape.mesh.items()),
-                      remat=shape.remat, kernel=kernel, batch=shape.global_batch,
-                      loss_chunk=shape.loss_chunk, dtype=shape.dtype,
-                      microbatches=shape.microbatches, chunk_size=shape.kernel_chunk)
-  return bench.run(setup, abstract=True)
+  """XLA's compiled per-device plan of this config's train step (training/compile_plan.py)."""
+  from ultralong_jax.training import compile_plan  # pylint: disable=import-outside-toplevel
+  # flash: the memory stand-in kernel (no GPU kernel compiles on CPU); plain: what "auto" gives
+  # with mesh.sequence == 1.
+  kernel = {"flash": compile_plan.STANDIN, "plain": "auto"}.get(shape.kernel, shape.kernel)
+  setup = compile_plan.Setup(model=model, seq_len=shape.seq_len, mesh=tuple(shape.mesh.items()),
+                             remat=shape.remat, kernel=kernel, batch=shape.global_batch,
+                             loss_chunk=shape.loss_chunk, dtype=shape.dtype,
+                             microbatches=shape.microbatches, chunk_size=shape.kernel_chunk)
+  return compile_plan.plan(setup)
 
 
 # The recipe table: (T, hardware, devices). H100 rows use the configs' layout (2 replicas as in

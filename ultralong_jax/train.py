@@ -1,6 +1,6 @@
 """Train either stage of the UltraLong recipe.
 
-  python -m ultralong_jax.train --config=configs/llama31_8b_stage1_1m.py --workdir=runs/stage1 \
+  python -m ultralong_jax.train --config=configs/llama31_8b_stage1.py:1m --workdir=runs/stage1 \
       --config.init.path=Llama-3.1-8B-Instruct --config.data.domains.books.path=/data/books
 
 The run resumes from the newest complete checkpoint in --workdir (or --checkpoint_dir, which may be

@@ -6,14 +6,16 @@ of the tiny model (V 512, D 64, F 128, N 4, H 32) equals it: an all-gather resul
 dimension of 1024 can only be a whole-sequence activation.
 """
 
-import importlib.util
 import json
 import pathlib
+import re
 
 import pytest
 
 from ultralong_jax.bench import memory
 from ultralong_jax.bench import train_step as bench
+from ultralong_jax.parallel import block_attention
+from ultralong_jax.training import config as config_lib
 
 T = 1024
 
@@ -70,6 +72,19 @@ def test_standin_kernel_keeps_memory_below_reference(compiled):
   standin = compiled(2, kernel=bench.STANDIN)[0]
   assert standin["temp_bytes"] < xla["temp_bytes"]
   assert standin["argument_bytes"] == xla["argument_bytes"]  # same params + AdamW state
+  # Passed to the ring as an explicit kernel: the config's kernel table stays as it is.
+  assert bench.STANDIN not in block_attention.KERNELS
+
+
+def test_the_library_never_imports_the_benchmarks():
+  """Benchmarks call the library, never the other way (the estimate's --xla uses compile_plan)."""
+  package = pathlib.Path(__file__).parents[2] / "ultralong_jax"
+  imports_bench = re.compile(r"^\s*(from ultralong_jax\.bench\b|import ultralong_jax\.bench\b"
+                             r"|from ultralong_jax import bench\b)", re.M)
+  importers = [str(p.relative_to(package)) for p in package.rglob("*.py")
+               if p.parent.name != "bench" and imports_bench.search(p.read_text())]
+  assert importers == []
+  assert imports_bench.search("  from ultralong_jax.bench import train_step as bench")  # control
 
 
 def test_all_gather_shape_parser():
@@ -108,15 +123,11 @@ def test_cli_runs_steps_and_writes_json(tmp_path, capsys):
   assert "| tiny | 2 | 256 |" in capsys.readouterr().out  # preset, layers, length
 
 
-@pytest.mark.parametrize("name", ["llama31_8b_stage1_1m", "llama31_8b_stage1_2m",
-                                  "llama31_8b_stage1_4m", "llama32_1b_stage1_1m"])
+@pytest.mark.parametrize("name", ["llama31_8b_stage1.py:1m", "llama31_8b_stage1.py:2m",
+                                  "llama31_8b_stage1.py:4m", "llama32_1b_stage1_1m.py"])
 def test_memory_plan_uses_the_configs_meshes(name):
   # The memory table claims to be "the planned meshes": keep it in step with configs/.
-  path = pathlib.Path(__file__).parents[2] / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = config_lib.load_config_file(str(pathlib.Path(__file__).parents[2] / "configs" / name))
   rows = [dict(mesh) for _, preset, t, mesh in memory.PLAN
           if t == c.data.seq_len and preset.startswith(c.model.preset)]
   assert {"sequence": c.mesh.sequence, "tensor": c.mesh.tensor} in [

@@ -6,7 +6,6 @@ gcloud and SLURM are not installed here: DRY_RUN=1 prints their commands, and a 
 on PATH records the arguments of a real-mode run (what a shell would pass the real one).
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -331,9 +330,7 @@ def test_multihost_local_two_processes_match_one(corpus, tmp_path, monkeypatch):
   # The reference: one process, 8 devices, fed both processes' rows.
   from ultralong_jax.data import pretrain
   from ultralong_jax.training import loop, metrics
-  spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
+  from ultralong_jax.configs import demo
   c = demo.get_config("base")
   for key, value in overrides.items():
     node = c

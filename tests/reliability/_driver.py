@@ -13,8 +13,9 @@ import os
 import signal
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+from ultralong_jax.parallel import host_devices  # noqa: E402  (imports no JAX)
+
+host_devices.simulate(8)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
@@ -32,14 +33,12 @@ def _die(what: str) -> None:
   os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _inject(fault: str) -> None:
+def inject(fault: str):
+  """Installs `fault`; returns the step wrapper for loop.run's wrap_step (None: the step as is)."""
   kind, _, arg = fault.partition(":")
   if kind == "kill_in_step":
-    real_build = loop._build  # pylint: disable=protected-access
-
-    def build(c):
-      built = real_build(c)
-      real_step, calls = built.step_fn, {"n": 0}
+    def wrap_step(real_step):
+      calls = {"n": 0}
 
       def step_fn(state, batch):
         out = real_step(state, batch)  # dispatched asynchronously: still computing on return
@@ -47,10 +46,9 @@ def _inject(fault: str) -> None:
         if calls["n"] == int(arg):
           _die(f"during step {arg}")
         return out
-      built.step_fn = step_fn
-      return built
-    loop._build = build  # pylint: disable=protected-access
-  elif kind == "kill_in_save":
+      return step_fn
+    return wrap_step
+  if kind == "kill_in_save":
     # The background thread's last act is renaming `<step>.orbax-checkpoint-tmp-*` to `<step>`;
     # dying just before it is the worst moment: every byte written, nothing committed.
     tmp_path_cls = atomicity.AtomicRenameTemporaryPath
@@ -63,13 +61,13 @@ def _inject(fault: str) -> None:
     tmp_path_cls.finalize = finalize
   elif kind != "none":
     raise ValueError(f"unknown fault {fault!r}")
+  return None
 
 
 def main(config_path: str, workdir: str, fault: str) -> int:
   with open(config_path) as f:
     c = ml_collections.ConfigDict(json.load(f))
-  _inject(fault)
-  summary = loop.run(c, workdir, progress=False)
+  summary = loop.run(c, workdir, progress=False, wrap_step=inject(fault))
   print(json.dumps({k: summary[k] for k in ("start_step", "end_step", "complete", "preempted")}))
   return 0
 

@@ -17,6 +17,7 @@ The CLI reads CONFIG.json through a generated config file (as test_damaged_check
 so exit codes and the last line printed are the CLI's own.
 """
 
+import functools
 import os
 import resource
 import signal
@@ -68,12 +69,10 @@ def _disk_full_at_save(step: int, freed_on_retry: bool) -> None:
     checkpointing.RunCheckpointer._backoff = backoff  # pylint: disable=protected-access
 
 
-def _stall_in_step(n: int, process: int | None) -> None:
-  real_build = loop._build  # pylint: disable=protected-access
-
-  def build(c):
-    built = real_build(c)
-    real_step, calls = built.step_fn, {"n": 0}
+def _stall_in_step(n: int, process: int | None):
+  """A wrap_step for loop.run whose n-th step call never returns (on `process`, or every one)."""
+  def wrap_step(real_step):
+    calls = {"n": 0}
 
     def step_fn(state, batch):
       calls["n"] += 1
@@ -82,21 +81,29 @@ def _stall_in_step(n: int, process: int | None) -> None:
         while True:
           time.sleep(3600)
       return real_step(state, batch)
-    built.step_fn = step_fn
-    return built
-  loop._build = build  # pylint: disable=protected-access
+    return step_fn
+  return wrap_step
 
 
 def inject(faults: str) -> None:
+  wrappers = []
   for fault in faults.split(","):
     kind, _, arg = fault.partition(":")
     if kind == "disk_full_at_save":
       _disk_full_at_save(int(arg), "disk_freed_on_retry" in faults)
     elif kind == "stall_in_step":
       step, _, process = arg.partition("@")
-      _stall_in_step(int(step), int(process) if process else None)
+      wrappers.append(_stall_in_step(int(step), int(process) if process else None))
     elif kind not in ("disk_freed_on_retry", "none"):
-      _driver._inject(fault)  # pylint: disable=protected-access
+      wrappers.append(_driver.inject(fault))
+  wrappers = [w for w in wrappers if w is not None]
+  if wrappers:  # the CLI calls loop.run: hand it the step wrappers through its wrap_step
+
+    def wrap_step(step_fn):
+      for wrap in wrappers:
+        step_fn = wrap(step_fn)
+      return step_fn
+    loop.run = functools.partial(loop.run, wrap_step=wrap_step)
 
 
 def main(config_path: str, workdir: str, faults: str, *flags: str) -> None:

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from ultralong_jax.parallel import host_devices
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REPEATS = 5  # before the fix 23 of 26 such resumes printed tracebacks (10/13 and 13/13)
 
@@ -27,8 +29,7 @@ def get_config():
 
 
 def _train_cli(config_file, workdir, *flags):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=host_devices.xla_flags(8))
   result = subprocess.run([sys.executable, "-m", "ultralong_jax.train", f"--config={config_file}",
                            f"--workdir={workdir}", *flags],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -2,7 +2,6 @@
 violated key; missing data, a too-large tokenizer and an impossible memory budget are refused
 before anything compiles."""
 
-import importlib.util
 import json
 import os
 
@@ -126,17 +125,14 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tiny_config):
     preflight.check(c, config_lib.validate(c, num_devices=8))
 
 
-def _shipped(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+def _shipped(spec):
+  c = config_lib.load_config_file(os.path.join(REPO, "configs", spec))
   c.init.mode = "random"  # the preset's shape, no checkpoint needed
   return c
 
 
 def test_memory_estimate_says_what_to_try():
-  c = _shipped("llama31_8b_stage1_1m")  # TP 8 x CP 4, full remat, on 64 devices
+  c = _shipped("llama31_8b_stage1.py:1m")  # TP 8 x CP 4, full remat, on 64 devices
   model = config_lib.validate(c, num_devices=64)
   est = preflight.estimate_bytes_per_device(c, model, 64, platform="gpu")
   # By hand: 8.03e9 params over tensor 8 -> 4.0 GB fp32 params, 8.0 GB moments, 4.0 GB grads;

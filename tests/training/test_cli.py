@@ -4,12 +4,13 @@ import os
 import subprocess
 import sys
 
+from ultralong_jax.parallel import host_devices
+
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def _train(*flags, tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": host_devices.xla_flags(8), "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, "-m", "ultralong_jax.train",
                          "--config=configs/demo.py:stage1", f"--workdir={tmp_path}", *flags],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

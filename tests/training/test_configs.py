@@ -1,6 +1,5 @@
 """Every shipped config loads, carries the paper's numbers and validates for its intended mesh."""
 
-import importlib.util
 import json
 import os
 
@@ -13,10 +12,8 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 
 
 def _load(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  path = os.path.join(CONFIGS, f"{name}.py")
+  return config_lib.load_config_file(f"{path}:{arg}" if arg else path)
 
 
 @pytest.fixture
@@ -29,7 +26,7 @@ def hf_8b_dir(tmp_path):
 @pytest.mark.parametrize("length, seq_len, steps, cp, devices", [
     ("1m", 1 << 20, 480, 4, 64), ("2m", 1 << 21, 240, 8, 128), ("4m", 1 << 22, 150, 16, 256)])
 def test_stage1_8b_configs(length, seq_len, steps, cp, devices, hf_8b_dir):
-  c = _load(f"llama31_8b_stage1_{length}")
+  c = _load("llama31_8b_stage1", length)
   assert (c.data.seq_len, c.train.steps, c.mesh.sequence, c.mesh.tensor) == (seq_len, steps, cp, 8)
   assert c.optim.learning_rate == 3e-5 and c.data.global_batch_size == 2
   # ~1B tokens per run, as in the paper (2 x 4M x 150 = 1.26B at 4M).
@@ -64,7 +61,19 @@ def test_demo_config_stages(arg):
     assert config_lib.validate(c, num_devices=8).vocab_size == 512
 
 
+def test_demo_config_file_and_package_agree():
+  """configs/demo.py re-exports ultralong_jax.configs.demo, the one the demo (and a wheel) uses."""
+  from ultralong_jax.configs import demo  # pylint: disable=import-outside-toplevel
+  for arg in ("base", "stage1", "stage2"):
+    assert _load("demo", arg).to_dict() == demo.get_config(arg).to_dict()
+
+
+def test_an_unknown_stage1_length_is_refused():
+  with pytest.raises(ValueError, match=r"llama31_8b_stage1.py:8m: use one of 1m, 2m, 4m"):
+    _load("llama31_8b_stage1", "8m")
+
+
 def test_a_config_without_its_paths_says_which_key_to_set():
-  c = _load("llama31_8b_stage1_1m")
+  c = _load("llama31_8b_stage1")  # 1m without an arg
   with pytest.raises(ValueError, match="init.path"):
     config_lib.validate(c, num_devices=64)

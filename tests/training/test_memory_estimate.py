@@ -100,7 +100,7 @@ def test_suggest_puts_fitting_meshes_first():
 def test_cli_reports_a_config_and_refuses_a_bad_one():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   cmd = [sys.executable, "-m", "ultralong_jax.estimate_memory",
-         "--config=configs/llama31_8b_stage1_1m.py", "--devices=64", "--suggest"]
+         "--config=configs/llama31_8b_stage1.py:1m", "--devices=64", "--suggest"]
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
   assert "mesh DP2 × CP4 × TP8" in out.stdout and "h100: 79.6 GiB" in out.stdout
@@ -110,8 +110,9 @@ def test_cli_reports_a_config_and_refuses_a_bad_one():
   assert bad.returncode == 2 and "mesh sizes" in bad.stderr
 
 
-SHIPPED = {"llama31_8b_stage1_1m": 64, "llama31_8b_stage1_2m": 128, "llama31_8b_stage1_4m": 256,
-           "llama31_8b_stage2_sft": 64, "llama32_1b_stage1_1m": 8, "llama32_1b_stage2_sft": 8}
+SHIPPED = {"llama31_8b_stage1.py:1m": 64, "llama31_8b_stage1.py:2m": 128,
+           "llama31_8b_stage1.py:4m": 256, "llama31_8b_stage2_sft.py": 64,
+           "llama32_1b_stage1_1m.py": 8, "llama32_1b_stage2_sft.py": 8}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
@@ -119,7 +120,7 @@ def test_shipped_configs_fit_an_h100(name):
   """The estimate caught three shipped configs that XLA plans above 80 GB (8B SFT with `dots`
   remat: 167 GiB; 1B SFT: ~630; 1B stage 1 with both rows at once: 100); they now fit."""
   out = subprocess.run(
-      [sys.executable, "-m", "ultralong_jax.estimate_memory", f"--config=configs/{name}.py",
+      [sys.executable, "-m", "ultralong_jax.estimate_memory", f"--config=configs/{name}",
        f"--devices={SHIPPED[name]}", "--device=h100"], cwd=REPO,
       env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr

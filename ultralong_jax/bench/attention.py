@@ -11,13 +11,11 @@ useful causal work per device under the zigzag and contiguous layouts (max/min o
 `--peak` (989 dense bf16 TFLOP/s for an H100 SXM).
 """
 
-import os
 import sys
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  # Simulated devices on a CPU-only machine; ignored by GPU/TPU backends.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+from ultralong_jax.parallel import host_devices
+
+host_devices.simulate(8, keep_count=True)  # before JAX initializes; GPU/TPU backends ignore it
 
 import argparse  # noqa: E402
 import time  # noqa: E402
@@ -30,6 +28,7 @@ import numpy as np  # noqa: E402
 from ultralong_jax.modeling.attention import dot_product_attention  # noqa: E402
 from ultralong_jax.parallel import layout, mesh as mesh_lib, sharding  # noqa: E402
 from ultralong_jax.parallel.ring_attention import ring_attention  # noqa: E402
+from ultralong_jax.training import compile_plan  # noqa: E402
 
 
 def _useful_flops(b, t, n_heads, h):
@@ -51,13 +50,6 @@ def _abstract(mesh, b, t, n_heads, kv_heads, h, dtype):
   return (spec(("batch", "length", "heads", "head_dim"), (b, t, n_heads, h)),
           spec(("batch", "length", "kv_heads", "head_dim"), (b, t, kv_heads, h)),
           spec(("batch", "length", "kv_heads", "head_dim"), (b, t, kv_heads, h)))
-
-
-def _analyse(compiled):
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return mem.temp_size_in_bytes, mem.argument_size_in_bytes, float(cost.get("flops", 0.0))
 
 
 def _time(fn, args, repeats=3):
@@ -94,7 +86,8 @@ def run(lengths, sizes, *, batch, heads, kv_heads, head_dim, dtype, strategy, ke
         fn = _grad_fn(lambda q, k, v, mesh=mesh: ring_attention(
             q, k, v, mesh=mesh, causal=True, strategy=strategy, kernel=kernel))
         impl = strategy
-      temp, arg, flops = _analyse(fn.lower(*args).compile())
+      a = compile_plan.analyse(fn.lower(*args).compile())
+      temp, arg, flops = a["temp_bytes"], a["argument_bytes"], a["xla_flops"]
       if full is None:
         full = (temp, flops)
       zig = layout.per_device_causal_pairs(t, n, "zigzag")

@@ -3,7 +3,7 @@
   python -m ultralong_jax.bench.memory                       # the planned meshes, 128 CPU devices
   python -m ultralong_jax.bench.memory --only 8b --lengths 1048576 --json runs/bench/memory.json
 
-Every row compiles the full sharded training step (bench/train_step.py: AdamW state, donated,
+Every row compiles the full sharded training step (training/compile_plan.py: AdamW state, donated,
 ring attention over `sequence`, heads over `tensor`) for abstract arrays on simulated CPU devices:
 nothing is allocated, so the 8B model at 4M tokens on TP8 x CP16 = 128 devices compiles on a
 laptop. The numbers are XLA's plan for one device.
@@ -23,13 +23,12 @@ use data=1, one row of T tokens per replica (the paper's global batch 2 = two re
 
 from __future__ import annotations
 
-import os
 import sys
 
+from ultralong_jax.parallel import host_devices
+
 _DEVICES = 128
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={_DEVICES}").strip()
+host_devices.simulate(_DEVICES, keep_count=True)  # before JAX initializes
 
 import argparse  # noqa: E402
 import math  # noqa: E402
@@ -38,11 +37,11 @@ import jax  # noqa: E402
 
 from ultralong_jax.bench import train_step as bench  # noqa: E402
 from ultralong_jax.training import memory  # noqa: E402
+from ultralong_jax.training.compile_plan import STANDIN  # noqa: E402
 
 GiB = 2**30
-STANDIN = bench.STANDIN
 
-# (model, preset, T, mesh): the configs' meshes (configs/llama31_8b_stage1_{1m,2m,4m}.py: TP8 x
+# (model, preset, T, mesh): the configs' meshes (configs/llama31_8b_stage1.py:{1m,2m,4m}: TP8 x
 # CP4/8/16; configs/llama32_1b_stage1_1m.py: CP8), each also at the lengths around it.
 K = 1024
 PLAN = (
@@ -74,7 +73,7 @@ def shape_config(name: str, **overrides):
   return bench.presets.tiny(**{**SHAPES[name], "max_position_embeddings": 65536, **overrides})
 
 
-# (shape, T, mesh, options): bench.train_step.Setup fields; kernel "auto" with sequence 1 is the
+# (shape, T, mesh, options): compile_plan.Setup fields; kernel "auto" with sequence 1 is the
 # model's plain attention, "standin" a flash kernel's memory (see above).
 BASE_OPTIONS = dict(kernel=STANDIN, loss_chunk=1024)
 PLAIN = dict(BASE_OPTIONS, chunk_size=8192)

@@ -6,19 +6,17 @@
   python -m ultralong_jax.bench.train_step --preset llama31_8b_1m --seq-len 1048576 \
       --mesh sequence=4,tensor=8 --remat full --batch 1 --abstract   # compile only (32 devices)
 
-It builds the step exactly as training does (`training.train_step`: sharded params + AdamW state,
-donated, explicit shardings; ring attention over `sequence` when that axis is > 1), compiles it
-with abstract arrays (ShapeDtypeStruct + sharding: nothing allocated) and reads XLA's per-device
-memory and cost analysis. Unless --abstract, it then allocates random weights and a random batch
-and times `--steps` synchronized steps after `--warmup` steps; the median is reported.
+The step and its abstract compile come from training/compile_plan.py (the same step the memory
+estimate's --xla reads): sharded params + AdamW state, donated, explicit shardings; ring attention
+over `sequence` when that axis is > 1; XLA's per-device memory and cost analysis. Unless
+--abstract, it then allocates random weights and a random batch and times `--steps` synchronized
+steps after `--warmup` steps; the median is reported.
 
 --kernel: auto (block_attention.select_kernel: cuDNN on GPU, else chunked for blocks longer than
---chunk-size, else xla), any name of block_attention.KERNELS, or standin: a
-memory stand-in for a flash kernel with the same inputs, outputs and residuals (out, lse) but O(T)
-work and no [c, c] score block, so that XLA's memory plan of everything else in the step can be
-read on CPU (where the reference kernel's materialized scores would dominate). Its FLOPs and
-outputs mean nothing; never time it. An explicit kernel is used even with sequence=1 (a one-block
-ring), since the model's plain attention path has no flash kernel.
+--chunk-size, else xla), any name of block_attention.KERNELS, or standin: compile_plan's memory
+stand-in for a flash kernel, for reading XLA's memory plan on CPU. Its FLOPs and outputs mean
+nothing; never time it. An explicit kernel is used even with sequence=1 (a one-block ring),
+since the model's plain attention path has no flash kernel.
 
 FLOPs are the model's (training.metrics.train_flops_per_token: 6 per matmul parameter per token
 plus causal attention, no remat recomputation), so MFU = model TFLOP/s / device peak (H100 989
@@ -29,14 +27,12 @@ from __future__ import annotations
 
 import os
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  # Simulated devices on a CPU-only machine; ignored by GPU/TPU backends.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+from ultralong_jax.parallel import host_devices
+
+host_devices.simulate(8, keep_count=True)  # before JAX initializes; GPU/TPU backends ignore it
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -49,159 +45,19 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from ultralong_jax.modeling import llama, presets  # noqa: E402
-from ultralong_jax.parallel import block_attention, mesh as mesh_lib, sharding  # noqa: E402
-from ultralong_jax.parallel.ring_attention import make_attention_fn, ring_attention  # noqa: E402
-from ultralong_jax.training import checkpointing, metrics, optimizer, train_step  # noqa: E402
-from ultralong_jax.training.config import base_config  # noqa: E402
+from ultralong_jax.training import metrics, train_step  # noqa: E402
+from ultralong_jax.training.compile_plan import (  # noqa: E402  (the step, as training builds it)
+    STANDIN, Built, Setup, analyse, build, compile_abstract)
+
+__all__ = ["STANDIN", "Built", "Setup", "analyse", "build", "compile_abstract", "run", "main"]
 
 MiB = 2**20
-STANDIN = "standin"  # --kernel standin: a flash kernel's memory without its math (see below)
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """One benchmark point. `mesh` maps axis -> size (omitted axes 1, one may be -1)."""
-  preset: str = "tiny"
-  seq_len: int = 1024
-  mesh: tuple[tuple[str, int], ...] = (("data", -1),)
-  remat: str = "full"
-  kernel: str = "auto"
-  strategy: str = "ring"
-  batch: int = 0          # global rows; 0 = one row per data x fsdp shard
-  num_layers: int = 0     # 0 = the preset's; fewer for extrapolation (see bench/memory.py)
-  loss_chunk: int = 4096
-  dtype: str = "bfloat16"
-  microbatches: int = 1
-  chunk_size: int = 1024  # the chunked kernel's tile
-  model: Any = None       # a LlamaConfig to use instead of `preset` (num_layers still applies)
-
-
-@dataclasses.dataclass
-class Built:
-  config: Any               # LlamaConfig
-  mesh: Any
-  step: Any                 # the jitted step
-  abstract_state: dict      # ShapeDtypeStructs with shardings
-  abstract_batch: dict
-  batch: int
-  tx: Any
-
-
-def _standin_forward(q, k, v, q_seg, kv_seg, *, causal, scale):
-  """q [B,T,K,G,H], k/v [B,S,K,H] -> out f32 [B,T,K,G,H], lse [B,K,G,T]: O(T) memory only."""
-  del q_seg, kv_seg, causal
-  v_mean = jnp.mean(v.astype(jnp.float32), axis=1)[:, None, :, None, :]    # [B,1,K,1,H]
-  k_mean = jnp.mean(k.astype(jnp.float32), axis=1)                          # [B,K,H]
-  lse = jnp.einsum("BTKGH,BKH->BKGT", q.astype(jnp.float32), k_mean) * scale
-  return q.astype(jnp.float32) * v_mean, lse
-
-
-def _standin_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal, scale):
-  """Gradients with the right shapes and dependencies (dq [B,T,K,G,H], dk/dv [B,S,K,H] f32)."""
-  del q_seg, kv_seg, out, causal
-  w = (lse - delta).transpose(0, 3, 1, 2)[..., None]                        # [B,T,K,G,1]
-  dq = dout.astype(jnp.float32) * w * scale
-  pooled = jnp.sum(dq * q.astype(jnp.float32), axis=(1, 3))[:, None]       # [B,1,K,H]
-  return dq, k.astype(jnp.float32) * pooled, v.astype(jnp.float32) * pooled
-
-
-def register_standin() -> None:
-  """Adds the stand-in to the ring's kernel table (idempotent; benchmark-only)."""
-  block_attention.KERNELS.setdefault(STANDIN, block_attention.BlockKernel(
-      _standin_forward, _standin_backward, segment_ids=False))
 
 
 def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
   """"data=2,sequence=4" -> (("data", 2), ("sequence", 4))."""
   pairs = [p.split("=") for p in text.split(",") if p]
   return tuple((k.strip(), int(v)) for k, v in pairs)
-
-
-def _ring(q, k, v, *, mesh, positions=None, segment_ids=None, causal=True, scale=None,
-          **options):
-  """The model's attention_fn signature over ring_attention (see build)."""
-  del positions
-  # One device: the contiguous layout makes the one-block ring a single fused causal kernel call
-  # (zigzag would split it into three sub-blocks and two merges).
-  layout = "zigzag" if mesh.shape["sequence"] > 1 else "contiguous"
-  return ring_attention(q, k, v, mesh=mesh, segment_ids=segment_ids, causal=causal, scale=scale,
-                        layout=layout, **options)
-
-
-def build(setup: Setup, devices=None) -> Built:
-  """The sharded, donated train step of `setup` and abstract (unallocated) inputs for it."""
-  devices = list(devices if devices is not None else jax.devices())
-  fixed = math.prod(s for _, s in setup.mesh)
-  if fixed > 0 and fixed < len(devices):  # no -1: a mesh smaller than the machine uses a prefix
-    devices = devices[:fixed]
-  sizes = mesh_lib.resolve_axis_sizes(dict(setup.mesh), len(devices))
-  overrides = dict(dtype=setup.dtype, param_dtype="float32", remat_policy=setup.remat)
-  if setup.num_layers:
-    overrides["num_layers"] = setup.num_layers
-  config = (setup.model.replace(**overrides) if setup.model is not None else
-            presets.get_preset(setup.preset, **overrides))
-  if setup.seq_len > config.max_position_embeddings:  # shape-only: RoPE tables take any position
-    config = config.replace(max_position_embeddings=setup.seq_len)
-  mesh = mesh_lib.make_mesh(sizes, devices=devices)
-  if setup.kernel == STANDIN:
-    register_standin()
-  if setup.kernel == "auto":
-    attention_fn = make_attention_fn(mesh, strategy=setup.strategy, layout="zigzag",
-                                     chunk_size=setup.chunk_size)
-  else:
-    # An explicit kernel goes through ring_attention even with sequence=1 (a one-block ring),
-    # because the model's plain attention path always materializes [T, T] scores.
-    attention_fn = functools.partial(_ring, mesh=mesh, strategy=setup.strategy,
-                                     kernel=setup.kernel, chunk_size=setup.chunk_size)
-  graphdef, abstract = nnx.split(llama.abstract_model(
-      config, attention_fn=attention_fn, constrain_fn=sharding.constrain_fn(mesh)))
-  abstract_params = nnx.to_pure_dict(abstract)
-  optim_cfg = base_config(1).optim
-  tx, schedule = optimizer.make_optimizer(optim_cfg, 1000)
-  params_sharding = train_step.param_shardings(mesh, llama.abstract_model(config))
-  state_sharding = train_step.state_shardings(mesh, tx, params_sharding, abstract_params)
-  batch = setup.batch or sizes["data"] * sizes["fsdp"]
-  batch_sharding = train_step.batch_sharding(mesh, setup.seq_len, batch)
-  per_device_len = setup.seq_len // sizes["sequence"]
-  options = train_step.StepOptions(loss_chunk_size=min(setup.loss_chunk, setup.seq_len),
-                                   microbatches=setup.microbatches)
-  step = train_step.jit_train_step(train_step.make_train_step(graphdef, tx, schedule, options),
-                                   mesh, state_sharding, batch_sharding)
-  abstract_state = checkpointing.abstract_with_shardings(
-      jax.eval_shape(lambda p: train_step.init_state(p, tx), abstract_params), state_sharding)
-  abstract_batch = {k: jax.ShapeDtypeStruct((batch, setup.seq_len), jnp.int32, sharding=s)
-                    for k, s in batch_sharding.items()}
-  return Built(config, mesh, step, abstract_state, abstract_batch, batch, tx)
-
-
-def compile_abstract(built: Built):
-  """(compiled executable, seconds to lower + compile); nothing is allocated."""
-  start = time.perf_counter()
-  with jax.set_mesh(built.mesh):
-    compiled = built.step.lower(built.abstract_state, built.abstract_batch).compile()
-  return compiled, time.perf_counter() - start
-
-
-def analyse(compiled) -> dict[str, float]:
-  """Per-device bytes and FLOPs from XLA's compiled memory and cost analysis.
-
-  peak_estimate = arguments + outputs - aliased (donated state reuses its buffers) + temporaries:
-  what one device holds at the step's high-water mark, as XLA's buffer assignment plans it.
-  """
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  out = {
-      "argument_bytes": mem.argument_size_in_bytes,
-      "output_bytes": mem.output_size_in_bytes,
-      "alias_bytes": mem.alias_size_in_bytes,
-      "temp_bytes": mem.temp_size_in_bytes,
-      "code_bytes": mem.generated_code_size_in_bytes,
-      "xla_flops": float(cost.get("flops", 0.0)) if cost else 0.0,
-  }
-  out["peak_estimate_bytes"] = (out["argument_bytes"] + out["output_bytes"] -
-                                out["alias_bytes"] + out["temp_bytes"])
-  return out
 
 
 _SHAPE = re.compile(r"\b[a-z]+\d*\[([\d,]*)\]")

@@ -13,7 +13,6 @@ import ml_collections
 from ultralong_jax.data import tfds_source
 
 # Llama 3 special token ids (meta-llama/Llama-3.1-8B-Instruct tokenizer.json, `added_tokens`).
-LLAMA3_BEGIN_OF_TEXT = 128000
 LLAMA3_END_OF_TEXT = 128001
 LLAMA3_VOCAB_SIZE = 128256
 

@@ -14,8 +14,8 @@ checks the whole files, e.g. after a copy). A pipeline checks the sizes when it 
 truncated copy fails before anything compiles) and each record's CRC-32 when it reads it (a
 flipped bit fails at that record, for ~1 ms per 1M tokens). A damaged shard raises
 DamagedShardError naming the file and record; with data.damaged_records=skip its records are
-dropped instead and counted as `damaged_record` in the run's data stats. Corpora prepared
-without these fields read as before, unchecked.
+dropped instead and counted as `damaged_record` in the run's data stats. A corpus prepared
+without these fields reads unchecked.
 """
 
 from __future__ import annotations
@@ -170,9 +170,11 @@ class DocumentReader:
     try:
       if shard not in self._sources:
         import grain  # pylint: disable=import-outside-toplevel
-        self._sources[shard] = grain.sources.ArrayRecordDataSource([self._shard_paths[shard]])
         crc_path = self._crc_paths[shard]
+        # The CRCs first: Grain reads from several threads, and one that finds the shard in
+        # _sources goes on to look up its CRCs.
         self._crcs[shard] = np.load(crc_path) if crc_path else None
+        self._sources[shard] = grain.sources.ArrayRecordDataSource([self._shard_paths[shard]])
       raw = self._sources[shard][record]
     except Exception as e:  # pylint: disable=broad-except  # riegeli/array_record errors vary
       return self._damaged_record(shard, record, f"unreadable: {type(e).__name__}: "

@@ -3,7 +3,7 @@
 Shapes: B batch, T query length, S key/value length, N query heads, K kv heads, G = N / K,
 H head dim.
 
-An `AttentionFn` is what each Llama layer calls:
+Each Llama layer calls its `attention_fn` as
   attention_fn(q [B,T,N,H], k [B,S,K,H], v [B,S,K,H], *, positions [B,T] | None,
                segment_ids [B,T] | None, causal: bool, scale: float) -> [B,T,N,H]
 `ultralong_jax.parallel` provides sequence-sharded implementations with the same signature.
@@ -11,21 +11,12 @@ An `AttentionFn` is what each Llama layer calls:
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
-
 import jax
 import jax.numpy as jnp
 
 # Finite, so that a fully masked row (never produced by causal + segment masks, whose diagonal is
 # always visible) would give a uniform distribution rather than NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-class AttentionFn(Protocol):
-
-  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, positions: jax.Array | None,
-               segment_ids: jax.Array | None, causal: bool, scale: float) -> jax.Array:
-    ...
 
 
 def attention_mask(
@@ -57,7 +48,7 @@ def dot_product_attention(
 
   Matches transformers' `eager_attention_forward` for Llama: scores in the compute dtype's
   matmul with float32 accumulation, softmax in float32, probabilities cast back before P @ V.
-  `positions` is accepted for the AttentionFn signature and unused (see `attention_mask`).
+  `positions` is accepted for the attention_fn signature and unused (see `attention_mask`).
   """
   del positions
   B, T, N, H = q.shape
@@ -73,6 +64,3 @@ def dot_product_attention(
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(B, T, N, H).astype(q.dtype)
-
-
-DEFAULT_ATTENTION: Callable[..., jax.Array] = dot_product_attention

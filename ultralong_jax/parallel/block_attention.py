@@ -311,9 +311,12 @@ KERNELS = {
 _PACKED = {"cudnn_packed": "cudnn", "dpa_xla_packed": "xla"}
 
 
-def get_kernel(kernel: str, *, chunk_size: int = CHUNK_SIZE) -> BlockKernel:
+def get_kernel(kernel: str | BlockKernel, *, chunk_size: int = CHUNK_SIZE) -> BlockKernel:
   """The BlockKernel named `kernel` (as select_kernel returns it); "chunked", "splash" and the
-  packed kernels (whose fallback is "chunked") with `chunk_size`."""
+  packed kernels (whose fallback is "chunked") with `chunk_size`. A BlockKernel is returned as
+  it is."""
+  if isinstance(kernel, BlockKernel):
+    return kernel
   if kernel in _PACKED:
     return _packed_kernel(_PACKED[kernel], chunk_size)
   if kernel == "splash":
@@ -321,9 +324,13 @@ def get_kernel(kernel: str, *, chunk_size: int = CHUNK_SIZE) -> BlockKernel:
   return chunked_kernel(chunk_size) if kernel == "chunked" else KERNELS[kernel]
 
 
-def select_kernel(kernel: str, *, has_segment_ids: bool, platform: str | None = None,
-                  block_length: int | None = None, chunk_size: int = CHUNK_SIZE) -> str:
+def select_kernel(kernel: str | BlockKernel, *, has_segment_ids: bool,
+                  platform: str | None = None, block_length: int | None = None,
+                  chunk_size: int = CHUNK_SIZE) -> str | BlockKernel:
   """Resolves kernel="auto" by backend and block length; validates an explicit choice.
+
+  A BlockKernel outside KERNELS (e.g. training.compile_plan.STANDIN_KERNEL) is the caller's
+  explicit choice: it is returned as it is, after the segment-ids check.
 
   auto: cuDNN flash attention on GPU ("cudnn", or "cudnn_packed" with segment ids). Otherwise
   (CPU, TPU) "chunked" when a ring block is longer than one chunk (`block_length` >
@@ -339,6 +346,11 @@ def select_kernel(kernel: str, *, has_segment_ids: bool, platform: str | None = 
   for queries and keys alike, which fits only the diagonal ring block, so it is not used.
   """
   from ultralong_jax.parallel import splash  # pylint: disable=import-outside-toplevel
+  if isinstance(kernel, BlockKernel):
+    if has_segment_ids and not kernel.segment_ids:
+      raise ValueError("this block kernel does not support segment_ids; use kernel='chunked', "
+                       "'xla' or 'auto'.")
+    return kernel
   platform = platform or jax.default_backend()
   if chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size}: expected a positive number of tokens.")

@@ -42,7 +42,7 @@ class _Plan:
   layout: str
   causal: bool
   scale: float
-  kernel: str
+  kernel: str | block_attention.BlockKernel
   chunk_size: int
 
   def block_kernel(self) -> block_attention.BlockKernel:
@@ -213,7 +213,8 @@ def _local(plan: _Plan, q, k, v, seg=None):
 
 def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, causal: bool = True,
                    scale: float | None = None, strategy: str = "ring", layout: str = "zigzag",
-                   kernel: str = "auto", chunk_size: int = block_attention.CHUNK_SIZE):
+                   kernel: str | block_attention.BlockKernel = "auto",
+                   chunk_size: int = block_attention.CHUNK_SIZE):
   """Attention with the length sharded over the mesh's sequence axis.
 
   Args:
@@ -227,7 +228,8 @@ def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, cau
     strategy: "ring" (ppermute K/V) or "allgather" (gather K/V once).
     layout: "zigzag" (balanced causal work) or "contiguous" (unbalanced; for comparison).
     kernel: "auto" | "xla" | "chunked" | "cudnn" | "cudnn_packed" | "dpa_xla" |
-      "dpa_xla_packed" | "splash" (block_attention.select_kernel).
+      "dpa_xla_packed" | "splash" (block_attention.select_kernel), or a BlockKernel object
+      (e.g. training.compile_plan.STANDIN_KERNEL, the memory stand-in).
     chunk_size: query/key chunk of the "chunked" kernel; "auto" picks that kernel (where cuDNN
       and splash do not apply) when a ring block is longer than this. Caps splash's tile.
   Returns:

@@ -213,11 +213,6 @@ class RunCheckpointer:
       logging.warning("moved the unreadable checkpoint of step %d to %s", step, target)
     self.manager.reload()
 
-  def restore_config(self, step: int) -> dict:
-    with _loops_closed_when_idle():
-      return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-          "config"]
-
   def wait(self) -> None:
     """Blocks until the write in flight has ended (a failure counts as in `save`)."""
     if self._in_flight is not None:

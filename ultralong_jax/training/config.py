@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 
 import ml_collections
 
@@ -63,6 +65,19 @@ def check_choices(c: ml_collections.ConfigDict) -> None:
     why = "stage 2 packs chats" if c.stage == 2 else "data.document_mask is on"
     raise ValueError(f"attention.kernel={kernel!r} cannot mask by segment ids, which this run needs "
                      f"({why}); use 'auto' or one of {takes}.")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The ConfigDict of `spec`, "path/to/config.py[:arg]", as `--config=spec` gives it to the train
+  CLI: the file's `get_config(arg)`, or `get_config()` without an arg."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"config {spec!r}: no file {path!r} (give path/to/config.py[:arg]).")
+  module_spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def base_config(stage: int) -> ml_collections.ConfigDict:

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -140,7 +140,8 @@ def _build(c: ml_collections.ConfigDict) -> _Run:
 
 
 def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None,
-        progress: bool = True, checkpoint_dir: str | None = None) -> dict[str, Any]:
+        progress: bool = True, checkpoint_dir: str | None = None,
+        wrap_step: Callable[[Callable], Callable] | None = None) -> dict[str, Any]:
   """Trains per `c` in `workdir`, resuming from its newest complete checkpoint if any.
 
   Checkpoints go to `checkpoint_dir` when given (a path or a gs:// / s3:// URL), else to
@@ -149,6 +150,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = N
   max_steps stops after that many steps *of this invocation* (tests use it to interrupt a run);
   the run is otherwise complete at c.train.steps. Returns a summary dict (also summary.json),
   with the invocation's time account (goodput.py) under "time".
+
+  wrap_step, when given, receives the compiled `step_fn(state, batch) -> (state, metrics)` and
+  returns the function the loop calls instead (the crash tests inject faults through it).
   """
   account = goodput.TimeAccount()
   check_workdir(workdir)
@@ -157,6 +161,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = N
   os.makedirs(workdir, exist_ok=True)
   with account.timed("startup"):
     built = _build(c)  # validation and everything that can fail on bad input, before any compile
+    if wrap_step is not None:
+      built.step_fn = wrap_step(built.step_fn)
     ckpt = checkpointing.RunCheckpointer(
         workdir, every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep,
         async_save=c.checkpoint.async_save, directory=checkpoint_dir,

@@ -1,6 +1,6 @@
 """Per-device memory of a training step, estimated before anything compiles.
 
-  python -m ultralong_jax.estimate_memory --config=configs/llama31_8b_stage1_1m.py --devices=64
+  python -m ultralong_jax.estimate_memory --config=configs/llama31_8b_stage1.py:1m --devices=64
 
 `estimate(shape)` splits the bytes one device holds at the step's high-water mark into parts:
 
@@ -23,7 +23,7 @@
 
 The first four are exact. The rest are linear in the sizes that drive them (tokens per device x
 model widths, score elements, logits elements), with coefficients fitted to XLA's compiled memory
-analysis of the real train step (bench/train_step.py) on CPU; `COEFFICIENTS` says what each
+analysis of the real train step (training/compile_plan.py) on CPU; `COEFFICIENTS` says what each
 multiplies. The loss runs before the layers' backward, so the peak holds the larger of the loss
 and (working set + attention), not both. tests/training/test_memory_estimate.py compiles a spread
 of configurations and holds the estimate within 20% of XLA's plan; docs/training.md has the whole

@@ -1,0 +1,101 @@
+"""The embedded demo: the whole recipe in miniature on CPU (8 simulated devices).
+
+  python -m ultralong_jax.demo      # generates the data, then runs base -> stage 1 -> stage 2
+
+`get_config("base" | "stage1" | "stage2")`; one stage on the data the demo generated:
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m ultralong_jax.train \
+      --config=configs/demo.py:stage1 --workdir=runs/demo/stage1
+A 4-layer Llama (vocab 512) is trained at 128 tokens ("the base"), extended 8x to 1,024 tokens
+with llama3 RoPE (factor 8 over the base's 128, low/high freq factor 1/4, as the paper does with
+factor 128 over 8K) on packed documents with ring attention over sequence=4 x data=2 devices,
+then tuned on chats.
+"""
+
+import json
+
+import ml_collections
+
+from ultralong_jax.training.config import base_config
+
+DATA = "runs/demo/data"  # the demo writes its generated corpus, tokenizer and chats here
+BASE_LEN, LONG_LEN = 128, 1024
+MODEL = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_layers": 4,
+         "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "rope_theta": 500000.0,
+         "max_position_embeddings": BASE_LEN, "bos_token_id": 0, "eos_token_id": 4}
+
+# The generated corpus (ultralong_jax.data.synthetic): documents per domain, their length in
+# filler sentences (~8 tokens each), the share that state a pass key and ask for it at the end,
+# and the chance that a sentence repeats an earlier one of its document (synthetic.document_filler);
+# the chats for stage 2; `tokens` (0 = off) gives every document an exact token length, or one
+# drawn from a [lo, hi] range (synthetic.ExactLength). `python -m ultralong_jax.demo --quick` uses
+# a tenth of the documents and a sixth of the chats. docs/demo.md lists the variants tried and
+# what they gave.
+CORPUS = {
+    "vocab_size": MODEL["vocab_size"],  # of the byte-level BPE trained on the corpus
+    "documents": {  # short: within the base's 128 tokens; long: up to ~1,000 tokens for stage 1
+        "short": {"docs": 5000, "min_sentences": 1, "max_sentences": 10,
+                  "passkey_fraction": 0.9, "repeat": 0.0, "tokens": 0, "seed": 0},
+        "long": {"docs": 5000, "min_sentences": 10, "max_sentences": 110,
+                 "passkey_fraction": 0.9, "repeat": 0.0, "tokens": 0, "seed": 1},
+    },
+    # stage 2: pass-key questions about a text of up to max_sentences (60%), small sums (40%)
+    "chats": {"count": 3000, "max_sentences": 30, "seed": 2},
+}
+
+
+def _common(stage: int) -> ml_collections.ConfigDict:
+  c = base_config(stage)
+  c.model.preset, c.model.dtype, c.model.remat_policy, c.model.ultralong = (
+      "tiny", "float32", "none", "")
+  c.data.vocab_size = MODEL["vocab_size"]
+  c.data.tokenizer = f"{DATA}/tokenizer.json"
+  c.optim.grad_clip_norm = 1.0
+  c.checkpoint.every_steps, c.checkpoint.keep = 50, 2
+  c.export.dtype = "float32"
+  c.train.loss_chunk_size = 128
+  return c
+
+
+def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
+  if arg == "base":  # "pretraining" at the short length, data parallel over the 8 devices
+    c = _common(1)
+    c.init.mode = "random"
+    c.model.overrides_json = json.dumps(MODEL)  # later stages take the shape from the checkpoint
+    c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 8, 1, 1, 1
+    c.data.seq_len, c.data.global_batch_size = BASE_LEN, 16
+    c.train.steps = 1500  # the copy skill behind pass-key retrieval appears after ~1000 steps
+    c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = 3e-3, 20, "cosine"
+    c.data.domains = ml_collections.ConfigDict({"short": {"path": f"{DATA}/short", "weight": 1.0}})
+    c.data.resample.short_rate = c.data.resample.long_rate = 1.0  # keep every short document
+  elif arg == "stage1":  # context extension 8x with ring attention
+    c = _common(1)
+    c.init.mode, c.init.path = "checkpoint", "runs/demo/base/final"
+    c.model.rope_scaling_json = json.dumps({
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": BASE_LEN})
+    c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 2, 1, 4, 1
+    c.data.seq_len, c.data.global_batch_size = LONG_LEN, 2
+    c.train.steps = 200
+    c.optim.learning_rate, c.optim.warmup_steps = 1e-3, 5
+  elif arg == "stage2":  # chat SFT at short length, rows packed with per-example masks
+    c = _common(2)
+    c.init.mode, c.init.path = "checkpoint", "runs/demo/stage1/final"
+    c.data.chat_files = f"{DATA}/chats.jsonl"
+    c.data.max_example_len = 512
+    c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 4, 1, 1, 2
+    c.data.seq_len, c.data.global_batch_size = 512, 8
+    c.train.steps = 150
+    c.optim.learning_rate, c.optim.warmup_steps = 5e-4, 5
+  else:
+    raise ValueError(f"configs/demo.py:{arg}: use base, stage1 or stage2.")
+  if arg == "stage1":
+    # Long documents, with the paper's length resampling scaled down: < 128 tokens down-sampled,
+    # > 512 up-sampled (the paper: < 4K and > 8K).
+    c.data.resample.short_threshold, c.data.resample.long_threshold = 128, 512
+    c.data.domains = ml_collections.ConfigDict({
+        "long": {"path": f"{DATA}/long", "weight": 0.8},
+        "short": {"path": f"{DATA}/short", "weight": 0.2}})
+  c.train.run_name = {"base": "base", "stage1": "stage 1", "stage2": "stage 2"}[arg]
+  if c.stage == 1:
+    c.data.separator_id = 1  # <|end_of_text|> in the demo tokenizer
+  return c
