@@ -65,7 +65,7 @@ def test_full_disk_hang_and_kill_each_lose_only_the_steps_since_the_last_checkpo
   c = session_config(steps=9)
   c.checkpoint.every_steps, c.checkpoint.keep = 3, 5
   c.checkpoint.retries, c.checkpoint.retry_backoff_s = 1, 0.1
-  c.train.hang_timeout_s = 8.0  # past the async write of step 6, even on a busy machine
+  c.train.hang_timeout_s = 15.0  # past the async write of step 6, even on a busy machine
   c.export.hf = False
   workdir = str(tmp_path / "run")
   checkpoints = os.path.join(workdir, "checkpoints")
