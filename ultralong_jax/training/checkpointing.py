@@ -226,8 +226,12 @@ class RunCheckpointer:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       logging.error("checkpoint write in %s failed: %s", self.directory, _short(e))
-    self.manager.close()
-    asyncio.set_event_loop_policy(self._previous_policy)
+    try:  # close waits on the background writer again, which can re-raise a failure
+      self.manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("checkpoint write in %s failed: %s", self.directory, _short(e))
+    finally:
+      asyncio.set_event_loop_policy(self._previous_policy)
 
 
 def is_url(path: str) -> bool:
