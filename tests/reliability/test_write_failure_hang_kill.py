@@ -126,7 +126,7 @@ def test_full_disk_hang_and_kill_each_lose_only_the_steps_since_the_last_checkpo
 @pytest.mark.slow  # two processes, each compiling: ~40 s on 2 cores
 def test_hang_on_one_of_two_processes_ends_the_job_with_the_stacks(session_config, tmp_path):
   """2 processes x 4 CPU devices (launch/multihost.sh --local 2): process 1 stalls in step 3,
-  process 0 waits for it in the step's collectives. Both watchdogs fire, each log holds its
+  process 0 waits for it in the step's collectives. A watchdog fires, its log holds its
   process's report, and the job ends with 75."""
   c = session_config(steps=6)
   c.train.hang_timeout_s = 5.0
@@ -142,10 +142,16 @@ def test_hang_on_one_of_two_processes_ends_the_job_with_the_stacks(session_confi
       timeout=300, cwd=REPO)
   log = [(logs / f"process_{i}.log").read_text() for i in range(2)]
   assert result.returncode == 75, result.stderr + "\n".join(text[-3000:] for text in log)
-  for process, text in enumerate(log):
-    report = text[text.index("hang watchdog: "):]
+  # Both watchdogs time out at about the same moment; the launcher stops the other process as
+  # soon as the first exits, so whether the second also reports is a race: at least one does,
+  # and every report names its process and shows where it waited.
+  reported = [p for p, text in enumerate(log) if "hang watchdog: " in text]
+  assert reported, "\n".join(text[-3000:] for text in log)
+  for process in reported:
+    report = log[process][log[process].index("hang watchdog: "):]
     assert "the last completed step is 2" in report, report[:2000]
     assert f"process {process} of 2, devices [cpu:" in report, report[:2000]
     assert report.count("--- thread") >= 2, report[-3000:]
-  assert "time.sleep(3600)" in log[1]  # the stalled call, in process 1's main thread
-  assert "jax.device_get(step_metrics)" in log[0]  # process 0 waits for step 3's result
+    # process 1: the stalled call in its main thread; process 0: waiting for step 3's result
+    waited = "time.sleep(3600)" if process == 1 else "jax.device_get(step_metrics)"
+    assert waited in report, report[-3000:]
