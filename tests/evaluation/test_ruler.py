@@ -45,8 +45,8 @@ def _check_niah(task, text, answers):
     assert len(needles) == max(args["num_needle_k"], args["num_needle_q"]) * args["num_needle_v"]
   elif kind == "noise":
     assert text.count(ruler_synthetic.NOISE) > 10 and len(needles) == 1
-  else:  # needle haystack: many distractor needles, every key once
-    assert len(needles) > 10 and len(values) == len(needles)
+  else:  # needle haystack: many distractor needles (their keys never an asked one, checked above)
+    assert len(needles) > 10 and len(values) > 10
   pattern = {"numbers": r"\d{7}", "uuids": r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-"
                                             r"[0-9a-f]{12}", "words": r"[a-z]+-[a-z]+"}
   assert all(re.fullmatch(pattern[args["type_needle_k"]], k) for _, k, _ in needles)
