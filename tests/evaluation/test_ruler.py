@@ -19,7 +19,7 @@ LENGTHS = (1536, 5000)  # below and above 4096, where cwe switches its word freq
 
 @pytest.fixture(scope="module")
 def essay(tokenizer):
-  return hay.Haystack(tokenizer, hay.filler_text(4000, seed=2))
+  return ruler.essay_haystack(tokenizer, hay.filler_text(4000, seed=2))
 
 
 def _between(text: str, start: str, end: str) -> str:
@@ -200,7 +200,7 @@ def test_cli_end_to_end(tiny_model_dir, tokenizer_path, tmp_path, capsys):
   out = tmp_path / "out"
   res = ruler.main(["--ckpt", tiny_model_dir, "--tokenizer", tokenizer_path, "--out", str(out),
                     "--lengths", "1536,2048", "--samples", "1", "--max-new-tokens", "2",
-                    "--batch-size", "2", "--prefill-chunk", "1024", "--dtype", "float32",
+                    "--batch-size", "12", "--prefill-chunk", "1024", "--dtype", "float32",
                     "--squad", _squad_file(tmp_path)])
   printed = capsys.readouterr()
   assert "qa_2 skipped: it needs a local HotpotQA" in printed.out + printed.err
@@ -228,6 +228,9 @@ def test_cli_errors(tiny_model_dir, tokenizer_path, tmp_path, flag_error):
                     ).startswith("--tasks")
   assert flag_error(ruler.main, base + ["--lengths", "3k"]).startswith("--lengths")
   assert flag_error(ruler.main, base + ["--lengths", "300"]).startswith("--lengths")  # too short
+  # cwe fits 2048 but not 4096 with this tokenizer (30x common words from 4096 on)
+  assert flag_error(ruler.main, base + ["--lengths", "2048,4096", "--tasks", "cwe"]).startswith(
+      "--lengths: cwe at length 4096")
   assert flag_error(ruler.main, base + ["--lengths", "1536", "--samples", "0"]).startswith(
       "--samples")
   assert flag_error(ruler.main, base + ["--lengths", "1536", "--mesh", "data=16"]).startswith(

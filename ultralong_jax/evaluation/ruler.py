@@ -61,6 +61,24 @@ def make_sample(task: str, tokenizer, haystack: hay.Haystack, length: int, seed:
                               new_tokens=new_tokens)
 
 
+def essay_haystack(tokenizer, text: str) -> hay.Haystack:
+  """The essay haystack with every run of whitespace one space, as RULER reads its essays."""
+  return hay.Haystack(tokenizer, " ".join(text.split()) + " ")
+
+
+def check_lengths(tokenizer, haystack: hay.Haystack, tasks: Sequence[str],
+                  lengths: Sequence[int], *, chat: bool, new_tokens: int | None, qa: dict) -> None:
+  """Raises ValueError, naming the task and length, when a length cannot hold a sample of one of
+  `tasks` (its template, needles and answer budget). A sample needs the most room at the shortest
+  length, and for cwe also at the shortest length >= 4096 (its word counts step up there)."""
+  for t in tasks:
+    if t in qa or t not in ruler_tasks.QA:
+      at = {min(lengths)} | ({min(n for n in lengths if n >= 4096)}
+                             if t == "cwe" and max(lengths) >= 4096 else set())
+      for n in sorted(at):
+        make_sample(t, tokenizer, haystack, n, 0, chat=chat, new_tokens=new_tokens, qa=qa.get(t))
+
+
 def qa_skips(tasks: Sequence[str], qa_files: dict[str, str]) -> dict[str, str]:
   """{task: why it is skipped} for the QA tasks among `tasks` without a file."""
   names = {"qa_1": "SQuAD (e.g. dev-v2.0.json)",
@@ -92,27 +110,38 @@ def run_ruler(model, tokenizer, *, lengths: Sequence[int], out_dir: str,
   if not tasks:
     raise ValueError("no RULER task left to run: " + " ".join(skipped.values()))
   qa = {t: ruler_qa.load(t, qa_files[t]) for t in tasks if t in ruler_tasks.QA}
-  haystack = hay.Haystack(tokenizer, haystack_text or hay.filler_text(20_000, seed))
+  haystack = essay_haystack(tokenizer, haystack_text or hay.filler_text(20_000, seed))
+  check_lengths(tokenizer, haystack, tasks, lengths, chat=chat, new_tokens=max_new_tokens, qa=qa)
   runner = cached_model or gen_lib.CachedModel(model, mesh, kv_block=kv_block)
   stops = gen_lib.stop_ids(tokenizer)
-  groups = [[make_sample(t, tokenizer, haystack, n, seed * 10_000 + k, chat=chat,
-                         new_tokens=max_new_tokens, qa=qa.get(t)) for k in range(samples)]
-            for t in tasks for n in lengths]
+  # Samples are built batch by batch (a 1M-token prompt is ~1M Python ints); a batch shares one
+  # length (prompts are left-padded to the longest) and one generation budget.
+  new_tokens = {t: ruler_tasks.TASKS[t].new_tokens if max_new_tokens is None else max_new_tokens
+                for t in tasks}
+  batches = []
+  for n in lengths:
+    for t in tasks:
+      for k in range(samples):
+        last = batches[-1][-1] if batches else None
+        if (last is None or len(batches[-1]) == batch_size or last[0] != n
+            or new_tokens[last[1]] != new_tokens[t]):
+          batches.append([])
+        batches[-1].append((n, t, seed * 10_000 + k))
   rows = []
-  bar = tqdm(total=len(tasks) * len(lengths) * samples, desc="ruler samples",
+  bar = tqdm(total=len(lengths) * len(tasks) * samples, desc="ruler samples",
              disable=not progress, file=sys.stderr)
-  for group in groups:  # one (task, length): one generation budget
-    for b in range(0, len(group), batch_size):
-      batch = group[b:b + batch_size]
-      outs = runner.generate([s["ids"] for s in batch], max_new_tokens=batch[0]["new_tokens"],
-                             stop_tokens=stops, prefill_chunk=prefill_chunk)
-      for s, out in zip(batch, outs):
-        answer = scoring.ruler_postprocess(tokenizer.decode([t for t in out if t not in stops]))
-        rows.append({"task": s["task"], "length": s["length"], "prompt_tokens": len(s["ids"]),
-                     "new_tokens": s["new_tokens"], "metric": s["metric"],
-                     "expected": "|".join(s["answers"]), "answer": answer,
-                     "score": scoring.RULER_METRICS[s["metric"]](answer, s["answers"])})
-      bar.update(len(batch))
+  for specs in batches:
+    batch = [make_sample(t, tokenizer, haystack, n, sample_seed, chat=chat,
+                         new_tokens=max_new_tokens, qa=qa.get(t)) for n, t, sample_seed in specs]
+    outs = runner.generate([s["ids"] for s in batch], max_new_tokens=batch[0]["new_tokens"],
+                           stop_tokens=stops, prefill_chunk=prefill_chunk)
+    for s, out in zip(batch, outs):
+      answer = scoring.ruler_postprocess(tokenizer.decode([t for t in out if t not in stops]))
+      rows.append({"task": s["task"], "length": s["length"], "prompt_tokens": len(s["ids"]),
+                   "new_tokens": s["new_tokens"], "metric": s["metric"],
+                   "expected": "|".join(s["answers"]), "answer": answer,
+                   "score": scoring.RULER_METRICS[s["metric"]](answer, s["answers"])})
+    bar.update(len(batch))
   bar.close()
   metric_fns = {"string_match_all": scoring.string_match_all,
                 "string_match_part": scoring.string_match_part}
@@ -176,7 +205,8 @@ def main(argv=None) -> dict:
   p.add_argument("--max-new-tokens", type=int, default=None,
                  help="tokens generated per answer for every task (default: RULER's per task: "
                       "niah 128, vt 30, cwe 120, fwe 50, qa 32)")
-  p.add_argument("--batch-size", type=int, default=1)
+  p.add_argument("--batch-size", type=int, default=1,
+                 help="prompts per generate call (a batch shares one length and answer budget)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   # Every flag is checked before the weights load (minutes for a large model); errors name the flag.
@@ -201,14 +231,12 @@ def main(argv=None) -> dict:
     qa = {t: ruler_qa.load(t, path) for t, path in qa_files.items() if path}
     text = hay.load_text_files(args.haystack) if args.haystack else None
     flags = loading.check_model_flags(args)
-    essay = hay.Haystack(flags.tokenizer, text or hay.filler_text(2000))
-    for t in tasks:  # the shortest length must hold each task's template, needles and answer
-      if t in qa or t not in ruler_tasks.QA:
-        try:
-          make_sample(t, flags.tokenizer, essay, min(lengths), 0, chat=not args.no_chat,
-                      new_tokens=args.max_new_tokens, qa=qa.get(t))
-        except ValueError as e:
-          raise ValueError(f"--lengths: {e}") from None
+    essay = essay_haystack(flags.tokenizer, text or hay.filler_text(2000))
+    try:  # the shortest length must hold each task's template, needles and answer
+      check_lengths(flags.tokenizer, essay, tasks, lengths, chat=not args.no_chat,
+                    new_tokens=args.max_new_tokens, qa=qa)
+    except ValueError as e:
+      raise ValueError(f"--lengths: {e}") from None
   model = loading.load_model(args)
   res = run_ruler(model, flags.tokenizer, lengths=lengths, out_dir=args.out, tasks=tasks,
                   samples=args.samples, mesh=flags.mesh, chat=not args.no_chat, haystack_text=text,
