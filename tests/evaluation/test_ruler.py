@@ -122,6 +122,16 @@ def test_samples_are_seeded_and_bounded(tokenizer, essay):
   assert b["task"] == "vt" and 1536 - 2 - 100 <= len(b["ids"]) <= 1534
   with pytest.raises(ValueError, match="use longer lengths"):
     ruler.make_sample("cwe", tokenizer, essay, 600, seed=0)
+  # A user's essay (--haystack) is the essay haystack, its whitespace runs made single spaces.
+  own = ruler.essay_haystack(tokenizer, "Zebras paint the fence at dawn.\n\nOwls   read maps. " * 40)
+  d = tokenizer.decode(ruler.make_sample("niah_single_2", tokenizer, own, 1536, seed=0)["ids"])
+  assert "dawn. Owls read maps. Zebras paint" in d and "The grass is green" not in d
+  # --no-chat: RULER's `base` template, BOS + task text + answer prefix, no chat headers.
+  c = ruler.make_sample("fwe", tokenizer, essay, 1536, seed=3, chat=False)
+  text = tokenizer.decode(c["ids"])
+  assert text.startswith("<|begin_of_text|>Read the following coded text") and "<|" not in text[17:]
+  assert text.endswith("above coded text? Answer: According to the coded text above, the three "
+                       "most frequently appeared words are:")
 
 
 def test_fwe_counts_follow_zipf():
