@@ -47,8 +47,8 @@ def _check_niah(task, text, answers):
     assert text.count(ruler_synthetic.NOISE) > 10 and len(needles) == 1
   else:  # needle haystack: many distractor needles (their keys never an asked one, checked above)
     assert len(needles) > 10 and len(values) > 10
-  pattern = {"numbers": r"\d{7}", "uuids": r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-"
-                                            r"[0-9a-f]{12}", "words": r"[a-z]+-[a-z]+"}
+  uuid = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+  pattern = {"numbers": r"\d{7}", "uuids": uuid, "words": r"[a-z]+-[a-z]+"}
   assert all(re.fullmatch(pattern[args["type_needle_k"]], k) for _, k, _ in needles)
   assert all(re.fullmatch(pattern[args["type_needle_v"]], v) for _, _, v in needles)
   single = args["num_needle_q"] * args["num_needle_v"] == 1
@@ -123,7 +123,8 @@ def test_samples_are_seeded_and_bounded(tokenizer, essay):
   with pytest.raises(ValueError, match="use longer lengths"):
     ruler.make_sample("cwe", tokenizer, essay, 600, seed=0)
   # A user's essay (--haystack) is the essay haystack, its whitespace runs made single spaces.
-  own = ruler.essay_haystack(tokenizer, "Zebras paint the fence at dawn.\n\nOwls   read maps. " * 40)
+  own = ruler.essay_haystack(tokenizer,
+                             "Zebras paint the fence at dawn.\n\nOwls   read maps. " * 40)
   d = tokenizer.decode(ruler.make_sample("niah_single_2", tokenizer, own, 1536, seed=0)["ids"])
   assert "dawn. Owls read maps. Zebras paint" in d and "The grass is green" not in d
   # --no-chat: RULER's `base` template, BOS + task text + answer prefix, no chat headers.
