@@ -211,7 +211,7 @@ def test_cli_end_to_end(tiny_model_dir, tokenizer_path, tmp_path, capsys):
   out = tmp_path / "out"
   res = ruler.main(["--ckpt", tiny_model_dir, "--tokenizer", tokenizer_path, "--out", str(out),
                     "--lengths", "1536,2048", "--samples", "1", "--max-new-tokens", "2",
-                    "--batch-size", "12", "--prefill-chunk", "1024", "--dtype", "float32",
+                    "--batch-size", "12", "--prefill-chunk", "2048", "--dtype", "float32",
                     "--squad", _squad_file(tmp_path)])
   printed = capsys.readouterr()
   assert "qa_2 skipped: it needs a local HotpotQA" in printed.out + printed.err
