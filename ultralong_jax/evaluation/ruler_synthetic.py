@@ -140,7 +140,7 @@ def _vt(spec, tokenizer, budget, rng, *, essay, chat, what, length):
     if name not in names:
       names.append(name)
   icl_names, names = names[:hops + 1], names[hops + 1:]
-  value, icl_value = (str(rng.randint(10000, 99999)) for _ in range(2))
+  value, icl_value = (str(v) for v in rng.sample(range(10000, 100000), 2))  # distinct
   line = tokenizer.encode(NOISE + "\n")
   # RULER puts one worked example before the task: the same task at 500 tokens (bare template,
   # answer prefix, the answer); here at most 500 and a quarter of the budget.
