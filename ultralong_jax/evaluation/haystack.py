@@ -98,13 +98,16 @@ class Haystack:
     self.ids = list(tokenizer.encode(text))
     if len(self.ids) < 16:
       raise ValueError("haystack text is shorter than 16 tokens; give more text.")
-    ends = {}
+    ends, stops = {}, {}
     self.sentence_end = []  # True where a sentence ends with this token
+    self.stop_end = []  # True where this token ends with . ! ? (not the whitespace after them)
     for t in self.ids:
       if t not in ends:
         piece = tokenizer.decode([t]).rstrip()
-        ends[t] = piece.endswith((".", "!", "?")) or piece == ""
+        stops[t] = piece.endswith((".", "!", "?"))
+        ends[t] = stops[t] or piece == ""
       self.sentence_end.append(ends[t])
+      self.stop_end.append(stops[t])
 
   def tokens(self, n: int) -> list[int]:
     reps = -(-n // len(self.ids))
@@ -116,6 +119,14 @@ class Haystack:
       if i == 0 or i == n or self.sentence_end[(i - 1) % len(self.ids)]:
         return i
     return target
+
+
+  def stop_point(self, target: int) -> int:
+    """The largest index i <= target right after a . ! ? token (0 when there is none)."""
+    for i in range(target, 0, -1):
+      if self.stop_end[(i - 1) % len(self.ids)]:
+        return i
+    return 0
 
 
 @dataclasses.dataclass
@@ -156,6 +167,18 @@ def prompt_parts(tokenizer, question: str, *, chat: bool = True,
   if not chat:
     prefix = [tokenizer.token_id("<|begin_of_text|>"), *tokenizer.encode(intro + "\n\n")]
     return prefix, tokenizer.encode("\n\n" + question + "\nAnswer:" + answer_prefix)
+  before, after = chat_turn(tokenizer)
+  prefix = before + tokenizer.encode("\n\n" + intro + "\n\n")
+  suffix = tokenizer.encode("\n\n" + question) + after
+  if answer_prefix:
+    suffix += tokenizer.encode(answer_prefix)
+  return prefix, suffix
+
+
+def chat_turn(tokenizer) -> tuple[list[int], list[int]]:
+  """The Llama 3.1 chat prompt of one user message around the message: (ids up to and including
+  the user header's <|end_header_id|>, ids from the message's <|eot_id|> through the assistant
+  header and its "\\n\\n"). The message text goes between, tokenized as "\\n\\n" + text."""
   from ultralong_jax.evaluation.generate import chat_prompt  # pylint: disable=g-import-not-at-top
   start, end, eot = (tokenizer.token_id(t) for t in
                      ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
@@ -164,9 +187,4 @@ def prompt_parts(tokenizer, question: str, *, chat: bool = True,
   n_user = len(user_header) + len(tokenizer.encode("\n\nx")) + 1
   n_assistant = 2 + len(tokenizer.encode("assistant")) + len(tokenizer.encode("\n\n"))
   system = full[:len(full) - n_user - n_assistant]
-  assistant = full[len(full) - n_assistant:]
-  prefix = system + user_header + tokenizer.encode("\n\n" + intro + "\n\n")
-  suffix = tokenizer.encode("\n\n" + question) + [eot] + assistant
-  if answer_prefix:
-    suffix += tokenizer.encode(answer_prefix)
-  return prefix, suffix
+  return system + user_header, [eot] + full[len(full) - n_assistant:]

@@ -14,7 +14,8 @@ def _pyplot():
   return plt
 
 
-def _short(n: float) -> str:
+def short_length(n: float) -> str:
+  """A context length as quoted: 131072 -> 128K, 1048576 -> 1M."""
   # Binary units, as context lengths are quoted (128K = 131072).
   return f"{n / 2**20:.3g}M" if n >= 2**20 else f"{n / 1024:.3g}K" if n >= 1024 else str(int(n))
 
@@ -29,7 +30,7 @@ def heatmap(scores: np.ndarray, lengths: Sequence[int], depths: Sequence[float],
   fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(lengths) + 2), 0.45 * len(depths) + 2))
   im = ax.imshow(np.asarray(scores, float), cmap=cmap, vmin=0, vmax=1, aspect="auto")
   step = max(1, len(lengths) // 12)
-  ax.set_xticks(range(0, len(lengths), step), [_short(n) for n in lengths[::step]], rotation=45)
+  ax.set_xticks(range(0, len(lengths), step), [short_length(n) for n in lengths[::step]], rotation=45)
   ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
   ax.set_xlabel("context length (tokens)")
   ax.set_ylabel("needle depth")
@@ -37,10 +38,32 @@ def heatmap(scores: np.ndarray, lengths: Sequence[int], depths: Sequence[float],
     inside = sum(n <= training_length for n in lengths)
     if 0 < inside < len(lengths):
       ax.axvline(inside - 0.5, color="white", linestyle="--", linewidth=2,
-                 label=f"training length {_short(training_length)}")
+                 label=f"training length {short_length(training_length)}")
       ax.legend(loc="lower left", fontsize=8)
   ax.set_title(f"{title} (mean score {np.nanmean(scores):.3f})")
   fig.colorbar(im, ax=ax, label="score")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def table_heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str],
+                  path: str, *, title: str, vmax: float = 100.0) -> str:
+  """values [rows, cols] (0..vmax) -> PNG at `path`: one cell per value, written in the cell,
+  red (0) to green (vmax); e.g. RULER's task x length table."""
+  from matplotlib.colors import LinearSegmentedColormap  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
+  cmap = LinearSegmentedColormap.from_list("score", ["#F0496E", "#EBB839", "#0CD79F"])
+  values = np.asarray(values, float)
+  fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(col_labels) + 2.5),
+                                  0.4 * len(row_labels) + 1.5))
+  ax.imshow(values, cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
+  ax.set_xticks(range(len(col_labels)), list(col_labels))
+  ax.set_yticks(range(len(row_labels)), list(row_labels))
+  for (i, j), v in np.ndenumerate(values):
+    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8)
+  ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

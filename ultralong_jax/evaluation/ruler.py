@@ -1,17 +1,19 @@
-"""RULER-style synthetic long-context tasks (Hsieh et al. 2024, arXiv 2404.06654), generated offline.
+"""RULER (Hsieh et al. 2024, arXiv 2404.06654): its 13 tasks at token-exact lengths, one command.
 
   python -m ultralong_jax.evaluation.ruler --ckpt CKPT --tokenizer TOK --out OUT \\
-      --lengths 4096,8192 [--tasks niah_multikey,niah_multivalue,variable_tracking,common_words]
+      --lengths 4096,8192,16384,32768,65536,131072 [--tasks niah_single_1,vt,...] \\
+      [--haystack essays.txt ...] [--squad dev-v2.0.json] [--hotpotqa hotpot_dev_distractor_v1.json]
 
-Tasks (RULER's names in brackets), each sample a prompt of exactly `length` tokens:
-  niah_multikey      [niah_multikey_1]  4 key -> number needles in the haystack; asked for one key.
-  niah_multivalue    [niah_multivalue]  one key with 4 numbers scattered; asked for all of them.
-  variable_tracking  [vt]               a chain X1 = number, X2 = X1, ... (4 hops) hidden in the
-                                        haystack; asked for every variable holding the number.
-  common_words       [cwe]              a numbered word list where 10 words appear 30x, others 3x;
-                                        asked for the 10 most common (list truncated to length).
-Scored by RULER's string_match_all (fraction of reference strings found in the answer), averaged
-per task and length. Writes OUT/ruler.json (scores + every sample), OUT/ruler.csv, OUT/ruler.png.
+The 11 synthetic tasks are generated offline (ruler_synthetic.py): niah_single_1/2/3,
+niah_multikey_1/2/3, niah_multivalue, niah_multiquery, vt, cwe, fwe; the essay haystack is the
+--haystack files (RULER uses Paul Graham's essays) or built-in filler prose. qa_1 (SQuAD) and qa_2
+(HotpotQA) run from the files given to --squad / --hotpotqa and are skipped, with a message,
+without them. Templates, answer prefixes, generation budgets and metrics are RULER's
+(ruler_tasks.py); a sample of length L is a prompt of at most L minus the task's new tokens.
+Greedy answers, scored per task and length by RULER's string_match_all (string_match_part for
+QA), in percent; the average over the tasks per length is the row the UltraLong paper's RULER
+table reports. Writes OUT/ruler.json (table, average, every sample), OUT/ruler.csv (the table),
+OUT/ruler_samples.csv and OUT/ruler.png (the table as a heatmap).
 """
 
 from __future__ import annotations
@@ -20,159 +22,167 @@ import argparse
 import csv
 import json
 import os
-import random
 import sys
 from typing import Sequence
 
 import numpy as np
 
 from ultralong_jax.evaluation import generate as gen_lib, haystack as hay, plots, scoring
+from ultralong_jax.evaluation import ruler_qa, ruler_synthetic, ruler_tasks
 
-TASKS = ("niah_multikey", "niah_multivalue", "variable_tracking", "common_words")
-_KEYS = ("amber-falcon", "silent-harbor", "copper-meadow", "violet-engine", "frozen-lantern",
-         "quiet-orchard", "bright-canyon", "hollow-river")
-_WORDS = ("apple", "bridge", "candle", "dragon", "engine", "forest", "garden", "hammer", "island",
-          "jacket", "kettle", "ladder", "mirror", "needle", "orange", "pencil", "quartz", "rabbit",
-          "saddle", "tunnel", "umbrella", "velvet", "window", "yellow", "zipper", "anchor", "basket",
-          "cactus", "dolphin", "feather", "glacier", "harbor", "iceberg", "jungle", "lantern",
-          "marble", "nectar", "oyster", "pepper", "rocket", "salmon", "ticket", "violin", "walnut")
+TASKS = ruler_tasks.SYNTHETIC + ruler_tasks.QA
+# Names of the RULER-style tasks this module had before it ran RULER's own definitions.
+ALIASES = {"niah_multikey": "niah_multikey_1", "variable_tracking": "vt", "common_words": "cwe"}
 
 
-def _number(rng: random.Random) -> str:
-  return str(rng.randrange(1_000_000, 10_000_000))
-
-
-def _spread(haystack: hay.Haystack, pieces: Sequence[list[int]], prefix, suffix, length: int,
-            rng: random.Random) -> list[int]:
-  """Prompt of exactly `length` tokens with `pieces` at random sentence ends, in order."""
-  n = length - len(prefix) - len(suffix) - sum(len(p) for p in pieces)
-  if n < len(pieces):
-    raise ValueError(f"length {length} is too short for the task's needles and instructions "
-                     f"({length - n} tokens); use longer lengths.")
-  hay_ids = haystack.tokens(n)
-  cuts = sorted(haystack.cut_point(n, rng.randrange(n + 1), max(1, n // 100)) for _ in pieces)
-  ids, last = list(prefix), 0
-  for cut, piece in zip(cuts, pieces):
-    ids += hay_ids[last:cut] + list(piece)
-    last = cut
-  return ids + hay_ids[last:] + list(suffix)
+def resolve_tasks(names: Sequence[str]) -> list[str]:
+  """RULER task names (aliases mapped, order kept, repeats dropped); unknown names raise."""
+  out = []
+  for name in names:
+    task = ALIASES.get(name, name)
+    if task not in ruler_tasks.TASKS:
+      raise ValueError(f"unknown RULER task {name!r}; choose from {', '.join(TASKS)}.")
+    if task not in out:
+      out.append(task)
+  return out
 
 
 def make_sample(task: str, tokenizer, haystack: hay.Haystack, length: int, seed: int, *,
-                chat: bool = True) -> dict:
-  """{"task", "length", "ids", "answers"} for one sample of `task`."""
-  rng = random.Random(f"{task}/{length}/{seed}")
-  encode = tokenizer.encode
-  if task == "niah_multikey":
-    keys = rng.sample(_KEYS, 4)
-    values = [_number(rng) for _ in keys]
-    pieces = [encode(f" One of the special magic numbers for {k} is: {v}. ")
-              for k, v in zip(keys, values)]
-    asked = rng.randrange(len(keys))
-    question = f"What is the special magic number for {keys[asked]} mentioned in the document?"
-    answers = [values[asked]]
-  elif task == "niah_multivalue":
-    key = rng.choice(_KEYS)
-    answers = [_number(rng) for _ in range(4)]
-    pieces = [encode(f" One of the special magic numbers for {key} is: {v}. ") for v in answers]
-    question = f"What are all the special magic numbers for {key} mentioned in the document?"
-  elif task == "variable_tracking":
-    value = _number(rng)
-    names = ["".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(5)) for _ in range(4)]
-    chain = [f" VAR {names[0]} = {value}. "] + [
-        f" VAR {names[i]} = VAR {names[i - 1]}. " for i in range(1, len(names))]
-    pieces = [encode(s) for s in chain]
-    question = (f"Find all variables that are assigned the value {value} in the document above, "
-                "directly or through other variables.")
-    answers = names
-  elif task == "common_words":
-    return _common_words(tokenizer, length, rng, chat=chat)
-  else:
-    raise ValueError(f"unknown RULER task {task!r}; choose from {TASKS}.")
-  prefix, suffix = hay.prompt_parts(tokenizer, question, chat=chat)
-  ids = _spread(haystack, pieces, prefix, suffix, length, rng)
-  return {"task": task, "length": length, "ids": ids, "answers": answers}
+                chat: bool = True, new_tokens: int | None = None,
+                qa: ruler_qa.QAData | None = None) -> dict:
+  """{"task", "length", "ids", "answers", "metric", "new_tokens"} for one sample of `task`
+  (`haystack`: the essay haystack; `qa`: the loaded file of a QA task)."""
+  task = resolve_tasks([task])[0]
+  if task in ruler_tasks.QA:
+    if qa is None:
+      raise ValueError(f"{task} needs its file ({ruler_qa.FLAGS[task]}).")
+    return ruler_qa.make(task, qa, tokenizer, length, seed, chat=chat, new_tokens=new_tokens)
+  return ruler_synthetic.make(task, tokenizer, length, seed, essay=haystack, chat=chat,
+                              new_tokens=new_tokens)
 
 
-def _common_words(tokenizer, length: int, rng: random.Random, *, chat: bool) -> dict:
-  words = list(_WORDS)
-  rng.shuffle(words)
-  common, rare = words[:10], words[10:]
-  question = "What are the 10 most common words in the list above? Answer with the words only."
-  prefix, suffix = hay.prompt_parts(tokenizer, question, chat=chat,
-                                    intro="Below is a numbered list of words.")
-  budget = length - len(prefix) - len(suffix)
-  # Common words 30x, rare ones 3x, in random order; entries are added until the budget is used:
-  # 10 x 30 common occurrences need the list to be long enough, so short lengths scale them down.
-  bag = common * 30 + rare * 3
-  rng.shuffle(bag)
-  entries, used, i = [], 0, 0
-  while True:
-    word = bag[i % len(bag)]
-    piece = tokenizer.encode(f"{i + 1}. {word}\n")
-    if used + len(piece) > budget:
-      break
-    entries.append(piece)
-    used += len(piece)
-    i += 1
-  if not entries:
-    raise ValueError(f"length {length} is too short for common_words.")
-  # Fill the last few tokens with newlines so the prompt has exactly `length` tokens.
-  newline = tokenizer.encode("\n")
-  filler = newline * ((budget - used) // max(len(newline), 1))
-  ids = prefix + [t for e in entries for t in e] + filler + suffix
-  counts = {w: sum(bag[j % len(bag)] == w for j in range(i)) for w in words}
-  top = sorted(words, key=lambda w: -counts[w])[:10]
-  return {"task": "common_words", "length": length, "ids": ids, "answers": top}
+def essay_haystack(tokenizer, text: str) -> hay.Haystack:
+  """The essay haystack with every run of whitespace one space, as RULER reads its essays."""
+  return hay.Haystack(tokenizer, " ".join(text.split()) + " ")
+
+
+def check_lengths(tokenizer, haystack: hay.Haystack, tasks: Sequence[str],
+                  lengths: Sequence[int], *, chat: bool, new_tokens: int | None, qa: dict) -> None:
+  """Raises ValueError, naming the task and length, when a length cannot hold a sample of one of
+  `tasks` (its template, needles and answer budget). A sample needs the most room at the shortest
+  length, and for cwe also at the shortest length >= 4096 (its word counts step up there)."""
+  for t in tasks:
+    if t in qa or t not in ruler_tasks.QA:
+      at = {min(lengths)} | ({min(n for n in lengths if n >= 4096)}
+                             if t == "cwe" and max(lengths) >= 4096 else set())
+      for n in sorted(at):
+        make_sample(t, tokenizer, haystack, n, 0, chat=chat, new_tokens=new_tokens, qa=qa.get(t))
+
+
+def qa_skips(tasks: Sequence[str], qa_files: dict[str, str]) -> dict[str, str]:
+  """{task: why it is skipped} for the QA tasks among `tasks` without a file."""
+  names = {"qa_1": "SQuAD (e.g. dev-v2.0.json)",
+           "qa_2": "HotpotQA (e.g. hotpot_dev_distractor_v1.json)"}
+  return {t: f"{t} skipped: it needs a local {names[t]} file; pass {ruler_qa.FLAGS[t]} FILE."
+          for t in tasks if t in ruler_tasks.QA and not qa_files.get(t)}
 
 
 def run_ruler(model, tokenizer, *, lengths: Sequence[int], out_dir: str,
               tasks: Sequence[str] = TASKS, samples: int = 4, mesh=None, chat: bool = True,
-              haystack_text: str | None = None, max_new_tokens: int = 64, batch_size: int = 1,
-              prefill_chunk: int = 8192, kv_block: int = 512, seed: int = 0,
-              progress: bool = True, cached_model: gen_lib.CachedModel | None = None) -> dict:
+              haystack_text: str | None = None, max_new_tokens: int | None = None,
+              batch_size: int = 1, prefill_chunk: int = 8192, kv_block: int = 512, seed: int = 0,
+              progress: bool = True, cached_model: gen_lib.CachedModel | None = None,
+              qa_files: dict[str, str] | None = None) -> dict:
   """Generates `samples` prompts per (task, length), answers greedily, scores, writes outputs.
 
-  Returns {"scores": {task: {length: mean}}, "average": {length: mean over tasks}, "samples",
-  "paths"}.
+  max_new_tokens: tokens generated per answer for every task (default: each task's RULER
+  budget). qa_files: {"qa_1": SQuAD path, "qa_2": HotpotQA path}; a QA task without one is
+  skipped (reported in "skipped" and on stderr). Returns {"scores": {task: {length: percent}},
+  "average": {length: percent over the tasks}, "mean" (of the averages), "tasks", "skipped",
+  "samples", "paths"}.
   """
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  for t in tasks:
-    if t not in TASKS:
-      raise ValueError(f"unknown RULER task {t!r}; choose from {TASKS}.")
-  haystack = hay.Haystack(tokenizer, haystack_text or hay.filler_text(20_000, seed))
+  tasks = resolve_tasks(tasks)
+  skipped = qa_skips(tasks, qa_files or {})
+  for message in skipped.values():
+    print(message, file=sys.stderr)
+  tasks = [t for t in tasks if t not in skipped]
+  if not tasks:
+    raise ValueError("no RULER task left to run: " + " ".join(skipped.values()))
+  qa = {t: ruler_qa.load(t, qa_files[t]) for t in tasks if t in ruler_tasks.QA}
+  haystack = essay_haystack(tokenizer, haystack_text or hay.filler_text(20_000, seed))
+  check_lengths(tokenizer, haystack, tasks, lengths, chat=chat, new_tokens=max_new_tokens, qa=qa)
   runner = cached_model or gen_lib.CachedModel(model, mesh, kv_block=kv_block)
   stops = gen_lib.stop_ids(tokenizer)
-  work = [make_sample(t, tokenizer, haystack, n, seed * 10_000 + k, chat=chat)
-          for t in tasks for n in lengths for k in range(samples)]
+  # Samples are built batch by batch (a 1M-token prompt is ~1M Python ints); a batch shares one
+  # length (prompts are left-padded to the longest) and one generation budget.
+  new_tokens = {t: ruler_tasks.TASKS[t].new_tokens if max_new_tokens is None else max_new_tokens
+                for t in tasks}
+  batches = []
+  for n in lengths:
+    for t in tasks:
+      for k in range(samples):
+        last = batches[-1][-1] if batches else None
+        if (last is None or len(batches[-1]) == batch_size or last[0] != n
+            or new_tokens[last[1]] != new_tokens[t]):
+          batches.append([])
+        batches[-1].append((n, t, seed * 10_000 + k))
   rows = []
-  bar = tqdm(total=len(work), desc="ruler samples", disable=not progress, file=sys.stderr)
-  for b in range(0, len(work), batch_size):
-    batch = work[b:b + batch_size]
-    outs = runner.generate([s["ids"] for s in batch], max_new_tokens=max_new_tokens,
+  bar = tqdm(total=len(lengths) * len(tasks) * samples, desc="ruler samples",
+             disable=not progress, file=sys.stderr)
+  for specs in batches:
+    batch = [make_sample(t, tokenizer, haystack, n, sample_seed, chat=chat,
+                         new_tokens=max_new_tokens, qa=qa.get(t)) for n, t, sample_seed in specs]
+    outs = runner.generate([s["ids"] for s in batch], max_new_tokens=batch[0]["new_tokens"],
                            stop_tokens=stops, prefill_chunk=prefill_chunk)
     for s, out in zip(batch, outs):
-      answer = tokenizer.decode([t for t in out if t not in stops])
+      answer = scoring.ruler_postprocess(tokenizer.decode([t for t in out if t not in stops]))
       rows.append({"task": s["task"], "length": s["length"], "prompt_tokens": len(s["ids"]),
+                   "new_tokens": s["new_tokens"], "metric": s["metric"],
                    "expected": "|".join(s["answers"]), "answer": answer,
-                   "score": scoring.all_present(answer, s["answers"])})
+                   "score": scoring.RULER_METRICS[s["metric"]](answer, s["answers"])})
     bar.update(len(batch))
   bar.close()
-  scores = {t: {n: float(np.mean([r["score"] for r in rows if r["task"] == t and r["length"] == n]))
-                for n in lengths} for t in tasks}
-  average = {n: float(np.mean([scores[t][n] for t in tasks])) for n in lengths}
+  metric_fns = {"string_match_all": scoring.string_match_all,
+                "string_match_part": scoring.string_match_part}
+  scores = {}
+  for t in tasks:
+    scores[t] = {}
+    for n in lengths:
+      mine = [r for r in rows if r["task"] == t and r["length"] == n]
+      scores[t][n] = metric_fns[mine[0]["metric"]]([r["answer"] for r in mine],
+                                                   [r["expected"].split("|") for r in mine])
+  average = {n: round(float(np.mean([scores[t][n] for t in tasks])), 2) for n in lengths}
+  mean = round(float(np.mean(list(average.values()))), 2)
+  paths = write_outputs(out_dir, tasks, lengths, scores, average, mean, skipped, rows)
+  return {"scores": scores, "average": average, "mean": mean, "tasks": tasks,
+          "skipped": skipped, "samples": rows, "paths": paths}
+
+
+def write_outputs(out_dir: str, tasks, lengths, scores, average, mean, skipped, rows) -> dict:
+  """ruler.json, ruler.csv (task x length table, the average row, a mean column),
+  ruler_samples.csv and ruler.png (the table as a heatmap); returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
   paths = {k: os.path.join(out_dir, f"ruler.{k}") for k in ("json", "csv", "png")}
+  paths["samples_csv"] = os.path.join(out_dir, "ruler_samples.csv")
   with open(paths["json"], "w") as f:
-    json.dump({"scores": scores, "average": average, "samples": rows}, f, indent=1)
+    json.dump({"scores": scores, "average": average, "mean": mean, "tasks": list(tasks),
+               "lengths": list(lengths), "skipped": skipped, "samples": rows}, f, indent=1)
+  table = [[t, *(scores[t][n] for n in lengths), round(float(np.mean(list(scores[t].values()))),
+                                                        2)] for t in tasks]
+  table.append(["average", *(average[n] for n in lengths), mean])
   with open(paths["csv"], "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["task", *lengths, "mean"])
+    writer.writerows(table)
+  with open(paths["samples_csv"], "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-  plots.curves(list(lengths), {**{t: list(scores[t].values()) for t in tasks},
-                               "average": list(average.values())}, paths["png"],
-               xlabel="context length (tokens)", ylabel="score", title="RULER-style tasks")
-  return {"scores": scores, "average": average, "samples": rows, "paths": paths}
+  plots.table_heatmap(np.array([r[1:] for r in table], float), [r[0] for r in table],
+                      [plots.short_length(n) for n in lengths] + ["mean"], paths["png"],
+                      title="RULER (%)")
+  return paths
 
 
 def main(argv=None) -> dict:
@@ -180,13 +190,23 @@ def main(argv=None) -> dict:
   p = argparse.ArgumentParser(prog="python -m ultralong_jax.evaluation.ruler",
                               description=__doc__.split("\n\n")[0])
   loading.add_model_flags(p)
-  p.add_argument("--lengths", required=True, help="comma-separated prompt lengths in tokens")
-  p.add_argument("--tasks", default=",".join(TASKS))
+  p.add_argument("--lengths", required=True,
+                 help="comma-separated model context lengths in tokens (prompt + answer)")
+  p.add_argument("--tasks", default=",".join(TASKS),
+                 help=f"comma-separated RULER tasks (default all 13: {','.join(TASKS)})")
   p.add_argument("--samples", type=int, default=4, help="samples per task and length")
-  p.add_argument("--haystack", nargs="*", default=[], help="text files (default: filler prose)")
-  p.add_argument("--no-chat", action="store_true")
-  p.add_argument("--max-new-tokens", type=int, default=64)
-  p.add_argument("--batch-size", type=int, default=1)
+  p.add_argument("--haystack", nargs="*", default=[],
+                 help="essay text files for the essay haystacks (default: built-in filler prose)")
+  p.add_argument("--squad", default="", help="SQuAD JSON (e.g. dev-v2.0.json) for qa_1")
+  p.add_argument("--hotpotqa", default="",
+                 help="HotpotQA JSON (e.g. hotpot_dev_distractor_v1.json) for qa_2")
+  p.add_argument("--no-chat", action="store_true",
+                 help="bare templates (RULER's 'base') instead of the Llama 3.1 chat template")
+  p.add_argument("--max-new-tokens", type=int, default=None,
+                 help="tokens generated per answer for every task (default: RULER's per task: "
+                      "niah 128, vt 30, cwe 120, fwe 50, qa 32)")
+  p.add_argument("--batch-size", type=int, default=1,
+                 help="prompts per generate call (a batch shares one length and answer budget)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   # Every flag is checked before the weights load (minutes for a large model); errors name the flag.
@@ -198,27 +218,42 @@ def main(argv=None) -> dict:
       raise ValueError(f"--lengths={args.lengths!r}: expected comma-separated integers.") from None
     if not lengths or min(lengths) < 1:
       raise ValueError(f"--lengths={args.lengths!r}: give lengths >= 1.")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-      raise ValueError(f"--tasks={args.tasks!r}: {f'unknown {bad}' if bad else 'no tasks'}; "
-                       f"choose from {TASKS}.")
+    try:
+      tasks = resolve_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
+    except ValueError as e:
+      raise ValueError(f"--tasks={args.tasks!r}: {e}") from None
+    if not tasks:
+      raise ValueError(f"--tasks={args.tasks!r}: no tasks; choose from {', '.join(TASKS)}.")
+    qa_files = {"qa_1": args.squad, "qa_2": args.hotpotqa}
+    for task, path in qa_files.items():
+      if path and task not in tasks:
+        raise ValueError(f"{ruler_qa.FLAGS[task]} is given but {task} is not in --tasks.")
+    qa = {t: ruler_qa.load(t, path) for t, path in qa_files.items() if path}
     text = hay.load_text_files(args.haystack) if args.haystack else None
     flags = loading.check_model_flags(args)
-    filler = hay.Haystack(flags.tokenizer, hay.filler_text(200))
-    for t in tasks:  # the shortest length must hold each task's instructions and needles
-      try:
-        make_sample(t, flags.tokenizer, filler, min(lengths), 0, chat=not args.no_chat)
-      except ValueError as e:
-        raise ValueError(f"--lengths: {t}: {e}") from None
+    essay = essay_haystack(flags.tokenizer, text or hay.filler_text(2000))
+    try:  # the shortest length must hold each task's template, needles and answer
+      check_lengths(flags.tokenizer, essay, tasks, lengths, chat=not args.no_chat,
+                    new_tokens=args.max_new_tokens, qa=qa)
+    except ValueError as e:
+      raise ValueError(f"--lengths: {e}") from None
   model = loading.load_model(args)
   res = run_ruler(model, flags.tokenizer, lengths=lengths, out_dir=args.out, tasks=tasks,
                   samples=args.samples, mesh=flags.mesh, chat=not args.no_chat, haystack_text=text,
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                  prefill_chunk=args.prefill_chunk, kv_block=args.kv_block, seed=args.seed)
-  for t, by_length in res["scores"].items():
-    print(f"{t:>18}: " + "  ".join(f"{n}: {s:.3f}" for n, s in by_length.items()))
-  print(f"{'average':>18}: " + "  ".join(f"{n}: {s:.3f}" for n, s in res["average"].items()))
+                  prefill_chunk=args.prefill_chunk, kv_block=args.kv_block, seed=args.seed,
+                  qa_files=qa_files)
+  width = max(len(t) for t in [*res["tasks"], "average"])
+  print(f"{'task':>{width}}  " + "  ".join(f"{plots.short_length(n):>7}" for n in lengths)
+        + "     mean")
+  for t in res["tasks"]:
+    row = res["scores"][t]
+    print(f"{t:>{width}}  " + "  ".join(f"{row[n]:7.2f}" for n in lengths)
+          + f"  {np.mean(list(row.values())):7.2f}")
+  print(f"{'average':>{width}}  " + "  ".join(f"{res['average'][n]:7.2f}" for n in lengths)
+        + f"  {res['mean']:7.2f}")
+  for message in res["skipped"].values():
+    print(message)
   print("written: " + ", ".join(res["paths"].values()))
   return res
 

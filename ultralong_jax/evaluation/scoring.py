@@ -34,6 +34,37 @@ def all_present(answer: str, references: Sequence[str]) -> float:
   return sum(r.lower() in answer for r in references) / len(references)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f]")
+
+
+def ruler_postprocess(prediction: str) -> str:
+  """RULER's postprocess_pred (scripts/eval/evaluate.py): strip, control characters -> newline."""
+  return _CONTROL.sub("\n", prediction.strip()).strip()
+
+
+def string_match_all(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+  """RULER's string_match_all (scripts/eval/synthetic/constants.py): per prediction, the fraction
+  of its references found in it (case-insensitive), averaged, x100, rounded to 2 decimals."""
+  return round(100 * sum(all_present(p, r) for p, r in zip(predictions, references))
+               / len(predictions), 2)
+
+
+def any_present(answer: str, references: Sequence[str]) -> float:
+  """1.0 when any reference is found in the answer (case-insensitive), else 0.0."""
+  answer = answer.lower()
+  return float(any(r.lower() in answer for r in references))
+
+
+def string_match_part(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+  """RULER's string_match_part: per prediction 1 when any of its references is found in it
+  (case-insensitive), averaged, x100, rounded to 2 decimals."""
+  return round(100 * sum(any_present(p, r) for p, r in zip(predictions, references))
+               / len(predictions), 2)
+
+
+RULER_METRICS = {"string_match_all": all_present, "string_match_part": any_present}
+
+
 def score(kind: str, answer: str, reference) -> float:
   """Dispatch by needle kind: passkey -> exact number, sentence -> word recall, all -> RULER."""
   if kind == "passkey":
