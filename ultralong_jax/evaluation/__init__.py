@@ -1,2 +1,2 @@
 """Long-context evaluation: cached generation, needle-in-a-haystack, perplexity by position,
-RULER-style synthetic tasks."""
+RULER's synthetic tasks."""
