@@ -20,12 +20,10 @@ import jax.numpy as jnp
 from jax.sharding import AxisType
 import numpy as np
 import pytest
-from flax import nnx
 
-from ultralong_jax.modeling import llama
-from ultralong_jax.parallel import block_attention, layout, mesh as mesh_lib, sharding, splash
-from ultralong_jax.parallel.ring_attention import make_attention_fn, ring_attention
-from ultralong_jax.training import config as config_lib, optimizer, train_step
+from ultralong_jax.parallel import block_attention, layout, splash
+from ultralong_jax.parallel.ring_attention import ring_attention
+from ultralong_jax.training import config as config_lib, train_step
 
 SCALE = 0.3
 CHUNK = 128
@@ -171,34 +169,16 @@ def _splash_config():
 
 
 def test_sharded_train_step_exports_for_tpu():
-  """The training step (loop._build's pieces: bf16 tiny Llama, data 2 x sequence 4, zigzag ring,
-  document mask) with kernel=splash exports for TPU: splash's forward, dq and dk/dv Mosaic kernels
-  are in the module (not their interpret-mode loops), inside the sharded ring."""
+  """The training step (train_step.from_config, as the loop builds it: bf16 tiny Llama, data 2 x
+  sequence 4, zigzag ring, document mask) with kernel=splash exports for TPU: splash's forward, dq
+  and dk/dv Mosaic kernels are in the module (not their interpret-mode loops), inside the sharded
+  ring."""
   c = _splash_config()
   model_cfg = config_lib.validate(c, 8, data=False)
-  mesh = mesh_lib.make_mesh({a: c.mesh[a] for a in config_lib.MESH_AXES})
-  attention_fn = make_attention_fn(mesh, strategy=c.attention.strategy,
-                                   layout=c.attention.layout, kernel=c.attention.kernel,
-                                   chunk_size=c.attention.chunk_size)
-  abstract = llama.abstract_model(model_cfg, attention_fn=attention_fn,
-                                  constrain_fn=sharding.constrain_fn(mesh))
-  graphdef, abstract_state = nnx.split(abstract)
-  abstract_params = nnx.to_pure_dict(abstract_state)
-  tx, schedule = optimizer.make_optimizer(c.optim, c.train.steps)
-  state_sharding = train_step.state_shardings(
-      mesh, tx, train_step.param_shardings(mesh, abstract), abstract_params)
-  batch_sharding = train_step.batch_sharding(mesh, c.data.seq_len, c.data.global_batch_size)
-  options = train_step.StepOptions(loss_chunk_size=c.train.loss_chunk_size,
-                                   use_segment_ids=config_lib.uses_segment_ids(c))
-  step = train_step.jit_train_step(train_step.make_train_step(graphdef, tx, schedule, options),
-                                   mesh, state_sharding, batch_sharding)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       jax.eval_shape(lambda p: train_step.init_state(p, tx), abstract_params),
-                       state_sharding)
-  batch = {k: jax.ShapeDtypeStruct((2, c.data.seq_len), jnp.int32, sharding=batch_sharding[k])
-           for k in train_step.FEATURES}
-  with jax.set_mesh(mesh):
-    exported = jax.export.export(step, platforms=("tpu",))(state, batch)
+  built = train_step.from_config(c, model_cfg)
+  with jax.set_mesh(built.mesh):
+    exported = jax.export.export(built.step, platforms=("tpu",))(built.abstract_state(),
+                                                                 built.abstract_batch())
   module = exported.mlir_module()
   assert exported.platforms == ("tpu",) and exported.nr_devices == 8
   assert model_cfg.dtype == "bfloat16"

@@ -11,7 +11,7 @@ from flax import nnx
 from ultralong_jax.modeling import llama
 from ultralong_jax.parallel import mesh as mesh_lib
 from ultralong_jax.training import config as config_lib
-from ultralong_jax.training import loop, optimizer, train_step
+from ultralong_jax.training import loop, train_step
 
 
 def _batch(rng, nan=False):
@@ -29,19 +29,15 @@ def test_nonfinite_step_keeps_params_and_optimizer_state_and_counts(tiny_config)
   model_cfg = config_lib.model_config(c)
   mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
   params = nnx.to_pure_dict(nnx.state(llama.init_model(model_cfg, seed=0), nnx.Param))
-  graphdef, _ = nnx.split(llama.abstract_model(model_cfg))
-  tx, schedule = optimizer.make_optimizer(c.optim, c.train.steps)
-  s_shard = train_step.state_shardings(
-      mesh, tx, train_step.param_shardings(mesh, llama.abstract_model(model_cfg)), params)
-  b_shard = train_step.batch_sharding(mesh, 64, 2)
-  step = train_step.jit_train_step(train_step.make_train_step(
-      graphdef, tx, schedule, train_step.StepOptions(loss_chunk_size=32)), mesh, s_shard, b_shard)
+  built = train_step.build(model_cfg, mesh, c.optim, c.train.steps, seq_len=64, batch_size=2,
+                           options=train_step.StepOptions(loss_chunk_size=32))
+  step = built.step
   rng = np.random.RandomState(0)
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda p: train_step.init_state(p, tx), out_shardings=s_shard)(params)
-    state, _ = step(state, train_step.put_batch(_batch(rng), b_shard))
+    state = built.init_state(params)
+    state, _ = step(state, built.put_batch(_batch(rng)))
     before = jax.device_get(state)
-    state, metrics = step(state, train_step.put_batch(_batch(rng, nan=True), b_shard))
+    state, metrics = step(state, built.put_batch(_batch(rng, nan=True)))
     after = jax.device_get(state)
     assert not np.isfinite(metrics["loss"])
     assert int(after["nonfinite_steps"]) == 1 and int(after["first_nonfinite_step"]) == 2
@@ -51,7 +47,7 @@ def test_nonfinite_step_keeps_params_and_optimizer_state_and_counts(tiny_config)
       np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(before["opt_state"]), jax.tree.leaves(after["opt_state"])):
       np.testing.assert_array_equal(a, b)
-    state, metrics = step(state, train_step.put_batch(_batch(rng), b_shard))  # training goes on
+    state, metrics = step(state, built.put_batch(_batch(rng)))  # training goes on
     assert np.isfinite(metrics["loss"]) and int(metrics["nonfinite_steps"]) == 1
     changed = jax.device_get(state["params"])
     assert any(not np.array_equal(a, b) for a, b in

@@ -14,10 +14,10 @@ import pytest
 from flax import nnx
 
 from ultralong_jax.modeling import llama
-from ultralong_jax.parallel import layout, mesh as mesh_lib, sharding
+from ultralong_jax.parallel import layout, mesh as mesh_lib
 from ultralong_jax.parallel.ring_attention import make_attention_fn
 from ultralong_jax.training import config as config_lib
-from ultralong_jax.training import loop, optimizer, train_step
+from ultralong_jax.training import export, loop, train_step
 
 
 def _losses(workdir):
@@ -43,24 +43,18 @@ def test_each_stage_trains_exports_and_the_loss_falls(stage, tiny_config, tmp_pa
 
 
 def _step_on(mesh, config, params, batch, layout_name="zigzag"):
-  model_cfg = config_lib.model_config(config)
-  attention_fn = make_attention_fn(mesh, layout=layout_name)
-  graphdef, _ = nnx.split(llama.abstract_model(model_cfg, attention_fn=attention_fn,
-                                               constrain_fn=sharding.constrain_fn(mesh)))
-  tx, schedule = optimizer.make_optimizer(config.optim, config.train.steps)
-  p_shard = train_step.param_shardings(mesh, llama.abstract_model(model_cfg))
-  s_shard = train_step.state_shardings(mesh, tx, p_shard, params)
-  b_shard = train_step.batch_sharding(mesh, batch["inputs"].shape[1], batch["inputs"].shape[0])
-  step = train_step.jit_train_step(
-      train_step.make_train_step(graphdef, tx, schedule, train_step.StepOptions(
-          microbatches=config.train.microbatches, loss_chunk_size=32)), mesh, s_shard, b_shard)
+  built = train_step.build(
+      config_lib.model_config(config), mesh, config.optim, config.train.steps,
+      seq_len=batch["inputs"].shape[1], batch_size=batch["inputs"].shape[0],
+      options=train_step.StepOptions(microbatches=config.train.microbatches, loss_chunk_size=32),
+      attention_fn=make_attention_fn(mesh, layout=layout_name))
   n = mesh.shape["sequence"]
   if n > 1:
     batch = layout.zigzag_permute(batch, n, layout=layout_name)
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda p: train_step.init_state(p, tx), out_shardings=s_shard)(params)
+    state = built.init_state(params)
     for _ in range(2):
-      state, metrics = step(state, train_step.put_batch(batch, b_shard))
+      state, metrics = built.step(state, built.put_batch(batch))
   return jax.device_get(state["params"]), jax.device_get(metrics)
 
 
@@ -126,7 +120,7 @@ def test_resuming_a_finished_run_with_more_steps_rewrites_every_output(tiny_conf
     assert not np.array_equal(got, old)
     # resumed == straight up to float32 summation noise (the losses agree to 1e-6)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-  with open(os.path.join(workdir, "final", loop.RUN_INFO)) as f:
+  with open(os.path.join(workdir, "final", export.RUN_INFO)) as f:
     assert json.load(f)["step"] == 8
   leftovers = [n for n in os.listdir(workdir) if n.endswith((".partial", ".old"))]
   assert not leftovers, leftovers

@@ -42,14 +42,13 @@ from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from ultralong_jax.modeling import llama, presets  # noqa: E402
+from ultralong_jax.modeling import presets  # noqa: E402
 from ultralong_jax.training import metrics, train_step  # noqa: E402
 from ultralong_jax.training.compile_plan import (  # noqa: E402  (the step, as training builds it)
-    STANDIN, Built, Setup, analyse, build, compile_abstract)
+    STANDIN, Setup, analyse, build, compile_abstract)
 
-__all__ = ["STANDIN", "Built", "Setup", "analyse", "build", "compile_abstract", "run", "main"]
+__all__ = ["STANDIN", "Setup", "analyse", "build", "compile_abstract", "run", "main"]
 
 MiB = 2**20
 
@@ -84,21 +83,15 @@ def full_length_all_gathers(hlo_text: str, seq_len: int) -> list[tuple[int, ...]
           if (shape[dim] == seq_len if dim is not None else seq_len in shape)]
 
 
-def _random_inputs(built: Built, seed: int = 0):
+def _random_inputs(built: train_step.TrainStep, seed: int = 0):
   """Random weights (created sharded inside a jit) and a random token batch."""
-  config, tx = built.config, built.tx
-  shardings = jax.tree.map(lambda a: a.sharding, built.abstract_state)
-
-  def make_state():
-    params = nnx.to_pure_dict(nnx.state(llama.init_model(config, seed), nnx.Param))
-    return train_step.init_state(params, tx)
-
-  state = jax.jit(make_state, out_shardings=shardings)()
+  state = built.init_state(built.random_params(seed))
   key = jax.random.key(seed)
   batch = {}
-  for name, a in built.abstract_batch.items():
+  for name, a in built.abstract_batch().items():
     if name in ("inputs", "targets"):
-      x = jax.random.randint(jax.random.fold_in(key, len(batch)), a.shape, 0, config.vocab_size)
+      x = jax.random.randint(jax.random.fold_in(key, len(batch)), a.shape, 0,
+                             built.model_config.vocab_size)
     elif name == "positions":
       x = jnp.broadcast_to(jnp.arange(a.shape[1], dtype=jnp.int32), a.shape)
     else:  # segment_ids, loss_mask
@@ -107,7 +100,7 @@ def _random_inputs(built: Built, seed: int = 0):
   return state, batch
 
 
-def time_steps(built: Built, compiled, steps: int, warmup: int) -> list[float]:
+def time_steps(built: train_step.TrainStep, compiled, steps: int, warmup: int) -> list[float]:
   """Seconds of each of `steps` steps after `warmup`, each synchronized (block_until_ready)."""
   state, batch = _random_inputs(built)
   times = []
@@ -137,14 +130,15 @@ def run(setup: Setup, *, steps: int = 5, warmup: int = 2, abstract: bool = False
   built = build(setup, devices)
   compiled, compile_s = compile_abstract(built)
   n_dev = built.mesh.size
-  tokens = built.batch * setup.seq_len
-  flops_per_token = metrics.train_flops_per_token(built.config, setup.seq_len)
+  tokens = built.batch_size * setup.seq_len
+  flops_per_token = metrics.train_flops_per_token(built.model_config, setup.seq_len)
   device = built.mesh.devices.flat[0]
   result = {
       "setup": dataclasses.asdict(setup), "mesh_shape": dict(built.mesh.shape),
       "devices": n_dev, "device_kind": device.device_kind, "platform": device.platform,
-      "jax": jax.__version__, "num_layers": built.config.num_layers,
-      "params": built.config.num_params, "global_batch": built.batch, "tokens_per_step": tokens,
+      "jax": jax.__version__, "num_layers": built.model_config.num_layers,
+      "params": built.model_config.num_params, "global_batch": built.batch_size,
+      "tokens_per_step": tokens,
       "compile_s": compile_s, "model_flops_per_token": flops_per_token,
       "model_tflop_per_step_per_device": flops_per_token * tokens / n_dev / 1e12,
       **analyse(compiled),

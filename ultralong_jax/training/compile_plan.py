@@ -5,8 +5,9 @@
                 kernel=STANDIN, batch=1)
   plan(setup)["peak_estimate_bytes"]   # on 32 (simulated) devices
 
-`build` assembles the step as training does (`training.train_step`: sharded params + AdamW state,
-donated, explicit shardings; ring attention over `sequence` when that axis is > 1). The memory
+`build` turns a Setup into `train_step.build`'s arguments (the builder training uses: sharded
+params + AdamW state, donated, explicit shardings; ring attention over `sequence` when that axis
+is > 1). The memory
 estimate's `--xla` and the benchmarks (bench/train_step.py, bench/memory.py) call it.
 
 Kernel "standin" (STANDIN) is STANDIN_KERNEL, a memory stand-in for a flash kernel with the same
@@ -26,12 +27,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from ultralong_jax.modeling import llama, presets
-from ultralong_jax.parallel import block_attention, mesh as mesh_lib, sharding
+from ultralong_jax.modeling import presets
+from ultralong_jax.parallel import block_attention, mesh as mesh_lib
 from ultralong_jax.parallel.ring_attention import make_attention_fn, ring_attention
-from ultralong_jax.training import checkpointing, optimizer, train_step
+from ultralong_jax.training import train_step
 from ultralong_jax.training.config import base_config
 
 STANDIN = "standin"  # Setup.kernel naming STANDIN_KERNEL: a flash kernel's memory without its math
@@ -77,17 +77,6 @@ class Setup:
   model: Any = None       # a LlamaConfig to use instead of `preset` (num_layers still applies)
 
 
-@dataclasses.dataclass
-class Built:
-  config: Any               # LlamaConfig
-  mesh: Any
-  step: Any                 # the jitted step
-  abstract_state: dict      # ShapeDtypeStructs with shardings
-  abstract_batch: dict
-  batch: int
-  tx: Any
-
-
 def _ring(q, k, v, *, mesh, positions=None, segment_ids=None, causal=True, scale=None,
           **options):
   """The model's attention_fn signature over ring_attention (see build)."""
@@ -99,8 +88,9 @@ def _ring(q, k, v, *, mesh, positions=None, segment_ids=None, causal=True, scale
                         layout=layout, **options)
 
 
-def build(setup: Setup, devices=None) -> Built:
-  """The sharded, donated train step of `setup` and abstract (unallocated) inputs for it."""
+def build(setup: Setup, devices=None) -> train_step.TrainStep:
+  """The sharded, donated train step of `setup` (its unallocated inputs: `abstract_state()`,
+  `abstract_batch()`)."""
   devices = list(devices if devices is not None else jax.devices())
   fixed = math.prod(s for _, s in setup.mesh)
   if fixed > 0 and fixed < len(devices):  # no -1: a mesh smaller than the machine uses a prefix
@@ -123,31 +113,18 @@ def build(setup: Setup, devices=None) -> Built:
     kernel = STANDIN_KERNEL if setup.kernel == STANDIN else setup.kernel
     attention_fn = functools.partial(_ring, mesh=mesh, strategy=setup.strategy,
                                      kernel=kernel, chunk_size=setup.chunk_size)
-  graphdef, abstract = nnx.split(llama.abstract_model(
-      config, attention_fn=attention_fn, constrain_fn=sharding.constrain_fn(mesh)))
-  abstract_params = nnx.to_pure_dict(abstract)
-  optim_cfg = base_config(1).optim
-  tx, schedule = optimizer.make_optimizer(optim_cfg, 1000)
-  params_sharding = train_step.param_shardings(mesh, llama.abstract_model(config))
-  state_sharding = train_step.state_shardings(mesh, tx, params_sharding, abstract_params)
   batch = setup.batch or sizes["data"] * sizes["fsdp"]
-  batch_sharding = train_step.batch_sharding(mesh, setup.seq_len, batch)
   options = train_step.StepOptions(loss_chunk_size=min(setup.loss_chunk, setup.seq_len),
                                    microbatches=setup.microbatches)
-  step = train_step.jit_train_step(train_step.make_train_step(graphdef, tx, schedule, options),
-                                   mesh, state_sharding, batch_sharding)
-  abstract_state = checkpointing.abstract_with_shardings(
-      jax.eval_shape(lambda p: train_step.init_state(p, tx), abstract_params), state_sharding)
-  abstract_batch = {k: jax.ShapeDtypeStruct((batch, setup.seq_len), jnp.int32, sharding=s)
-                    for k, s in batch_sharding.items()}
-  return Built(config, mesh, step, abstract_state, abstract_batch, batch, tx)
+  return train_step.build(config, mesh, base_config(1).optim, 1000, seq_len=setup.seq_len,
+                          batch_size=batch, options=options, attention_fn=attention_fn)
 
 
-def compile_abstract(built: Built):
+def compile_abstract(built: train_step.TrainStep):
   """(compiled executable, seconds to lower + compile); nothing is allocated."""
   start = time.perf_counter()
   with jax.set_mesh(built.mesh):
-    compiled = built.step.lower(built.abstract_state, built.abstract_batch).compile()
+    compiled = built.step.lower(built.abstract_state(), built.abstract_batch()).compile()
   return compiled, time.perf_counter() - start
 
 

@@ -1,6 +1,17 @@
-"""One training loop for both stages: build, resume, step, watch, checkpoint, export.
+"""One training loop for both stages, in the recipe's order:
 
   summary = run(config, workdir)
+
+  build       validate the config and pre-flight its files and memory, then the sharded train
+              step (train_step.from_config) and the data pipeline           `build`
+  resume      the newest complete checkpoint (state and data position), else the initial
+              parameters (random, or a HF / project checkpoint)              `_resume`
+  step        next batch, in the ring's layout, as sharded arrays -> the compiled step
+  log         metrics.jsonl with throughput and MFU, the progress bar        `StepLog`
+  guard       train.nonfinite on the step's device-side counters             `NonFiniteGuard`
+  checkpoint  every checkpoint.every_steps, on SIGTERM (`_Preemption`) and at the end of the
+              invocation; a hang watchdog around it all                      `train`
+  export      once complete: final/ (project checkpoint), hf/ and loss.png   `export.py`
 
 Stage 1 (continued pretraining on packed long documents) and stage 2 (chat SFT) differ only in
 their data pipeline and whether attention is restricted by segment ids.
@@ -17,19 +28,13 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from ultralong_jax.convert import api as convert_api
-from ultralong_jax.convert import checkpoint as model_checkpoint
 from ultralong_jax.data import pretrain, sft
-from ultralong_jax.modeling import llama
-from ultralong_jax.parallel import layout, mesh as mesh_lib, sharding
-from ultralong_jax.parallel.ring_attention import make_attention_fn
-from ultralong_jax.training import checkpointing, metrics as metrics_lib, optimizer, outputs
+from ultralong_jax.parallel import layout
+from ultralong_jax.training import checkpointing, export, metrics as metrics_lib, outputs
 from ultralong_jax.training import goodput
 from ultralong_jax.training import preflight
 from ultralong_jax.training import train_step
@@ -82,61 +87,35 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _initial_params(c: ml_collections.ConfigDict, model_cfg, shardings: dict) -> dict:
-  """Parameters placed by `shardings`: random (created sharded inside a jit, never whole on one
-  host), or loaded from a HF directory / project checkpoint."""
+def _initial_params(c: ml_collections.ConfigDict, built: train_step.TrainStep) -> dict:
+  """Parameters placed by the step's shardings: random (created sharded inside a jit, never whole
+  on one host), or loaded from a HF directory / project checkpoint."""
   if c.init.mode == "random":
-    make = lambda: nnx.to_pure_dict(nnx.state(llama.init_model(model_cfg, c.train.seed), nnx.Param))
-    return jax.jit(make, out_shardings=shardings)()
+    return built.random_params(c.train.seed)
+  model_cfg = built.model_config
   model = convert_api.from_pretrained(
       c.init.path, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype,
       remat_policy=model_cfg.remat_policy, rope_scaling=model_cfg.rope_scaling,
       max_position_embeddings=model_cfg.max_position_embeddings)
-  return jax.device_put(convert_api.model_params(model), shardings)
+  return jax.device_put(convert_api.model_params(model), built.shardings["params"])
 
 
 def build_pipeline(c: ml_collections.ConfigDict):
   return (pretrain.build_pretrain_pipeline if c.stage == 1 else sft.build_sft_pipeline)(c.data)
 
 
-@dataclasses.dataclass
-class _Run:
-  """Everything built from a config before the first step."""
-  model_cfg: Any
-  mesh: Any
-  tx: Any
-  abstract_params: dict
-  params_sharding: dict
-  state_sharding: dict
-  batch_sharding: dict
-  step_fn: Any
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a config builds before the first step: the train step and the data pipeline."""
+  train_step: train_step.TrainStep
   pipe: Any
 
 
-def _build(c: ml_collections.ConfigDict) -> _Run:
+def build(c: ml_collections.ConfigDict) -> Run:
+  """Validates `c` (and pre-flights its files, tokenizer and memory) before building anything."""
   model_cfg = config_lib.validate(c, jax.device_count(), jax.process_count())
   preflight.check(c, model_cfg)  # files, tokenizer, memory: before any compile
-  mesh = mesh_lib.make_mesh({a: c.mesh[a] for a in config_lib.MESH_AXES})
-  attention_fn = make_attention_fn(mesh, strategy=c.attention.strategy, layout=c.attention.layout,
-                                   kernel=c.attention.kernel,
-                                   chunk_size=c.attention.get("chunk_size", 1024))
-  abstract = llama.abstract_model(model_cfg, attention_fn=attention_fn,
-                                  constrain_fn=sharding.constrain_fn(mesh))
-  graphdef, abstract_state = nnx.split(abstract)
-  abstract_params = nnx.to_pure_dict(abstract_state)
-  tx, schedule = optimizer.make_optimizer(c.optim, c.train.steps)
-  params_sharding = train_step.param_shardings(mesh, abstract)
-  state_sharding = train_step.state_shardings(mesh, tx, params_sharding, abstract_params)
-  batch_sharding = train_step.batch_sharding(mesh, c.data.seq_len, c.data.global_batch_size)
-  options = train_step.StepOptions(
-      microbatches=c.train.microbatches,
-      loss_chunk_size=min(c.train.loss_chunk_size, c.data.seq_len),
-      z_loss_weight=c.train.z_loss_weight,
-      use_segment_ids=config_lib.uses_segment_ids(c))
-  step_fn = train_step.jit_train_step(train_step.make_train_step(graphdef, tx, schedule, options),
-                                      mesh, state_sharding, batch_sharding)
-  return _Run(model_cfg, mesh, tx, abstract_params, params_sharding, state_sharding,
-              batch_sharding, step_fn, build_pipeline(c))
+  return Run(train_step.from_config(c, model_cfg), build_pipeline(c))
 
 
 def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None,
@@ -160,24 +139,24 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = N
     checkpointing.check_directory(checkpoint_dir)
   os.makedirs(workdir, exist_ok=True)
   with account.timed("startup"):
-    built = _build(c)  # validation and everything that can fail on bad input, before any compile
-    if wrap_step is not None:
-      built.step_fn = wrap_step(built.step_fn)
+    built = build(c)  # validation and everything that can fail on bad input, before any compile
+    step_fn = built.train_step.step if wrap_step is None else wrap_step(built.train_step.step)
     ckpt = checkpointing.RunCheckpointer(
         workdir, every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep,
         async_save=c.checkpoint.async_save, directory=checkpoint_dir,
         retries=c.checkpoint.retries, backoff_s=c.checkpoint.retry_backoff_s)
   writer = metrics_lib.MetricsWriter(workdir)
   try:
-    summary = _train(c, workdir, built, ckpt, writer, max_steps, progress, account)
+    trained = train(c, built, step_fn, ckpt, writer, max_steps=max_steps, progress=progress,
+                    account=account)
   finally:
     ckpt.close()
     writer.close()
+  summary = _summary(c, built, trained, ckpt.directory, writer.path)
   if summary["complete"]:  # every process: the gather and the checkpoint write are collectives
     with account.timed("export"):
-      summary.update(_finish(c, workdir, built.model_cfg, summary.pop("_params"), writer.path,
-                             summary["end_step"]))
-  summary.pop("_params", None)
+      summary.update(export.write_final(c, workdir, built.train_step.model_config,
+                                        trained.state["params"], writer.path, trained.end_step))
   summary["process_count"] = jax.process_count()
   summary["time"] = account.summary()
   logging.info("time account: %s", json.dumps(summary["time"]))
@@ -201,197 +180,204 @@ def check_workdir(workdir: str) -> None:
         "--checkpoint_dir=gs://BUCKET/runs/stage1/checkpoints (docs/launch.md, Storage).")
 
 
-def _train(c, workdir, built: _Run, ckpt, writer, max_steps, progress,
-           account: goodput.TimeAccount) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """How one invocation of `train` ended: the train state after `end_step` and what it saw."""
+  state: dict            # train_step's train state {"params", "opt_state", "step", ...}
+  start_step: int
+  end_step: int
+  preempted: bool
+  last_metrics: dict     # the last metrics line written
+  data_stats: dict       # the pipeline's statistics (JSON-able)
+
+
+def train(c: ml_collections.ConfigDict, built: Run, step_fn: Callable, ckpt, writer, *,
+          max_steps: int | None, progress: bool, account: goodput.TimeAccount) -> Trained:
+  """Resume, then step, log, guard and checkpoint until c.train.steps (or max_steps of this
+  invocation, or SIGTERM), under the hang watchdog; ends with a checkpoint of the last step."""
   dog = watchdog.Watchdog(c.train.hang_timeout_s, c.train.hang_startup_s,
                           watchdog.describe_process())
+  ts = built.train_step
   with dog:
-    return _train_watched(c, workdir, built, ckpt, writer, max_steps, progress, account, dog)
+    data_iter = built.pipe.iterator()
+    start_step, state = _resume(c, ts, ckpt, data_iter, account)
+    _note_replay(account, writer.path, start_step)
+    end_step = c.train.steps if max_steps is None else min(c.train.steps, start_step + max_steps)
+    guard = NonFiniteGuard(c.train, ckpt)
+    log = StepLog(c, ts, writer, start_step, progress)
+    n_seq = ts.mesh.shape["sequence"]
+    step = saved_step = start_step
+    preempted = False
+    account.start_steps()
+    # The mesh context serves activation sharding hints inside the step; model construction and
+    # loading stay outside it (NNX would read logical names as mesh axes there).
+    try:
+      with _Preemption() as preemption, jax.set_mesh(ts.mesh):
+        while step < end_step:
+          with account.timed("data_wait"):
+            batch = _next_batch(data_iter, n_seq, c.attention.layout)
+          state, step_metrics = step_fn(state, ts.put_batch(batch))
+          step += 1
+          if log.due(step, end_step):
+            guard.check(log.write(step, step_metrics))  # after the write: the bad row is logged
+          log.advance()
+          preemption.check(step)
+          if guard.stop and (preemption.requested or ckpt.manager.should_save(step)):
+            guard.before_save(step_metrics)  # never checkpoint past a non-finite step
+          dog.beat(step)
+          with account.timed("checkpoint"):
+            dog.slow_section()
+            if ckpt.save(step, state, data_iter, c, force=preemption.requested):
+              saved_step = step
+          dog.beat(step, step_time=False)
+          account.step_done(step)
+          if preemption.requested:
+            preempted = True
+            logging.warning("SIGTERM: saved step %d, exiting", step)
+            break
+    finally:  # an error inside leaves the bar closed before it is printed
+      log.close()
+    dog.slow_section()
+    with account.timed("checkpoint"):
+      if step != saved_step and (step == c.train.steps or max_steps is not None):
+        if step > start_step:
+          guard.before_save(step_metrics)
+        ckpt.save(step, state, data_iter, c, force=True)  # the end of this invocation
+      ckpt.finish(step, state, data_iter, c)
+    return Trained(state, start_step, step, preempted, log.last,
+                   _data_stats(c, built.pipe, data_iter))
 
 
-def _train_watched(c, workdir, built: _Run, ckpt, writer, max_steps, progress, account,
-                   dog) -> dict[str, Any]:
-  seq_len, batch_size = c.data.seq_len, c.data.global_batch_size
-  n_seq = built.mesh.shape["sequence"]
-  tx = built.tx
-  data_iter = built.pipe.iterator()
-  start_step, state = None, None
+def _resume(c, built: train_step.TrainStep, ckpt, data_iter,
+            account: goodput.TimeAccount) -> tuple[int, dict]:
+  """(step, train state): the newest complete checkpoint (which also moves `data_iter` to where
+  it was), else step 0 with the initial parameters."""
   if ckpt.latest_step() is not None:
-    abstract = checkpointing.abstract_with_shardings(
-        jax.eval_shape(lambda p: train_step.init_state(p, tx), built.abstract_params),
-        built.state_sharding)
+    abstract = built.abstract_state()
     with account.timed("restore"):
-      start_step, state = ckpt.restore_latest(
-          abstract, data_iter, fallback=c.checkpoint.get("fallback_on_corrupt", False))
-    logging.info("resumed from step %s in %s", start_step, ckpt.directory)
-  if start_step is None:
-    start_step = 0
-    with account.timed("startup"):
-      params = _initial_params(c, built.model_cfg, built.params_sharding)
-      state = jax.jit(lambda p: train_step.init_state(p, tx),
-                      out_shardings=built.state_sharding)(params)
-  # Steps up to the last one an earlier invocation logged are computed a second time.
-  account.replay_until = goodput.last_logged_step(writer.path)
+      step, state = ckpt.restore_latest(abstract, data_iter,
+                                        fallback=c.checkpoint.fallback_on_corrupt)
+    logging.info("resumed from step %s in %s", step, ckpt.directory)
+    if step is not None:
+      return step, state
+  with account.timed("startup"):
+    return 0, built.init_state(_initial_params(c, built))
+
+
+def _note_replay(account: goodput.TimeAccount, metrics_path: str, start_step: int) -> None:
+  """Steps up to the last one an earlier invocation logged are computed a second time."""
+  account.replay_until = goodput.last_logged_step(metrics_path)
   if account.replay_until > start_step:
     logging.warning("resumed at step %d: steps %d-%d are computed again", start_step,
                     start_step + 1, account.replay_until)
 
-  flops_per_token = metrics_lib.train_flops_per_token(built.model_cfg, seq_len)
-  peak = metrics_lib.peak_tflops(override=c.metrics.peak_tflops)
-  tokens_per_step = batch_size * seq_len
-  end_step = c.train.steps if max_steps is None else min(c.train.steps, start_step + max_steps)
-  bar = tqdm(total=c.train.steps, initial=start_step, disable=not progress or jax.process_index(),
-             desc=config_lib.run_name(c), unit="step", dynamic_ncols=True)
-  last, preempted = {}, False
-  stop_on_nonfinite = c.train.get("nonfinite", "skip") == "stop"
-  seen_nonfinite = {"count": 0}  # warn when the device-side count grows, not on every log line
-  step = saved_step = start_step
-  t_prev = time.perf_counter()
-  account.start_steps()
-  # The mesh context serves activation sharding hints inside the step; model construction and
-  # loading stay outside it (NNX would read logical names as mesh axes there).
-  try:
-    with _Preemption() as preemption, jax.set_mesh(built.mesh):
-      while step < end_step:
-        with account.timed("data_wait"):
-          batch = next(data_iter)
-          if n_seq > 1:
-            batch = layout.zigzag_permute(batch, n_seq, layout=c.attention.layout)
-        batch = train_step.put_batch(batch, built.batch_sharding)
-        state, step_metrics = built.step_fn(state, batch)
-        step += 1
-        if step % c.train.log_every == 0 or step == end_step:
-          last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-          now = time.perf_counter()
-          seconds = (now - t_prev) / c.train.log_every
-          t_prev = now
-          last.update(step_time_s=seconds, tokens_per_s=tokens_per_step / seconds)
-          tflops = flops_per_token * last["tokens_per_s"] / jax.device_count() / 1e12
-          last["tflops_per_device"] = tflops
-          if peak:
-            last["mfu"] = tflops / peak
-          writer.write(step, last)
-          _check_numerics(c, last, ckpt, seen_nonfinite)  # after the write: the bad row is logged
-          bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
+
+def _next_batch(data_iter, n_seq: int, layout_name: str) -> dict:
+  """The next global batch (this process's rows), in the ring's layout when sequence > 1."""
+  batch = next(data_iter)
+  return layout.zigzag_permute(batch, n_seq, layout=layout_name) if n_seq > 1 else batch
+
+
+class StepLog:
+  """metrics.jsonl lines every train.log_every steps (and at the invocation's last step), with
+  step time, tokens/s, model TFLOP/s per device and MFU, and the progress bar."""
+
+  def __init__(self, c: ml_collections.ConfigDict, built: train_step.TrainStep, writer,
+               start_step: int, progress: bool):
+    self.every = c.train.log_every
+    self.last: dict[str, float] = {}
+    self._writer = writer
+    self._flops_per_token = metrics_lib.train_flops_per_token(built.model_config, built.seq_len)
+    self._peak = metrics_lib.peak_tflops(override=c.metrics.peak_tflops)
+    self._tokens_per_step = built.batch_size * built.seq_len
+    self._bar = tqdm(total=c.train.steps, initial=start_step,
+                     disable=not progress or jax.process_index(), desc=config_lib.run_name(c),
+                     unit="step", dynamic_ncols=True)
+    self._t_prev = time.perf_counter()
+
+  def due(self, step: int, end_step: int) -> bool:
+    return step % self.every == 0 or step == end_step
+
+  def write(self, step: int, step_metrics: dict) -> dict[str, float]:
+    """Reads the step's metrics to the host (a sync), writes their line; returns it."""
+    last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    now = time.perf_counter()
+    seconds = (now - self._t_prev) / self.every
+    self._t_prev = now
+    last.update(step_time_s=seconds, tokens_per_s=self._tokens_per_step / seconds)
+    tflops = self._flops_per_token * last["tokens_per_s"] / jax.device_count() / 1e12
+    last["tflops_per_device"] = tflops
+    if self._peak:
+      last["mfu"] = tflops / self._peak
+    self._writer.write(step, last)
+    self._bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
                           tok_s=f"{last['tokens_per_s']:,.0f}", tflops=f"{tflops:.3g}",
-                          **({"mfu": f"{last['mfu']:.1%}"} if peak else {}))
-        bar.update(1)
-        preemption.check(step)
-        if stop_on_nonfinite and (preemption.requested or ckpt.manager.should_save(step)):
-          # Never checkpoint past a non-finite step under `stop`: one small sync per save.
-          _check_numerics(c, {k: float(step_metrics[k]) for k in _NONFINITE_KEYS}, ckpt,
-                          seen_nonfinite)
-        dog.beat(step)
-        with account.timed("checkpoint"):
-          dog.slow_section()
-          if ckpt.save(step, state, data_iter, c, force=preemption.requested):
-            saved_step = step
-        dog.beat(step, step_time=False)
-        account.step_done(step)
-        if preemption.requested:
-          preempted = True
-          logging.warning("SIGTERM: saved step %d, exiting", step)
-          break
-  finally:  # an error inside leaves the bar closed before it is printed
-    bar.close()
-  dog.slow_section()
-  with account.timed("checkpoint"):
-    if step != saved_step and (step == c.train.steps or max_steps is not None):
-      if stop_on_nonfinite and step > start_step:
-        _check_numerics(c, {k: float(step_metrics[k]) for k in _NONFINITE_KEYS}, ckpt,
-                        seen_nonfinite)
-      ckpt.save(step, state, data_iter, c, force=True)  # the end of this invocation
-    ckpt.finish(step, state, data_iter, c)
-  complete = step == c.train.steps
-  data_stats = _jsonable(built.pipe.stats(data_iter))
+                          **({"mfu": f"{last['mfu']:.1%}"} if self._peak else {}))
+    self.last = last
+    return last
+
+  def advance(self) -> None:
+    self._bar.update(1)
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+class NonFiniteGuard:
+  """train.nonfinite applied to the step's device-side counters `nonfinite_steps` and
+  `first_nonfinite_step` (train_step.py), read only when the host syncs anyway: `check` at every
+  metrics line, `before_save` (under `stop`, one small sync) before every checkpoint so a run
+  never saves past a non-finite step. `skip` warns when the count grows and stops once it is over
+  train.max_nonfinite_steps (0: no limit); `stop` stops at the first one."""
+
+  def __init__(self, train_cfg: ml_collections.ConfigDict, ckpt):
+    self.stop = train_cfg.nonfinite == "stop"
+    self.limit = train_cfg.max_nonfinite_steps
+    self._ckpt = ckpt
+    self._seen = 0  # warn when the count grows, not on every metrics line
+
+  def check(self, metrics: dict) -> None:
+    skipped, first = int(metrics["nonfinite_steps"]), int(metrics["first_nonfinite_step"])
+    if skipped == self._seen:
+      return
+    self._seen = skipped
+    if not self.stop and (not self.limit or skipped <= self.limit):
+      logging.warning("%d step(s) with a non-finite loss or gradient skipped (the first: step %d)",
+                      skipped, first)
+      return
+    self._ckpt.wait()  # an async save in flight is part of the answer
+    good = [s for s in self._ckpt.manager.all_steps() if s < first]
+    where = (f"step {max(good)} in {self._ckpt.directory}" if good else
+             f"none (no checkpoint before step {first} in {self._ckpt.directory})")
+    why = ("train.nonfinite=stop" if self.stop else
+           f"{skipped} skipped steps > train.max_nonfinite_steps={self.limit}")
+    raise NonFiniteError(
+        f"non-finite loss or gradient at step {first} ({why}); the update was not applied. "
+        f"Last good checkpoint: {where}. Lower optim.learning_rate or inspect that step's batch, "
+        "then resume (the run restarts from the last checkpoint).")
+
+  def before_save(self, step_metrics: dict) -> None:
+    if self.stop:
+      self.check({k: step_metrics[k] for k in ("nonfinite_steps", "first_nonfinite_step")})
+
+
+def _data_stats(c: ml_collections.ConfigDict, pipe, data_iter) -> dict:
+  stats = _jsonable(pipe.stats(data_iter))
   if c.stage == 1:  # the mix the resampling actually produced, next to the configured weights
-    data_stats["realized_mix"] = pretrain.realized_mix(data_stats)
-    logging.info("stage-1 realized domain mix (token shares): %s", data_stats["realized_mix"])
-  return {"stage": c.stage, "start_step": start_step, "end_step": step, "complete": complete,
-          "preempted": preempted, "checkpoints": ckpt.directory, "metrics": writer.path,
-          "last_metrics": last, "data": data_stats,
-          "nonfinite_steps": int(state["nonfinite_steps"]),
-          "mesh": dict(built.mesh.shape), "model_params": built.model_cfg.num_params,
-          "_params": state["params"] if complete else None}
+    stats["realized_mix"] = pretrain.realized_mix(stats)
+    logging.info("stage-1 realized domain mix (token shares): %s", stats["realized_mix"])
+  return stats
 
 
-_NONFINITE_KEYS = ("nonfinite_steps", "first_nonfinite_step")
-
-
-def _check_numerics(c, metrics: dict, ckpt, seen: dict) -> None:
-  """Applies train.nonfinite to the device-side counters (read only when the host syncs anyway)."""
-  skipped, first = int(metrics["nonfinite_steps"]), int(metrics["first_nonfinite_step"])
-  if skipped == seen["count"]:
-    return
-  seen["count"] = skipped
-  limit = c.train.get("max_nonfinite_steps", 0)
-  if c.train.get("nonfinite", "skip") == "skip" and (not limit or skipped <= limit):
-    logging.warning("%d step(s) with a non-finite loss or gradient skipped (the first: step %d)",
-                    skipped, first)
-    return
-  ckpt.wait()  # an async save in flight is part of the answer
-  good = [s for s in ckpt.manager.all_steps() if s < first]
-  where = (f"step {max(good)} in {ckpt.directory}" if good else
-           f"none (no checkpoint before step {first} in {ckpt.directory})")
-  why = ("train.nonfinite=stop" if c.train.get("nonfinite", "skip") == "stop" else
-         f"{skipped} skipped steps > train.max_nonfinite_steps={limit}")
-  raise NonFiniteError(
-      f"non-finite loss or gradient at step {first} ({why}); the update was not applied. "
-      f"Last good checkpoint: {where}. Lower optim.learning_rate or inspect that step's batch, "
-      "then resume (the run restarts from the last checkpoint).")
-
-
-def _finish(c, workdir, model_cfg, params, metrics_path, step: int) -> dict[str, str]:
-  """The final model as a project checkpoint (stage 2 starts from it) and a HF directory; the
-  loss curve as a PNG. Each is written aside and moved into place when complete (outputs.py), so
-  after a resumed run they all describe `step`, the step the run ended at; final/run.json says so.
-  Called on every process: gathering the sharded parameters and Orbax's save are collectives;
-  process 0 alone prepares and renames the directories, writes the HF export and the plot."""
-  params = _host_params(params)
-  primary = jax.process_index() == 0
-  final = os.path.join(workdir, "final")
-  out = {"final_checkpoint": final}
-  partial = outputs.start_dir(final) if primary else outputs.partial_path(final)
-  _sync("ultralong_jax.loop: final/ leftovers cleared")
-  model_checkpoint.save_params(partial, model_cfg, params)  # numpy arrays: process 0 writes them
-  _sync("ultralong_jax.loop: final/ parameters written")
-  if primary:
-    with open(os.path.join(partial, RUN_INFO), "w") as f:
-      json.dump({"stage": c.stage, "step": step, "steps": c.train.steps}, f)
-    outputs.commit_dir(final)
-    if c.export.hf:
-      out["hf_export"] = os.path.join(workdir, "hf")
-      outputs.replace_dir(out["hf_export"], lambda tmp: convert_api.export_hf(
-          tmp, model_cfg, convert_api.params_getter(params), dtype=c.export.dtype))
-    if os.path.exists(metrics_path):
-      png = os.path.join(workdir, "loss.png")
-      outputs.replace_file(png, lambda tmp: metrics_lib.plot_loss(
-          metrics_path, tmp, title=f"{config_lib.run_name(c)} loss"))
-      out["loss_plot"] = png
-  # The others wait here: exiting early would start JAX's shutdown barrier, whose timeout
-  # (5 min) an 8B export can outlast, and a launcher may end the job when its first task exits.
-  _sync("ultralong_jax.loop: final exports written")
-  return out
-
-
-RUN_INFO = "run.json"  # in final/: {"stage", "step", "steps"} of the run that wrote it
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(name)
-
-
-def _host_params(params: dict) -> dict:
-  """The whole parameter tree as numpy on this host. With several processes the parameters are
-  sharded across hosts, so every process must call this: it gathers one tensor at a time (never
-  the whole tree replicated on a device), and every host holds the full tree in RAM after it."""
-  if jax.process_count() == 1:
-    return jax.tree.map(np.asarray, jax.device_get(params))
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
-                      params)
+def _summary(c: ml_collections.ConfigDict, built: Run, trained: Trained, checkpoints: str,
+             metrics_path: str) -> dict[str, Any]:
+  return {"stage": c.stage, "start_step": trained.start_step, "end_step": trained.end_step,
+          "complete": trained.end_step == c.train.steps, "preempted": trained.preempted,
+          "checkpoints": checkpoints, "metrics": metrics_path,
+          "last_metrics": trained.last_metrics, "data": trained.data_stats,
+          "nonfinite_steps": int(trained.state["nonfinite_steps"]),
+          "mesh": dict(built.train_step.mesh.shape),
+          "model_params": built.train_step.model_config.num_params}
 
 
 def _jsonable(x):

@@ -5,7 +5,7 @@
 `estimate(shape)` splits the bytes one device holds at the step's high-water mark into parts:
 
   params, optimizer   fp32 master weights and Adam's two moments, sharded over fsdp x tensor
-                      (exact: every parameter's shard shape from the logical-axis rules).
+                      (exact: every parameter's shard shape under the shardings training uses).
   batch               the step's int32 inputs (tokens, targets, positions, segments, loss mask).
   gradients           fp32 gradients (plus the accumulator with train.microbatches > 1).
   weight_temps        compute-dtype copies of the weights and the optimizer update's temporaries.
@@ -39,6 +39,7 @@ import functools
 import math
 from collections.abc import Mapping
 
+import jax
 from flax import nnx
 from jax.sharding import AbstractMesh
 
@@ -103,41 +104,21 @@ def _abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
 
 
 def params_per_device(model: LlamaConfig, sizes: Mapping[str, int]) -> int:
-  """Parameters one device holds: each parameter's shard under the logical-axis rules (axes that
-  do not divide a dimension leave it replicated, as parallel/sharding.py does)."""
-  mesh = _abstract_mesh(sizes)
-  total = 0
-  for names, shape in _parameter_axes(model):
-    spec = sharding.logical_to_spec(names, mesh, shape)
-    n = 1
-    for dim, axes in zip(shape, tuple(spec) + (None,) * len(shape)):
-      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-      n *= -(-dim // math.prod(sizes[a] for a in axes))
-    total += n
-  return total
+  """Parameters one device holds: each parameter's shard under the shardings training gives it
+  (parallel/sharding.state_shardings: axes that do not divide a dimension leave it replicated)."""
+  params = _abstract_params(model)
+  shardings = nnx.to_pure_dict(sharding.state_shardings(_abstract_mesh(sizes), params))
+  shards = jax.tree.map(lambda s, x: math.prod(s.shard_shape(x.shape)), shardings,
+                        nnx.to_pure_dict(params))
+  return sum(jax.tree.leaves(shards))
 
 
 @functools.lru_cache(maxsize=16)
-def _parameter_axes(model: LlamaConfig) -> tuple[tuple[tuple, tuple[int, ...]], ...]:
-  """(logical axis names, shape) of every parameter; built once per model config (suggest()
-  estimates dozens of meshes of one model)."""
+def _abstract_params(model: LlamaConfig) -> nnx.State:
+  """The model's parameters as ShapeDtypeStructs with their logical names; built once per model
+  config (suggest() estimates dozens of meshes of one model)."""
   from ultralong_jax.modeling import llama  # pylint: disable=import-outside-toplevel
-  state = nnx.state(llama.abstract_model(model), nnx.Param)
-  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-  shapes = nnx.to_pure_dict(state)
-  out = []
-  for names, x in zip(_leaves(specs), _leaves(shapes)):
-    names = tuple(names) + (None,) * (len(x.shape) - len(tuple(names)))
-    out.append((names, tuple(x.shape)))
-  return tuple(out)
-
-
-def _leaves(tree: dict) -> list:
-  out = []
-  for key in sorted(tree):
-    value = tree[key]
-    out += _leaves(value) if isinstance(value, dict) else [value]
-  return out
+  return nnx.state(llama.abstract_model(model), nnx.Param)
 
 
 def _checkpoint_width(model: LlamaConfig, remat: str) -> float:

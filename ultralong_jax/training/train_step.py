@@ -1,5 +1,13 @@
 """The jit-compiled, sharded train step: explicit in/out shardings, donated state, microbatches.
 
+  built = build(model_config, mesh, c.optim, total_steps, seq_len=T, batch_size=B)
+  built = from_config(c, model_config)        # the same, as a training config describes it
+  state = built.init_state(built.random_params(seed))
+  state, metrics = built.step(state, built.put_batch(batch))
+
+`build` is the one place a train step is assembled: the training loop (through `from_config`),
+the memory estimate's XLA plan and the benchmarks (training/compile_plan.py) and the tests call it.
+
 The train state is a plain pytree {"params", "opt_state", "step", "nonfinite_steps",
 "first_nonfinite_step"}: parameters as the model's pure dict (nnx.to_pure_dict), so Orbax, optax
 and the sharding rules all see ordinary nested dicts.
@@ -27,9 +35,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ultralong_jax.modeling.llama import Llama
-from ultralong_jax.parallel import sharding
-from ultralong_jax.training import loss as loss_lib
+from ultralong_jax.modeling import llama
+from ultralong_jax.modeling.config import LlamaConfig
+from ultralong_jax.parallel import mesh as mesh_lib, sharding
+from ultralong_jax.parallel.ring_attention import make_attention_fn
+from ultralong_jax.training import config as config_lib, loss as loss_lib, optimizer
 
 FEATURES = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
@@ -40,27 +50,6 @@ class StepOptions:
   loss_chunk_size: int = 4096
   z_loss_weight: float = 0.0
   use_segment_ids: bool = False  # document masking / SFT packing; False: one causal row
-
-
-def param_shardings(mesh: Mesh, model: Llama) -> dict:
-  """NamedShardings of the parameters (pure dict), from their logical axis names."""
-  state = nnx.state(model, nnx.Param)
-  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-  shapes = nnx.to_pure_dict(state)
-  return jax.tree.map(lambda spec, x: sharding.named_sharding(mesh, tuple(spec), x.shape),
-                      specs, shapes, is_leaf=lambda s: isinstance(s, P))
-
-
-def state_shardings(mesh: Mesh, tx: optax.GradientTransformation, params_sharding: dict,
-                    abstract_params: dict) -> dict:
-  """Shardings of the whole train state: Adam moments follow their parameter, scalars replicate."""
-  replicated = NamedSharding(mesh, P())
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sharding,
-                              transform_non_params=lambda _: replicated,
-                              is_leaf=lambda x: isinstance(x, NamedSharding))
-  return {"params": params_sharding, "opt_state": opt, "step": replicated,
-          "nonfinite_steps": replicated, "first_nonfinite_step": replicated}
 
 
 def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
@@ -143,17 +132,92 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
   return step
 
 
-def jit_train_step(step: Callable, mesh: Mesh, state_sharding: dict, batch_sharding: Any):
-  """jit with explicit shardings; the old state is donated (its buffers become the new state)."""
-  replicated = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """A sharded, jit-compiled train step and what its state and batches need (from `build`)."""
+  model_config: LlamaConfig
+  mesh: Mesh
+  tx: optax.GradientTransformation
+  abstract_params: dict     # ShapeDtypeStructs of the parameters (pure dict)
+  shardings: dict           # NamedShardings of the train state {"params", "opt_state", ...}
+  batch_shardings: dict     # NamedShardings of the global batch {feature: ...}
+  seq_len: int
+  batch_size: int           # global rows
+  step: Callable            # jitted (state, batch) -> (state, metrics); the state is donated
+
+  def abstract_state(self) -> dict:
+    """The train state as ShapeDtypeStructs carrying their shardings (restore / compile target)."""
+    shapes = jax.eval_shape(lambda p: init_state(p, self.tx), self.abstract_params)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, self.shardings)
+
+  def abstract_batch(self) -> dict:
+    return {k: jax.ShapeDtypeStruct((self.batch_size, self.seq_len), jnp.int32, sharding=s)
+            for k, s in self.batch_shardings.items()}
+
+  def random_params(self, seed: int) -> dict:
+    """HF-style random parameters, created sharded inside a jit (never whole on one host)."""
+    make = lambda: nnx.to_pure_dict(nnx.state(llama.init_model(self.model_config, seed),
+                                              nnx.Param))
+    return jax.jit(make, out_shardings=self.shardings["params"])()
+
+  def init_state(self, params: dict) -> dict:
+    """The step-0 train state of `params` (fresh optimizer moments), placed by `shardings`."""
+    return jax.jit(lambda p: init_state(p, self.tx), out_shardings=self.shardings)(params)
+
+  def put_batch(self, batch: dict) -> dict:
+    return put_batch(batch, self.batch_shardings)
 
 
-def batch_sharding(mesh: Mesh, seq_len: int, batch_size: int) -> dict:
-  """Shardings of the global batch dict (checked for divisibility)."""
+def build(model_config: LlamaConfig, mesh: Mesh, optim: Any, total_steps: int, *, seq_len: int,
+          batch_size: int, options: StepOptions = StepOptions(),
+          attention_fn: Callable | None = None) -> TrainStep:
+  """The train step of `model_config` on `mesh`: AdamW per `optim` (an optim ConfigDict, its
+  schedule over `total_steps`), parameters and Adam moments sharded by the logical-axis rules
+  (parallel/sharding.py), the batch [batch_size, seq_len] split over data x fsdp and sequence.
+  `attention_fn` is the model's attention (None: the plain full attention)."""
+  abstract = llama.abstract_model(model_config, attention_fn=attention_fn,
+                                  constrain_fn=sharding.constrain_fn(mesh))
+  graphdef, abstract_state = nnx.split(abstract)
+  abstract_params = nnx.to_pure_dict(abstract_state)
+  tx, schedule = optimizer.make_optimizer(optim, total_steps)
+  shardings = _train_state_shardings(
+      mesh, tx, nnx.to_pure_dict(sharding.state_shardings(mesh, abstract_state)), abstract_params)
   example = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32) for k in FEATURES}
-  return sharding.batch_shardings(mesh, example)
+  batch_shardings = sharding.batch_shardings(mesh, example)  # checks divisibility
+  replicated = NamedSharding(mesh, P())
+  step = jax.jit(make_train_step(graphdef, tx, schedule, options),
+                 in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+  return TrainStep(model_config, mesh, tx, abstract_params, shardings, batch_shardings, seq_len,
+                   batch_size, step)
+
+
+def from_config(c: Any, model_config: LlamaConfig) -> TrainStep:
+  """The train step a training config describes (configs/*.py, validated by config.validate
+  into `model_config`): its mesh, attention, optimizer and step options."""
+  mesh = mesh_lib.mesh_from_config(c)
+  attention_fn = make_attention_fn(mesh, strategy=c.attention.strategy, layout=c.attention.layout,
+                                   kernel=c.attention.kernel, chunk_size=c.attention.chunk_size)
+  options = StepOptions(microbatches=c.train.microbatches,
+                        loss_chunk_size=min(c.train.loss_chunk_size, c.data.seq_len),
+                        z_loss_weight=c.train.z_loss_weight,
+                        use_segment_ids=config_lib.uses_segment_ids(c))
+  return build(model_config, mesh, c.optim, c.train.steps, seq_len=c.data.seq_len,
+               batch_size=c.data.global_batch_size, options=options, attention_fn=attention_fn)
+
+
+def _train_state_shardings(mesh: Mesh, tx: optax.GradientTransformation, params_shardings: dict,
+                           abstract_params: dict) -> dict:
+  """Shardings of the whole train state: Adam moments follow their parameter, scalars replicate."""
+  replicated = NamedSharding(mesh, P())
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_shardings,
+                              transform_non_params=lambda _: replicated,
+                              is_leaf=lambda x: isinstance(x, NamedSharding))
+  return {"params": params_shardings, "opt_state": opt, "step": replicated,
+          "nonfinite_steps": replicated, "first_nonfinite_step": replicated}
 
 
 def put_batch(batch: dict, shardings: dict) -> dict:
