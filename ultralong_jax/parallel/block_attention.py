@@ -9,7 +9,9 @@ gradient is exact without ever holding the whole row.
 Internal layout (GQA without repeating K/V: query heads grouped under their kv head):
   q, dq, out, dout  [B, T, K, G, H]      k, v, dk, dv  [B, S, K, H]
   lse, delta        [B, K, G, T] float32 q_seg [B, T], kv_seg [B, S] int or None
-`causal=True` means the block is on the diagonal: T == S and query t sees keys s <= t.
+`causal=True` masks causally (modeling.attention.mask): by the q_pos/kv_pos [B|1, T|S] positions
+that the "xla" and "chunked" kernels take (BlockKernel.positions), else by index order within the
+block, i.e. the block is on the diagonal: T == S and query t sees keys s <= t.
 
 A row that sees no key of the block (causal or segment mask) gets out = 0 and lse = NEG_INF, so
 its weight in the merge is exp(NEG_INF - lse) = 0 and the merge stays finite.
