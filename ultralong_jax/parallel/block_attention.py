@@ -133,16 +133,17 @@ class _Tiling(NamedTuple):
   def padded(self) -> bool:
     return self.nq * self.cq != self.t or self.nk * self.ck != self.s
 
-  def positions(self, q_pos, kv_pos):
-    """(q_pos, kv_pos) padded to the tiled lengths, and per chunk the last query [nq] and first
-    key [nk] in token order over the batch: a tile (i, j) is computed only when the first key of
-    chunk j is not after the last query of chunk i (`visible`)."""
+  def positions(self, q_pos, kv_pos, q_seg, kv_seg):
+    """(q_pos, kv_pos) padded to the tiled lengths, and the order bounds (`bounds`) of each query
+    chunk's last token [nq] and key chunk's first token [nk]: tile (i, j) is computed only when
+    `sees(first_key[j], last_query[i])`."""
+    top = jnp.iinfo(jnp.int32).max
     q_pos = _pad(_order(q_pos, self.t), self.nq * self.cq)
     # Padded keys come last in the order, so a padded chunk is skipped like a late one.
-    kv_pos = _pad(_order(kv_pos, self.s), self.nk * self.ck, value=jnp.iinfo(jnp.int32).max)
-    last_query = q_pos.max(axis=0).reshape(self.nq, self.cq).max(axis=1)
-    first_key = kv_pos.min(axis=0).reshape(self.nk, self.ck).min(axis=1)
-    return q_pos, kv_pos, last_query, first_key
+    kv_pos = _pad(_order(kv_pos, self.s), self.nk * self.ck, value=top)
+    kv_seg = _pad(kv_seg, self.nk * self.ck, value=top)
+    last_query = bounds(q_pos, _pad(q_seg, self.nq * self.cq), self.nq, last=True)
+    return q_pos, kv_pos, last_query, bounds(kv_pos, kv_seg, self.nk, last=False)
 
   def mask(self, qs, ks, q_pos, kv_pos, q_seg, kv_seg, causal: bool):
     """Boolean [B|1, 1, 1, cq, ck] mask (True = attend) of the tile at offsets (qs, ks), or None."""
@@ -152,6 +153,36 @@ class _Tiling(NamedTuple):
               & (ks + jnp.arange(self.ck)[None, :] < self.s))[None, None, None]
       mask = real if mask is None else mask & real
     return mask
+
+
+def bounds(pos, seg, parts: int, *, last: bool):
+  """The first (or last) token of each of `parts` equal parts of the length axis in (segment id,
+  position) order, over the batch: (seg [parts], pos [parts]); pos [B|1, L], seg [B, L] or None.
+
+  A query sees a key only in its own segment at a position not after its own, so when the first
+  key of a part comes after the last query of another in this order (`sees` is False), no query
+  there sees any key here. For packed rows (ids increasing along the row) this is as tight as the
+  index order; for any ids it never skips a visible pair.
+  """
+  rows = pos.shape[0] if seg is None else seg.shape[0]
+  split = lambda x: jnp.broadcast_to(x, (rows, x.shape[1])).reshape(rows, parts, -1).swapaxes(
+      0, 1).reshape(parts, -1)
+  pos = split(pos)
+  seg = jnp.zeros_like(pos) if seg is None else split(seg)
+  pick, fill = (jnp.max, jnp.iinfo(jnp.int32).min) if last else (jnp.min, jnp.iinfo(jnp.int32).max)
+  first_seg = pick(seg, axis=1)
+  return first_seg, pick(jnp.where(seg == first_seg[:, None], pos, fill), axis=1)
+
+
+def sees(first_key, last_query):
+  """Whether keys starting at `first_key` can be seen by queries ending at `last_query` (both
+  (seg, pos) from `bounds`; any shapes that broadcast)."""
+  (key_seg, key_pos), (query_seg, query_pos) = first_key, last_query
+  return (key_seg < query_seg) | ((key_seg == query_seg) & (key_pos <= query_pos))
+
+
+def _at(pair, index):
+  return tuple(x[index] for x in pair)
 
 
 def _when(visible, compute):
@@ -171,7 +202,7 @@ def chunked_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float,
   """
   b, t, kh, g, h = q.shape
   tiles = _Tiling.of(t, k.shape[1], chunk_size)
-  q_pos, kv_pos, last_query, first_key = tiles.positions(q_pos, kv_pos)
+  q_pos, kv_pos, last_query, first_key = tiles.positions(q_pos, kv_pos, q_seg, kv_seg)
   q, q_seg = (_pad(x, tiles.nq * tiles.cq) for x in (q, q_seg))
   k, v, kv_seg = (_pad(x, tiles.nk * tiles.ck) for x in (k, v, kv_seg))
 
@@ -202,7 +233,7 @@ def chunked_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float,
     # the same mesh axes as the loop body's results.
     zero = jnp.zeros_like(q_i[..., 0], jnp.float32).transpose(0, 2, 3, 1)    # [B, K, G, cq]
     init = (zero + NEG_INF, zero, jnp.zeros_like(q_i, jnp.float32).transpose(0, 2, 3, 1, 4))
-    visible = (lambda j: first_key[j] <= last_query[i]) if causal else None
+    visible = (lambda j: sees(_at(first_key, j), _at(last_query, i))) if causal else None
     m, l, acc = jax.lax.fori_loop(0, tiles.nk, _when(visible, key_chunk), init)
     seen = m > NEG_INF
     out = jnp.where(seen[..., None], acc / l[..., None], 0.0)
@@ -227,7 +258,7 @@ def chunked_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: b
   t, s_len = q.shape[1], k.shape[1]
   tiles = _Tiling.of(t, s_len, chunk_size)
   tq, sk = tiles.nq * tiles.cq, tiles.nk * tiles.ck
-  q_pos, kv_pos, last_query, first_key = tiles.positions(q_pos, kv_pos)
+  q_pos, kv_pos, last_query, first_key = tiles.positions(q_pos, kv_pos, q_seg, kv_seg)
   q, q_seg, dout = (_pad(x, tq) for x in (q, q_seg, dout))
   lse, delta = (_pad(x, tq, axis=3) for x in (lse, delta))
   k, v, kv_seg = (_pad(x, sk) for x in (k, v, kv_seg))
@@ -256,7 +287,7 @@ def chunked_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: b
       return jax.lax.dynamic_update_slice_in_dim(dq, dq_i, qs, 1), dk_j, dv_j
 
     zero = jnp.zeros_like(k_j, jnp.float32)  # varies like k_j under check_vma (see forward)
-    visible = (lambda i: first_key[j] <= last_query[i]) if causal else None
+    visible = (lambda i: sees(_at(first_key, j), _at(last_query, i))) if causal else None
     dq, dk_j, dv_j = jax.lax.fori_loop(0, tiles.nq, _when(visible, query_chunk), (dq, zero, zero))
     return dq, (dk_j, dv_j)
 

@@ -22,8 +22,8 @@ two diagonal blocks carry masked-out halves. Non-causal attention does one full 
 Masks. The kernels that mask by positions ("xla", "chunked"; BlockKernel.positions) take the
 causal mask from the tokens' positions (modeling.attention.mask), which travel with K/V, so the
 result is attention for tokens in ANY order; the layout only sets how each step's block is split
-(halves under zigzag), and a sub-block is computed only when some key's position is not after
-some query's (the split above then computes exactly the zigzag schedule's blocks). The fused
+(halves under zigzag), and a sub-block is computed only when its first key does not come after
+its last query in (segment id, position) order (for a laid-out batch exactly the blocks above). The fused
 kernels ("cudnn*", "dpa_xla*", "splash") can only mask by index order within a block (a causal
 flag; cuDNN's packed layout and splash add segment ids), so with them the causal order IS the
 layout: the caller lays the batch out with layout.zigzag_permute and passes no positions; given
@@ -60,21 +60,23 @@ class _Plan:
     return block_attention.get_kernel(self.kernel, chunk_size=self.chunk_size)
 
 
-def _blocks(plan: _Plan, step: int, i, j, length: int, pos, kv_pos):
+def _blocks(plan: _Plan, step: int, i, j, length: int, pos, kv_pos, seg, kv_seg):
   """Sub-block products of one step: (q_start, q_len, kv_start, kv_len, causal, valid).
 
   Starts may be traced (they depend on the device index i); lengths and `causal` are static;
   `valid` is None (always computed) or a traced bool (computed under lax.cond). With masks from
-  positions (pos [B, T] of the local queries, kv_pos of the step's keys) every sub-block of the
-  layout's split is listed, valid when some key's position is not after some query's.
+  positions (pos, seg [B, T] of the local queries, kv_pos, kv_seg of the step's keys) every
+  sub-block of the layout's split is listed, valid when some key may be visible to some query
+  (block_attention.sees).
   """
   if not plan.causal:
     return [(0, length, 0, length, False, None)]
   if plan.by_positions:
     parts = [(0, length)] if plan.layout == "contiguous" else [(0, length // 2),
                                                                 (length // 2, length // 2)]
-    return [(qs, ql, ks, kl, True,
-             _slice(kv_pos, ks, kl).min() <= _slice(pos, qs, ql).max())
+    return [(qs, ql, ks, kl, True, block_attention.sees(
+        block_attention.bounds(_slice(kv_pos, ks, kl), _slice(kv_seg, ks, kl), 1, last=False),
+        block_attention.bounds(_slice(pos, qs, ql), _slice(seg, qs, ql), 1, last=True))[0])
             for qs, ql in parts for ks, kl in parts]
   if plan.layout == "contiguous":
     if step == 0:
@@ -151,7 +153,7 @@ def _forward(plan: _Plan, q, k, v, seg, pos):
     kb, vb, sb, pb = source.block(j)
     if step + 1 < plan.n:
       source.advance()  # next hop in flight while this block computes
-    for qs, ql, ks, kl, causal, valid in _blocks(plan, step, i, j, t, pos, pb):
+    for qs, ql, ks, kl, causal, valid in _blocks(plan, step, i, j, t, pos, pb, seg, sb):
       args = (_slice(q, qs, ql), _slice(kb, ks, kl), _slice(vb, ks, kl),
               _slice(seg, qs, ql), _slice(sb, ks, kl))
       where = _positions(plan, _slice(pos, qs, ql), _slice(pb, ks, kl))
@@ -187,7 +189,7 @@ def _backward(plan: _Plan, q, k, v, seg, pos, out, lse, dout):
       source.advance()
     # Ring: this step's dK/dV accumulators are those of block j, which traveled with it.
     offset = j * t if plan.strategy == "allgather" else 0
-    for qs, ql, ks, kl, causal, valid in _blocks(plan, step, i, j, t, pos, pb):
+    for qs, ql, ks, kl, causal, valid in _blocks(plan, step, i, j, t, pos, pb, seg, sb):
       args = (_slice(q, qs, ql), _slice(kb, ks, kl), _slice(vb, ks, kl),
               _slice(seg, qs, ql), _slice(sb, ks, kl), _slice(out, qs, ql),
               _slice(lse, qs, ql, 3), _slice(dout, qs, ql), _slice(delta, qs, ql, 3))
