@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ultralong_jax.modeling import attention
 from ultralong_jax.parallel import block_attention, cudnn_attention
 from ultralong_jax.parallel.ring_attention import ring_attention
 
@@ -61,7 +62,8 @@ def test_layout_mask_equals_reference_mask(causal):
   @jax.jit
   def masks(q_seg, kv_seg):
     layout = cudnn_attention.packed_layout(q_seg, kv_seg, 48)
-    want = block_attention._mask(48, kv_seg.shape[1], q_seg, kv_seg, causal)[:, 0, 0]
+    order = attention.natural_positions  # a block's index order
+    want = attention.mask(order(48), order(kv_seg.shape[1]), q_seg, kv_seg, causal)[:, 0, 0]
     return (layout.fits, cudnn_attention.packed_mask(layout, kv_seg.shape[1], causal),
             jnp.broadcast_to(want, (3, 48, kv_seg.shape[1])))
 

@@ -158,3 +158,64 @@ def test_layout_permutation_and_balance():
   assert zig.max() == zig.min()
   contiguous = layout.per_device_causal_pairs(1 << 20, 16, "contiguous")
   assert contiguous.max() / contiguous.min() > 30  # (2n - 1) x the first device's work
+
+
+def _restarting_positions(seg):
+  """Positions that restart at 0 with every segment (document masking's packing), [B, T]."""
+  seg = np.asarray(seg)
+  idx = np.broadcast_to(np.arange(seg.shape[1]), seg.shape)
+  first = np.maximum.accumulate(np.where(np.diff(seg, axis=1, prepend=-1) != 0, idx, 0), axis=1)
+  return jnp.asarray(idx - first, jnp.int32)
+
+
+ORDERS = {
+    "natural": lambda: np.arange(T),
+    "zigzag": lambda: layout.permutation(T, 8),
+    "random": lambda: np.random.default_rng(1).permutation(T),
+}
+
+
+@functools.cache
+def _positions_fn(kernel):
+  """Jitted ring forward + vjp with positions as an input: one compile serves every order."""
+  mesh = _mesh("seq8")
+
+  @jax.jit
+  def f(q, k, v, dout, seg, positions):
+    attend = lambda q, k, v: ring_attention(q, k, v, mesh=mesh, positions=positions,
+                                            segment_ids=seg, scale=SCALE, kernel=kernel,
+                                            chunk_size=2)  # chunked: 2 x 2 tiles per block
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, vjp(dout)
+  return f
+
+
+@pytest.mark.parametrize("kernel, orders, with_segments", [
+    ("xla", ("natural",), False), ("xla", ("natural", "zigzag", "random"), True),
+    ("chunked", ("random",), True)])
+def test_any_token_order_with_positions_matches_attention(attention_reference, kernel, orders,
+                                                          with_segments):
+  """The causal mask comes from the positions given: tokens in natural order, in the zigzag
+  layout or randomly permuted (default layout="zigzag" in every case) all give single-device
+  attention on the natural order, forward and gradients; packed documents carry positions that
+  restart per document, as document masking packs them."""
+  q, k, v, dout, seg = _inputs(2, with_segments)
+  ref_out, ref_grads = attention_reference(True, SCALE)(q, k, v, dout, seg)
+  positions = (_restarting_positions(seg) if with_segments
+               else jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
+  for order in orders:
+    perm = ORDERS[order]()
+    laid_out = jax.tree.map(lambda x: x[:, perm], (q, k, v, dout, seg, positions))
+    out, grads = jax.tree.map(lambda x: x[:, np.argsort(perm)], _positions_fn(kernel)(*laid_out))
+    errors = {"out": _rel_err(out, ref_out)}
+    errors.update({f"d{x}": _rel_err(g, r) for x, g, r in zip("qkv", grads, ref_grads)})
+    assert max(errors.values()) <= RTOL, (order, errors)
+
+
+def test_fused_kernels_refuse_positions():
+  """Kernels that mask by the layout's index order cannot honor arbitrary positions: refused."""
+  q = jnp.zeros((B, T, N, H))
+  k = jnp.zeros((B, T, 2, H))
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  with pytest.raises(ValueError, match="cannot take positions.*zigzag_permute"):
+    ring_attention(q, k, k, mesh=_mesh("seq8"), positions=positions, kernel="dpa_xla")

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ultralong_jax.evaluation import sharded_cache
-from ultralong_jax.modeling import decode
+from ultralong_jax.modeling import decode, llama
 from ultralong_jax.parallel import sharding
 
 
@@ -139,9 +139,9 @@ class CachedModel:
     def run(params, cache, ids, positions, segment_ids, start, targets):
       hidden, cache = forward(params, cache, ids, positions, segment_ids, start)
       if head == "last":
-        return decode.logits(params, hidden[:, -1:])[:, 0], cache
+        return llama.logits(params["lm_head"], hidden[:, -1:])[:, 0], cache
       # Per-token negative log-likelihood of `targets` [B,T] (float32).
-      logp = jax.nn.log_softmax(decode.logits(params, hidden), axis=-1)
+      logp = jax.nn.log_softmax(llama.logits(params["lm_head"], hidden), axis=-1)
       return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], cache
 
     self._compiled[key] = jax.jit(run, donate_argnums=(1,))

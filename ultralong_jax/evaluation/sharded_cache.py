@@ -98,4 +98,4 @@ def place_params(model, mesh):
     from flax import nnx  # pylint: disable=g-import-not-at-top
     state = nnx.state(model)
     nnx.update(model, jax.device_put(state, sharding.state_shardings(mesh, state)))
-  return decode.model_params(model)
+  return model.arrays()

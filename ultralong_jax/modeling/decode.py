@@ -1,4 +1,5 @@
-"""Cached forward passes for generation: chunked prefill and one-token decode, as pure functions.
+"""The KV cache and attention to it: chunked prefill and one-token decode run the model's own
+decoder layer (llama.forward) with a cache-updating attention closure.
 
 Shapes: B batch, T new tokens (a prefill chunk, or 1 when decoding), S cache slots, N query heads,
 K kv heads, G = N / K, H head dim, D width, V vocab, L layers.
@@ -12,7 +13,8 @@ so on a mesh the slots are split contiguously over the `sequence` axis (device d
 [d S/n, (d+1) S/n)) by the same sharding table as training. Prompts are LEFT-padded: every row's
 prompt ends at the same slot, so all rows write the same slot when decoding (one scalar index),
 while `positions` (for RoPE) count each row's own tokens. A query at slot t sees the keys at slots
-<= t with its own segment id: tokens see tokens, padding sees padding (never an empty row).
+<= t with its own segment id (attention.mask with slots as the order): tokens see tokens, padding
+sees padding (never an empty row).
 
 Attention to the cache is `update_and_attend`: write the new keys/values, then attend with an
 online softmax over blocks of `kv_block` slots. Under `jax.shard_map` over `sequence` (the
@@ -26,31 +28,23 @@ self-attention over the chunk is the whole answer; later chunks and decoding use
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ultralong_jax.modeling import layers, rope
+from ultralong_jax.modeling import attention as attention_lib
+from ultralong_jax.modeling import llama
 from ultralong_jax.modeling.config import LlamaConfig
 
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
-# Finite "minus infinity" (as parallel/block_attention.py): a device whose slots are all masked
-# gets a finite lse that the merge weighs by exp(-1e30 - lse) = 0 instead of producing NaN.
-_NEG_INF = -1e30
 
 
 class KVCache(NamedTuple):
   k: jax.Array            # [L, B, S, K, H]
   v: jax.Array            # [L, B, S, K, H]
   segment_ids: jax.Array  # [B, S] int32
-
-
-def model_params(model) -> dict[str, Any]:
-  """The arrays a cached forward needs from a `modeling.llama.Llama` (no copies)."""
-  return {"embed": model.embed[...], "layers": model.layers.stacked(),
-          "final_norm": model.final_norm[...], "lm_head": model.lm_head_weight()}
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=None) -> KVCache:
@@ -79,8 +73,8 @@ def _partial_attention(q, k, v, q_slot, q_seg, kv_slot, kv_seg, *, scale, kv_blo
     out, m, l = carry
     kb, vb, segb, slotb = block
     s = jnp.einsum("BTKGH,BSKH->BKGTS", q, kb, preferred_element_type=jnp.float32) * scale
-    visible = (slotb[None, :] <= q_slot[:, None])[None] & (q_seg[:, :, None] == segb[:, None, :])
-    s = jnp.where(visible[:, None, None], s, _NEG_INF)
+    visible = attention_lib.mask(q_slot[None], slotb[None], q_seg, segb, causal=True)
+    s = jnp.where(visible, s, attention_lib.NEG_INF)
     m_new = jnp.maximum(m, s.max(-1))
     p = jnp.exp(s - m_new[..., None])
     corr = jnp.exp(m - m_new)
@@ -89,7 +83,7 @@ def _partial_attention(q, k, v, q_slot, q_seg, kv_slot, kv_seg, *, scale, kv_blo
     out = out * corr.transpose(0, 3, 1, 2)[..., None] + pv
     return (out, m_new, l), None
 
-  init = (jnp.zeros((B, T, K, G, H), jnp.float32), jnp.full((B, K, G, T), _NEG_INF, jnp.float32),
+  init = (jnp.zeros((B, T, K, G, H), jnp.float32), jnp.full((B, K, G, T), attention_lib.NEG_INF, jnp.float32),
           jnp.zeros((B, K, G, T), jnp.float32))
   (out, m, l), _ = jax.lax.scan(step, init, blocks)
   return out / l.transpose(0, 3, 1, 2)[..., None], m + jnp.log(l)
@@ -151,55 +145,37 @@ def forward(config: LlamaConfig, params: dict, cache: KVCache, input_ids: jax.Ar
             layout_perm: np.ndarray | None = None,
             constrain: Callable[[jax.Array, tuple], jax.Array] | None = None,
             ) -> tuple[jax.Array, KVCache]:
-  """T new tokens through the model with the cache: (final-normed hidden [B,T,D], new cache).
+  """T new tokens through the model (llama.forward) with the cache: (final-normed hidden
+  [B,T,D], new cache).
 
-  input_ids, positions, segment_ids [B,T] in natural order at slots [start, start+T).
-  `cache_attention_fn` is `update_and_attend` or its sharded form (evaluation/sharded_cache.py);
-  `constrain(x, logical_names)` hints activation shardings (e.g. parallel.sharding.constrain).
+  params: `Llama.arrays()`. input_ids, positions, segment_ids [B,T] in natural order at slots
+  [start, start+T). `cache_attention_fn` is `update_and_attend` or its sharded form
+  (evaluation/sharded_cache.py); `constrain(x, logical_names)` hints activation shardings.
   `ring_attention_fn` (first prompt chunk only, start = 0): the inputs arrive permuted by
   `layout_perm` (parallel/layout.py) and attention is that self-attention; keys/values are put
   back in natural order for the cache and the hidden states returned in natural order.
   """
-  compute = jnp.dtype(config.dtype)
-  constrain = constrain or (lambda x, names: x)
-  if ring_attention_fn is not None:
+  ring = ring_attention_fn is not None
+  if ring:
     input_ids, positions, segment_ids = (x[:, layout_perm] for x in
                                          (input_ids, positions, segment_ids))
     inverse = jnp.asarray(np.argsort(layout_perm))
-  h = jnp.take(params["embed"], input_ids, axis=0).astype(compute)
-  h = constrain(h, ("batch", "length", "embed"))
-  cos, sin = rope.rope_tables(config, positions)
-  eps = config.rms_norm_eps
 
-  def body(carry, p):
-    h, cache_k, cache_v, cache_seg, layer = carry
-    q, k, v = layers.attention_qkv(p, layers.rms_norm(h, p["attn_norm"], eps), cos, sin)
-    if ring_attention_fn is not None:
+  def attention(q, k, v, layer, state):
+    cache_k, cache_v, cache_seg = state
+    seg = segment_ids
+    if ring:
       out = ring_attention_fn(q, k, v, positions=positions, segment_ids=segment_ids, causal=True,
                               scale=q.shape[-1] ** -0.5)
       k, v, seg = (jnp.take(x, inverse, axis=1) for x in (k, v, segment_ids))
-    else:
-      seg = segment_ids
-    out_c, k_l, v_l, cache_seg = cache_attention_fn(
-        q, k, v, seg, cache_k[layer], cache_v[layer], cache_seg, start,
-        attend=ring_attention_fn is None)
-    out = out if ring_attention_fn is not None else out_c
+    cached, k_l, v_l, cache_seg = cache_attention_fn(
+        q, k, v, seg, cache_k[layer], cache_v[layer], cache_seg, start, attend=not ring)
     cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, k_l, layer, 0)
     cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, v_l, layer, 0)
-    h = h + layers.attention_output(p, out)
-    h = constrain(h, ("batch", "length", "embed"))
-    h = h + layers.swiglu_mlp(p, layers.rms_norm(h, p["mlp_norm"], eps))
-    return (h, cache_k, cache_v, cache_seg, layer + 1), None
+    return (out if ring else cached), (cache_k, cache_v, cache_seg)
 
-  carry = (h, cache.k, cache.v, cache.segment_ids, jnp.int32(0))
-  (h, k, v, seg, _), _ = jax.lax.scan(body, carry, params["layers"])
-  h = layers.rms_norm(h, params["final_norm"], eps)
-  if ring_attention_fn is not None:
-    h = jnp.take(h, inverse, axis=1)
-  return h, KVCache(k, v, seg)
-
-
-def logits(params: dict, hidden: jax.Array) -> jax.Array:
-  """hidden [B,T,D] -> logits [B,T,V] float32 (matmul in the hidden states' dtype)."""
-  return jnp.einsum("BTD,DV->BTV", hidden, params["lm_head"].astype(hidden.dtype),
-                    preferred_element_type=jnp.float32)
+  hidden, state = llama.forward(config, params, input_ids, positions, attention, tuple(cache),
+                                constrain=constrain)
+  if ring:
+    hidden = jnp.take(hidden, inverse, axis=1)
+  return hidden, KVCache(*state)

@@ -33,11 +33,7 @@ def _dense(x: jax.Array, w: jax.Array, spec: str, bias: jax.Array | None = None)
 def attention_qkv(
     p: Mapping[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """x [B,T,D] -> q [B,T,N,H], k, v [B,T,K,H]; q and k rotated by cos/sin [B,T,H].
-
-  Split from `self_attention` so cached decoding (modeling/decode.py) projects the same way and
-  stores k/v after RoPE.
-  """
+  """x [B,T,D] -> q [B,T,N,H], k, v [B,T,K,H]; q and k rotated by cos/sin [B,T,H]."""
   q = _dense(x, p["wq"], "BTD,DNH->BTNH", p.get("bq"))
   k = _dense(x, p["wk"], "BTD,DKH->BTKH", p.get("bk"))
   v = _dense(x, p["wv"], "BTD,DKH->BTKH", p.get("bv"))
@@ -52,17 +48,6 @@ def attention_output(p: Mapping[str, jax.Array], out: jax.Array) -> jax.Array:
   return _dense(out, p["wo"], "BTNH,NHD->BTD", p.get("bo"))
 
 
-def self_attention(
-    p: Mapping[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array, *,
-    positions: jax.Array, segment_ids: jax.Array | None, attention_fn: Callable[..., jax.Array],
-) -> jax.Array:
-  """x [B,T,D] -> [B,T,D]. q/k rotated by cos/sin [B,T,H]; causal attention through attention_fn."""
-  q, k, v = attention_qkv(p, x, cos, sin)
-  out = attention_fn(q, k, v, positions=positions, segment_ids=segment_ids, causal=True,
-                     scale=q.shape[-1] ** -0.5)
-  return attention_output(p, out)
-
-
 def swiglu_mlp(p: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
   """LlamaMLP: down(silu(gate(x)) * up(x)), x [B,T,D] -> [B,T,D] through width F."""
   gate = _dense(x, p["w_gate"], "BTD,DF->BTF", p.get("b_gate"))
@@ -70,15 +55,24 @@ def swiglu_mlp(p: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
   return _dense(jax.nn.silu(gate) * up, p["w_down"], "BTF,FD->BTD", p.get("b_down"))
 
 
+Attention = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+"""attention(q [B,T,N,H], k [B,T,K,H], v [B,T,K,H]) -> (out [B,T,N,H], state): a closure over the
+call's positions, segment ids and (when decoding) the KV cache, whose new contents it returns as
+`state` (None when there is nothing to carry). modeling/llama.py builds the plain and ring ones,
+modeling/decode.py the cached ones."""
+
+
 def decoder_layer(
-    p: Mapping[str, jax.Array], h: jax.Array, cos: jax.Array, sin: jax.Array, *,
-    positions: jax.Array, segment_ids: jax.Array | None, attention_fn: Callable[..., Any],
-    eps: float,
-) -> jax.Array:
-  """Pre-norm residual block: h + attn(norm(h)), then + mlp(norm(h)). h [B,T,D]."""
-  h = h + self_attention(p, rms_norm(h, p["attn_norm"], eps), cos, sin, positions=positions,
-                         segment_ids=segment_ids, attention_fn=attention_fn)
-  return h + swiglu_mlp(p, rms_norm(h, p["mlp_norm"], eps))
+    p: Mapping[str, jax.Array], h: jax.Array, cos: jax.Array, sin: jax.Array,
+    attention: Attention, *, eps: float,
+) -> tuple[jax.Array, Any]:
+  """The one Llama decoder layer (training, prefill and decoding): pre-norm residual blocks
+  h + attn(norm(h)), then + mlp(norm(h)). h [B,T,D]; cos/sin [B,T,H] rotate q and k.
+  Returns (h, the state `attention` returned)."""
+  q, k, v = attention_qkv(p, rms_norm(h, p["attn_norm"], eps), cos, sin)
+  out, state = attention(q, k, v)
+  h = h + attention_output(p, out)
+  return h + swiglu_mlp(p, rms_norm(h, p["mlp_norm"], eps)), state
 
 
 def remat_policy(name: str):

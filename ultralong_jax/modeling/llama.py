@@ -15,7 +15,7 @@ with depth; each step may be rematerialized by `config.remat_policy`.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -80,12 +80,57 @@ class DecoderStack(nnx.Module):
     return {name: getattr(self, name)[...] for name in self.names}
 
 
+StackAttention = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+"""attention(q, k, v, layer, state) -> (out, state): layers.Attention with the layer index (traced
+int32) and the state the previous layer returned made explicit (see `forward`)."""
+
+
+def forward(config: LlamaConfig, params: Mapping[str, Any], input_ids: jax.Array,
+            positions: jax.Array, attention: StackAttention, state: Any = None, *,
+            constrain: Callable[[jax.Array, tuple], jax.Array] | None = None,
+            ) -> tuple[jax.Array, Any]:
+  """The model without its head, as a pure function of `params` (`Llama.arrays()`).
+
+  input_ids, positions [B,T] -> (final-normed hidden states [B,T,D] in the compute dtype, state).
+  Every layer runs layers.decoder_layer with `attention` bound to its index and to the state the
+  previous layer returned (`state` for the first): None in training, the KV cache when decoding
+  (modeling/decode.py). `constrain(x, logical_names)` hints activation shardings.
+  """
+  constrain = constrain or (lambda x, names: x)
+  residual = ("batch", "residual_length", "embed")
+  eps = config.rms_norm_eps
+  h = jnp.take(params["embed"], input_ids, axis=0).astype(jnp.dtype(config.dtype))
+  cos, sin = rope.rope_tables(config, positions)  # once per forward, shared by all layers
+
+  def body(carry, p):
+    h, state, layer = carry
+    h, state = layers.decoder_layer(p, h, cos, sin,
+                                    lambda q, k, v: attention(q, k, v, layer, state), eps=eps)
+    return (constrain(h, residual), state, layer + 1), None
+
+  policy = layers.remat_policy(config.remat_policy)
+  if policy is not None:
+    # prevent_cse=False is safe (and faster) inside scan, per the jax.checkpoint docs.
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+  carry = (constrain(h, residual), state, jnp.int32(0))
+  (h, state, _), _ = jax.lax.scan(body, carry, params["layers"])
+  return layers.rms_norm(h, params["final_norm"], eps), state
+
+
+def logits(lm_head: jax.Array, hidden: jax.Array) -> jax.Array:
+  """hidden [B,T,D] -> logits [B,T,V] in float32 (matmul in the hidden states' dtype);
+  lm_head [D, V]."""
+  return jnp.einsum("BTD,DV->BTV", hidden, lm_head.astype(hidden.dtype),
+                    preferred_element_type=jnp.float32)
+
+
 class Llama(nnx.Module):
   """`model(input_ids [B,T], positions=None, segment_ids=None) -> logits [B,T,V]` (float32).
 
-  `positions` are global token positions [B,T] (default 0..T-1); sequence sharding and packing
-  need them explicit. `segment_ids` [B,T] restrict attention to tokens of the same segment.
-  `attention_fn` replaces the single-device attention (e.g. ring attention over a mesh).
+  `positions` are global token positions [B,T] (default 0..T-1); with `segment_ids` [B,T]
+  (tokens attend only within equal ids) they define the attention mask (modeling/attention.py).
+  `attention_fn(q, k, v, *, positions, segment_ids, causal, scale)` replaces the single-device
+  attention (e.g. ring attention over a mesh).
   """
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs,
@@ -109,35 +154,28 @@ class Llama(nnx.Module):
                segment_ids: jax.Array | None = None) -> jax.Array:
     return self.logits(self.hidden_states(input_ids, positions, segment_ids))
 
+  def arrays(self) -> dict[str, Any]:
+    """The arrays `forward` and `logits` take (no copies): embed, layers (stacked), final_norm,
+    lm_head [D, V]."""
+    return {"embed": self.embed[...], "layers": self.layers.stacked(),
+            "final_norm": self.final_norm[...], "lm_head": self.lm_head_weight()}
+
   def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
                     segment_ids: jax.Array | None = None) -> jax.Array:
     """input_ids [B,T] -> final-normed hidden states [B,T,D] in the compute dtype (no LM head)."""
-    config = self.config
     B, T = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    compute = jnp.dtype(config.dtype)
-    h = jnp.take(self.embed[...], input_ids, axis=0).astype(compute)
+    attention_fn = self.attention_fn
 
-    cos, sin = rope.rope_tables(config, positions)  # once per forward, shared by all layers
+    def attention(q, k, v, layer, state):
+      del layer  # every layer attends the same way; nothing is carried
+      return attention_fn(q, k, v, positions=positions, segment_ids=segment_ids, causal=True,
+                          scale=q.shape[-1] ** -0.5), state
 
-    attention_fn, eps = self.attention_fn, config.rms_norm_eps
-    constrain = self.constrain_fn or (lambda x, names: x)
-    residual = ("batch", "residual_length", "embed")
-
-    def body(h, p):
-      h = layers.decoder_layer(p, h, cos, sin, positions=positions, segment_ids=segment_ids,
-                               attention_fn=attention_fn, eps=eps)
-      return constrain(h, residual), None
-
-    h = constrain(h, residual)
-
-    policy = layers.remat_policy(config.remat_policy)
-    if policy is not None:
-      # prevent_cse=False is safe (and faster) inside scan, per the jax.checkpoint docs.
-      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    h, _ = jax.lax.scan(body, h, self.layers.stacked())
-    return layers.rms_norm(h, self.final_norm[...], eps)
+    hidden, _ = forward(self.config, self.arrays(), input_ids, positions, attention,
+                        constrain=self.constrain_fn)
+    return hidden
 
   def lm_head_weight(self) -> jax.Array:
     """[D, V] output projection (the transposed embedding when tied)."""
@@ -147,8 +185,7 @@ class Llama(nnx.Module):
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden [B,T,D] -> logits [B,T,V] in float32 (matmul in the compute dtype)."""
-    w = self.lm_head_weight().astype(hidden.dtype)
-    return jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=jnp.float32)
+    return logits(self.lm_head_weight(), hidden)
 
 
 def init_model(config: LlamaConfig, seed: int = 0,

@@ -9,7 +9,9 @@ gradient is exact without ever holding the whole row.
 Internal layout (GQA without repeating K/V: query heads grouped under their kv head):
   q, dq, out, dout  [B, T, K, G, H]      k, v, dk, dv  [B, S, K, H]
   lse, delta        [B, K, G, T] float32 q_seg [B, T], kv_seg [B, S] int or None
-`causal=True` means the block is on the diagonal: T == S and query t sees keys s <= t.
+`causal=True` masks causally (modeling.attention.mask): by the q_pos/kv_pos [B|1, T|S] positions
+that the "xla" and "chunked" kernels take (BlockKernel.positions), else by index order within the
+block, i.e. the block is on the diagonal: T == S and query t sees keys s <= t.
 
 A row that sees no key of the block (causal or segment mask) gets out = 0 and lse = NEG_INF, so
 its weight in the merge is exp(NEG_INF - lse) = 0 and the merge stays finite.
@@ -40,11 +42,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ultralong_jax.modeling import attention
 from ultralong_jax.parallel import cudnn_attention
 
-# Finite "minus infinity": a fully masked row then gives a finite lse that the merge weighs by
-# exp(-1e30 - lse) = 0, instead of exp(-inf + inf) = nan.
-NEG_INF = -1e30
+NEG_INF = attention.NEG_INF
 
 # Query/key chunk of the "chunked" kernel: one [B, K, G, 1024, 1024] float32 score tile is 4 B N
 # MiB per device (N = its query heads: 128 MiB for Llama-3 8B's 32, 16 MiB at tensor = 8), a few of
@@ -56,28 +57,26 @@ class BlockKernel(NamedTuple):
   forward: callable   # (q, k, v, q_seg, kv_seg, *, causal, scale) -> (out f32, lse)
   backward: callable  # (q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal, scale) -> dq, dk, dv
   segment_ids: bool   # whether the kernel supports segment ids
+  # Whether forward/backward take q_pos [B|1, T], kv_pos [B|1, S] (keywords) and mask by their
+  # order (modeling.attention.mask); the others mask by index order within the block.
+  positions: bool = False
 
 
-def _mask(t: int, s: int, q_seg, kv_seg, causal: bool):
-  """Boolean [B|1, 1, 1, T, S] mask (True = attend) or None when nothing is masked."""
-  mask = None
-  if causal:
-    mask = (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None, None, None]
-  if q_seg is not None:
-    same = (q_seg[:, :, None] == kv_seg[:, None, :])[:, None, None]
-    mask = same if mask is None else mask & same
-  return mask
+def _order(pos, length: int):
+  """A block's token order [B|1, length]: its positions, or 0..length-1 without them."""
+  return attention.natural_positions(length) if pos is None else pos
 
 
-def _scores(q, k, q_seg, kv_seg, causal, scale):
+def _scores(q, k, q_seg, kv_seg, causal, scale, q_pos, kv_pos):
   s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
-  mask = _mask(q.shape[1], k.shape[1], q_seg, kv_seg, causal)
+  mask = attention.mask(_order(q_pos, q.shape[1]), _order(kv_pos, k.shape[1]), q_seg, kv_seg,
+                        causal)
   return s if mask is None else jnp.where(mask, s, NEG_INF)
 
 
-def xla_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float):
+def xla_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float, q_pos=None, kv_pos=None):
   """Block attention with materialized [B, K, G, T, S] scores; returns out f32, lse [B,K,G,T]."""
-  s = _scores(q, k, q_seg, kv_seg, causal, scale)
+  s = _scores(q, k, q_seg, kv_seg, causal, scale, q_pos, kv_pos)
   m = s.max(axis=-1, keepdims=True)
   p = jnp.exp(s - m)
   l = p.sum(axis=-1, keepdims=True)
@@ -87,10 +86,11 @@ def xla_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float):
   return jnp.where(seen, out, 0.0), (m + jnp.log(l))[..., 0]
 
 
-def xla_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: bool, scale: float):
+def xla_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: bool, scale: float,
+                 q_pos=None, kv_pos=None):
   """Flash-attention-2 block backward with the row's global lse and delta = rowsum(dout * out)."""
   del out  # only needed through delta
-  p = jnp.exp(_scores(q, k, q_seg, kv_seg, causal, scale) - lse[..., None])
+  p = jnp.exp(_scores(q, k, q_seg, kv_seg, causal, scale, q_pos, kv_pos) - lse[..., None])
   dv = jnp.einsum("BKGTS,BTKGH->BSKH", p.astype(dout.dtype), dout,
                   preferred_element_type=jnp.float32)
   dp = jnp.einsum("BTKGH,BSKH->BKGTS", dout, v, preferred_element_type=jnp.float32)
@@ -100,13 +100,13 @@ def xla_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: bool,
   return dq, dk, dv
 
 
-def _pad(x, length: int, axis: int = 1):
-  """Zero-pads axis `axis` of x (or None) to `length`."""
+def _pad(x, length: int, axis: int = 1, value=0):
+  """Pads axis `axis` of x (or None) to `length` with `value`."""
   if x is None or x.shape[axis] == length:
     return x
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, length - x.shape[axis])
-  return jnp.pad(x, widths)
+  return jnp.pad(x, widths, constant_values=value)
 
 
 def _slice(x, start, size: int, axis: int = 1):
@@ -133,50 +133,82 @@ class _Tiling(NamedTuple):
   def padded(self) -> bool:
     return self.nq * self.cq != self.t or self.nk * self.ck != self.s
 
-  def key_chunks_end(self, i, causal: bool):
-    """One past the last key chunk that query chunk i can see."""
-    if not causal:
-      return self.nk
-    return jnp.minimum(self.nk, ((i + 1) * self.cq - 1) // self.ck + 1)
+  def positions(self, q_pos, kv_pos, q_seg, kv_seg):
+    """(q_pos, kv_pos) padded to the tiled lengths, and the order bounds (`bounds`) of each query
+    chunk's last token [nq] and key chunk's first token [nk]: tile (i, j) is computed only when
+    `sees(first_key[j], last_query[i])`."""
+    top = jnp.iinfo(jnp.int32).max
+    q_pos = _pad(_order(q_pos, self.t), self.nq * self.cq)
+    # Padded keys come last in the order, so a padded chunk is skipped like a late one.
+    kv_pos = _pad(_order(kv_pos, self.s), self.nk * self.ck, value=top)
+    kv_seg = _pad(kv_seg, self.nk * self.ck, value=top)
+    last_query = bounds(q_pos, _pad(q_seg, self.nq * self.cq), self.nq, last=True)
+    return q_pos, kv_pos, last_query, bounds(kv_pos, kv_seg, self.nk, last=False)
 
-  def query_chunks_start(self, j, causal: bool):
-    """The first query chunk that can see key chunk j."""
-    return (j * self.ck) // self.cq if causal else 0
-
-  def mask(self, qs, ks, q_seg, kv_seg, causal: bool):
+  def mask(self, qs, ks, q_pos, kv_pos, q_seg, kv_seg, causal: bool):
     """Boolean [B|1, 1, 1, cq, ck] mask (True = attend) of the tile at offsets (qs, ks), or None."""
-    q_idx = qs + jnp.arange(self.cq)[:, None]
-    kv_idx = ks + jnp.arange(self.ck)[None, :]
-    mask = None
-    if causal:
-      mask = q_idx >= kv_idx
+    mask = attention.mask(q_pos, kv_pos, q_seg, kv_seg, causal)
     if self.padded:
-      real = (q_idx < self.t) & (kv_idx < self.s)
+      real = ((qs + jnp.arange(self.cq)[:, None] < self.t)
+              & (ks + jnp.arange(self.ck)[None, :] < self.s))[None, None, None]
       mask = real if mask is None else mask & real
-    if mask is not None:
-      mask = mask[None, None, None]
-    if q_seg is not None:
-      same = (q_seg[:, :, None] == kv_seg[:, None, :])[:, None, None]
-      mask = same if mask is None else mask & same
     return mask
 
 
+def bounds(pos, seg, parts: int, *, last: bool):
+  """The first (or last) token of each of `parts` equal parts of the length axis in (segment id,
+  position) order, over the batch: (seg [parts], pos [parts]); pos [B|1, L], seg [B, L] or None.
+
+  A query sees a key only in its own segment at a position not after its own, so when the first
+  key of a part comes after the last query of another in this order (`sees` is False), no query
+  there sees any key here. For packed rows (ids increasing along the row) this is as tight as the
+  index order; for any ids it never skips a visible pair.
+  """
+  rows = pos.shape[0] if seg is None else seg.shape[0]
+  split = lambda x: jnp.broadcast_to(x, (rows, x.shape[1])).reshape(rows, parts, -1).swapaxes(
+      0, 1).reshape(parts, -1)
+  pos = split(pos)
+  seg = jnp.zeros_like(pos) if seg is None else split(seg)
+  pick, fill = (jnp.max, jnp.iinfo(jnp.int32).min) if last else (jnp.min, jnp.iinfo(jnp.int32).max)
+  first_seg = pick(seg, axis=1)
+  return first_seg, pick(jnp.where(seg == first_seg[:, None], pos, fill), axis=1)
+
+
+def sees(first_key, last_query):
+  """Whether keys starting at `first_key` can be seen by queries ending at `last_query` (both
+  (seg, pos) from `bounds`; any shapes that broadcast)."""
+  (key_seg, key_pos), (query_seg, query_pos) = first_key, last_query
+  return (key_seg < query_seg) | ((key_seg == query_seg) & (key_pos <= query_pos))
+
+
+def _at(pair, index):
+  return tuple(x[index] for x in pair)
+
+
+def _when(visible, compute):
+  """compute(j, carry) where `visible` (a traced bool, or None = always), else carry unchanged."""
+  if visible is None:
+    return compute
+  return lambda j, carry: jax.lax.cond(visible(j), compute, lambda j, carry: carry, j, carry)
+
+
 def chunked_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float,
-                    chunk_size: int = CHUNK_SIZE):
+                    chunk_size: int = CHUNK_SIZE, q_pos=None, kv_pos=None):
   """xla_forward tiled: online softmax over key chunks for each query chunk.
 
   Live scores are one [B, K, G, cq, ck] tile (flash attention, Dao et al. 2022, Algorithm 1,
-  with the running max / sum of Milakov & Gimelshein 2018). Returns out f32 [B, T, K, G, H],
-  lse [B, K, G, T].
+  with the running max / sum of Milakov & Gimelshein 2018). Causal tiles with no visible key
+  (by the positions' order) are skipped. Returns out f32 [B, T, K, G, H], lse [B, K, G, T].
   """
   b, t, kh, g, h = q.shape
   tiles = _Tiling.of(t, k.shape[1], chunk_size)
+  q_pos, kv_pos, last_query, first_key = tiles.positions(q_pos, kv_pos, q_seg, kv_seg)
   q, q_seg = (_pad(x, tiles.nq * tiles.cq) for x in (q, q_seg))
   k, v, kv_seg = (_pad(x, tiles.nk * tiles.ck) for x in (k, v, kv_seg))
 
   def query_chunk(i):
     qs = i * tiles.cq
-    q_i, q_seg_i = _slice(q, qs, tiles.cq), _slice(q_seg, qs, tiles.cq)
+    q_i, q_seg_i, q_pos_i = (_slice(x, qs, tiles.cq) for x in (q, q_seg, q_pos))
 
     def key_chunk(j, carry):
       m, l, acc = carry  # running max, sum [B, K, G, cq]; unnormalized output [B, K, G, cq, H]
@@ -184,7 +216,8 @@ def chunked_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float,
       v_j = _slice(v, ks, tiles.ck)
       s = jnp.einsum("BTKGH,BSKH->BKGTS", q_i, _slice(k, ks, tiles.ck),
                      preferred_element_type=jnp.float32) * scale
-      mask = tiles.mask(qs, ks, q_seg_i, _slice(kv_seg, ks, tiles.ck), causal)
+      mask = tiles.mask(qs, ks, q_pos_i, _slice(kv_pos, ks, tiles.ck), q_seg_i,
+                        _slice(kv_seg, ks, tiles.ck), causal)
       if mask is not None:
         s = jnp.where(mask, s, NEG_INF)
       m_new = jnp.maximum(m, s.max(axis=-1))
@@ -200,7 +233,8 @@ def chunked_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float,
     # the same mesh axes as the loop body's results.
     zero = jnp.zeros_like(q_i[..., 0], jnp.float32).transpose(0, 2, 3, 1)    # [B, K, G, cq]
     init = (zero + NEG_INF, zero, jnp.zeros_like(q_i, jnp.float32).transpose(0, 2, 3, 1, 4))
-    m, l, acc = jax.lax.fori_loop(0, tiles.key_chunks_end(i, causal), key_chunk, init)
+    visible = (lambda j: sees(_at(first_key, j), _at(last_query, i))) if causal else None
+    m, l, acc = jax.lax.fori_loop(0, tiles.nk, _when(visible, key_chunk), init)
     seen = m > NEG_INF
     out = jnp.where(seen[..., None], acc / l[..., None], 0.0)
     return out.transpose(0, 3, 1, 2, 4), jnp.where(seen, m + jnp.log(l), NEG_INF)
@@ -213,7 +247,7 @@ def chunked_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float,
 
 
 def chunked_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: bool, scale: float,
-                     chunk_size: int = CHUNK_SIZE):
+                     chunk_size: int = CHUNK_SIZE, q_pos=None, kv_pos=None):
   """xla_backward tiled (flash-attention 2, Dao 2023, Algorithm 2) with the row's global lse/delta.
 
   For each key chunk, a loop over the query chunks that see it accumulates dK, dV of that chunk
@@ -224,21 +258,22 @@ def chunked_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: b
   t, s_len = q.shape[1], k.shape[1]
   tiles = _Tiling.of(t, s_len, chunk_size)
   tq, sk = tiles.nq * tiles.cq, tiles.nk * tiles.ck
+  q_pos, kv_pos, last_query, first_key = tiles.positions(q_pos, kv_pos, q_seg, kv_seg)
   q, q_seg, dout = (_pad(x, tq) for x in (q, q_seg, dout))
   lse, delta = (_pad(x, tq, axis=3) for x in (lse, delta))
   k, v, kv_seg = (_pad(x, sk) for x in (k, v, kv_seg))
 
   def key_chunk(dq, j):
     ks = j * tiles.ck
-    k_j, v_j, kv_seg_j = (_slice(x, ks, tiles.ck) for x in (k, v, kv_seg))
+    k_j, v_j, kv_seg_j, kv_pos_j = (_slice(x, ks, tiles.ck) for x in (k, v, kv_seg, kv_pos))
 
     def query_chunk(i, carry):
       dq, dk_j, dv_j = carry
       qs = i * tiles.cq
-      q_i, dout_i, q_seg_i = (_slice(x, qs, tiles.cq) for x in (q, dout, q_seg))
+      q_i, dout_i, q_seg_i, q_pos_i = (_slice(x, qs, tiles.cq) for x in (q, dout, q_seg, q_pos))
       lse_i, delta_i = (_slice(x, qs, tiles.cq, axis=3)[..., None] for x in (lse, delta))
       s = jnp.einsum("BTKGH,BSKH->BKGTS", q_i, k_j, preferred_element_type=jnp.float32) * scale
-      mask = tiles.mask(qs, ks, q_seg_i, kv_seg_j, causal)
+      mask = tiles.mask(qs, ks, q_pos_i, kv_pos_j, q_seg_i, kv_seg_j, causal)
       # exp(-inf) = 0 exactly for masked keys, whatever lse is (even NEG_INF).
       p = jnp.exp(s - lse_i if mask is None else jnp.where(mask, s - lse_i, -jnp.inf))
       dv_j = dv_j + jnp.einsum("BKGTS,BTKGH->BSKH", p.astype(dout.dtype), dout_i,
@@ -252,8 +287,8 @@ def chunked_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: b
       return jax.lax.dynamic_update_slice_in_dim(dq, dq_i, qs, 1), dk_j, dv_j
 
     zero = jnp.zeros_like(k_j, jnp.float32)  # varies like k_j under check_vma (see forward)
-    dq, dk_j, dv_j = jax.lax.fori_loop(tiles.query_chunks_start(j, causal), tiles.nq,
-                                       query_chunk, (dq, zero, zero))
+    visible = (lambda i: sees(_at(first_key, j), _at(last_query, i))) if causal else None
+    dq, dk_j, dv_j = jax.lax.fori_loop(0, tiles.nq, _when(visible, query_chunk), (dq, zero, zero))
     return dq, (dk_j, dv_j)
 
   dq, (dk, dv) = jax.lax.scan(key_chunk, jnp.zeros_like(q, jnp.float32), jnp.arange(tiles.nk))
@@ -267,7 +302,8 @@ def chunked_kernel(chunk_size: int = CHUNK_SIZE) -> BlockKernel:
   if chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size}: expected a positive number of tokens")
   return BlockKernel(functools.partial(chunked_forward, chunk_size=chunk_size),
-                     functools.partial(chunked_backward, chunk_size=chunk_size), segment_ids=True)
+                     functools.partial(chunked_backward, chunk_size=chunk_size), segment_ids=True,
+                     positions=True)
 
 
 def _fused_kernel(implementation: str) -> BlockKernel:
@@ -299,7 +335,7 @@ def _splash_kernel(chunk_size: int) -> BlockKernel:
 
 
 KERNELS = {
-    "xla": BlockKernel(xla_forward, xla_backward, segment_ids=True),
+    "xla": BlockKernel(xla_forward, xla_backward, segment_ids=True, positions=True),
     "chunked": chunked_kernel(CHUNK_SIZE),
     "cudnn": _fused_kernel("cudnn"),
     "dpa_xla": _fused_kernel("xla"),

@@ -206,7 +206,7 @@ _CALLS = {"cudnn": _cudnn_call, "xla": _xla_call}
 def attend(q, k, v, layout: PackedLayout | None, *, causal: bool, scale: float,
            implementation: str, residual_dtype=jnp.float32):
   """One fused call on the block layout: (out [B,T,K,G,H] q.dtype, lse [B,K,G,T] float32)."""
-  from ultralong_jax.parallel.block_attention import NEG_INF  # pylint: disable=g-import-not-at-top
+  from ultralong_jax.modeling.attention import NEG_INF  # pylint: disable=g-import-not-at-top
   b, t, kh, g, h = q.shape
   out, stats = _CALLS[implementation](q.reshape(b, t, kh * g, h), k, v, layout, causal=causal,
                                       scale=scale)

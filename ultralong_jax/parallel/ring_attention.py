@@ -18,6 +18,16 @@ holds the K/V of device j = i - s mod n): step 0 is the local block (q0·k0 caus
 q1·k1 causal); a step with j < i needs q0·k0 and q1·k0, one with j > i needs q1·k0 and q1·k1, all
 full c x c blocks. Every device does 3 + 2(n-1) block products of c x c: equal work, and only the
 two diagonal blocks carry masked-out halves. Non-causal attention does one full block per step.
+
+Masks. The kernels that mask by positions ("xla", "chunked"; BlockKernel.positions) take the
+causal mask from the tokens' positions (modeling.attention.mask), which travel with K/V, so the
+result is attention for tokens in ANY order; the layout only sets how each step's block is split
+(halves under zigzag), and a sub-block is computed only when its first key does not come after
+its last query in (segment id, position) order (for a laid-out batch exactly the blocks above). The fused
+kernels ("cudnn*", "dpa_xla*", "splash") can only mask by index order within a block (a causal
+flag; cuDNN's packed layout and splash add segment ids), so with them the causal order IS the
+layout: the caller lays the batch out with layout.zigzag_permute and passes no positions; given
+positions are refused rather than silently replaced by the layout's order.
 """
 
 import dataclasses
@@ -44,19 +54,30 @@ class _Plan:
   scale: float
   kernel: str | block_attention.BlockKernel
   chunk_size: int
+  by_positions: bool  # causal masks from positions (see the module docstring)
 
   def block_kernel(self) -> block_attention.BlockKernel:
     return block_attention.get_kernel(self.kernel, chunk_size=self.chunk_size)
 
 
-def _blocks(plan: _Plan, step: int, i, j, length: int):
+def _blocks(plan: _Plan, step: int, i, j, length: int, pos, kv_pos, seg, kv_seg):
   """Sub-block products of one step: (q_start, q_len, kv_start, kv_len, causal, valid).
 
   Starts may be traced (they depend on the device index i); lengths and `causal` are static;
-  `valid` is None (always computed) or a traced bool (computed under lax.cond).
+  `valid` is None (always computed) or a traced bool (computed under lax.cond). With masks from
+  positions (pos, seg [B, T] of the local queries, kv_pos, kv_seg of the step's keys) every
+  sub-block of the layout's split is listed, valid when some key may be visible to some query
+  (block_attention.sees).
   """
   if not plan.causal:
     return [(0, length, 0, length, False, None)]
+  if plan.by_positions:
+    parts = [(0, length)] if plan.layout == "contiguous" else [(0, length // 2),
+                                                                (length // 2, length // 2)]
+    return [(qs, ql, ks, kl, True, block_attention.sees(
+        block_attention.bounds(_slice(kv_pos, ks, kl), _slice(kv_seg, ks, kl), 1, last=False),
+        block_attention.bounds(_slice(pos, qs, ql), _slice(seg, qs, ql), 1, last=True))[0])
+            for qs, ql in parts for ks, kl in parts]
   if plan.layout == "contiguous":
     if step == 0:
       return [(0, length, 0, length, True, None)]
@@ -66,6 +87,11 @@ def _blocks(plan: _Plan, step: int, i, j, length: int):
     return [(0, c, 0, c, True, None), (c, c, 0, c, False, None), (c, c, c, c, True, None)]
   half = jnp.where(j < i, 0, c)
   return [(half, c, 0, c, False, None), (c, c, half, c, False, None)]
+
+
+def _positions(plan: _Plan, q_pos, kv_pos):
+  """The kernel's position keywords for one sub-block (none when it masks by index order)."""
+  return dict(q_pos=q_pos, kv_pos=kv_pos) if plan.by_positions else {}
 
 
 def _slice(x, start, size, axis=1):
@@ -111,25 +137,29 @@ def _rotate(plan: _Plan, tree):
   return jax.tree.map(lambda x: jax.lax.ppermute(x, plan.axis, perm), tree)
 
 
-def _forward(plan: _Plan, q, k, v, seg):
-  """Local forward: q [B, T, K, G, H] (this device's tokens), k, v [B, T, K, H], seg [B, T]."""
+def _forward(plan: _Plan, q, k, v, seg, pos):
+  """Local forward: q [B, T, K, G, H] (this device's tokens), k, v [B, T, K, H], seg and pos
+  [B, T] or None."""
   kernel = plan.block_kernel()
   b, t, kh, g, h = q.shape
   i = jax.lax.axis_index(plan.axis)
-  out = jnp.zeros((b, t, kh, g, h), jnp.float32)
-  lse = jnp.full((b, kh, g, t), block_attention.NEG_INF, jnp.float32)
-  source = _KVSource(plan, (k, v, seg))
+  # Accumulators vary like q (not constants): under check_vma a skipped block's lax.cond branch
+  # returns them as they are, which must match the computed branch's type.
+  out = jnp.zeros_like(q, jnp.float32)
+  lse = jnp.full_like(q, block_attention.NEG_INF, jnp.float32, shape=(b, kh, g, t))
+  source = _KVSource(plan, (k, v, seg, pos))
   for step in range(plan.n):
     j = (i - step) % plan.n
-    kb, vb, sb = source.block(j)
+    kb, vb, sb, pb = source.block(j)
     if step + 1 < plan.n:
       source.advance()  # next hop in flight while this block computes
-    for qs, ql, ks, kl, causal, valid in _blocks(plan, step, i, j, t):
+    for qs, ql, ks, kl, causal, valid in _blocks(plan, step, i, j, t, pos, pb, seg, sb):
       args = (_slice(q, qs, ql), _slice(kb, ks, kl), _slice(vb, ks, kl),
               _slice(seg, qs, ql), _slice(sb, ks, kl))
+      where = _positions(plan, _slice(pos, qs, ql), _slice(pb, ks, kl))
       acc = (_slice(out, qs, ql), _slice(lse, qs, ql, 3))
-      update = lambda args=args, causal=causal, acc=acc: block_attention.merge(
-          *acc, *kernel.forward(*args, causal=causal, scale=plan.scale))
+      update = lambda args=args, causal=causal, acc=acc, where=where: block_attention.merge(
+          *acc, *kernel.forward(*args, causal=causal, scale=plan.scale, **where))
       # A skipped block keeps the accumulator (not a constant: under check_vma both branches
       # must be device-varying).
       o_new, l_new = update() if valid is None else jax.lax.cond(valid, update, lambda: acc)
@@ -139,34 +169,35 @@ def _forward(plan: _Plan, q, k, v, seg):
   return out, lse
 
 
-def _backward(plan: _Plan, q, k, v, seg, out, lse, dout):
+def _backward(plan: _Plan, q, k, v, seg, pos, out, lse, dout):
   """Local backward: the forward's loop again, dK/dV accumulated per K/V block."""
   kernel = plan.block_kernel()
   t = q.shape[1]
   i = jax.lax.axis_index(plan.axis)
   delta = jnp.einsum("BTKGH,BTKGH->BKGT", dout.astype(jnp.float32), out)
-  dq = jnp.zeros(q.shape, jnp.float32)
-  source = _KVSource(plan, (k, v, seg))
+  dq = jnp.zeros_like(q, jnp.float32)  # varying like q (see _forward)
+  source = _KVSource(plan, (k, v, seg, pos))
   if plan.strategy == "allgather":
-    dk = jnp.zeros(source.full[0].shape, jnp.float32)
+    dk = jnp.zeros_like(k, jnp.float32, shape=source.full[0].shape)
   else:
-    dk = jnp.zeros(k.shape, jnp.float32)
+    dk = jnp.zeros_like(k, jnp.float32)
   dv = jnp.zeros_like(dk)
   for step in range(plan.n):
     j = (i - step) % plan.n
-    kb, vb, sb = source.block(j)
+    kb, vb, sb, pb = source.block(j)
     if step + 1 < plan.n:
       source.advance()
     # Ring: this step's dK/dV accumulators are those of block j, which traveled with it.
     offset = j * t if plan.strategy == "allgather" else 0
-    for qs, ql, ks, kl, causal, valid in _blocks(plan, step, i, j, t):
+    for qs, ql, ks, kl, causal, valid in _blocks(plan, step, i, j, t, pos, pb, seg, sb):
       args = (_slice(q, qs, ql), _slice(kb, ks, kl), _slice(vb, ks, kl),
               _slice(seg, qs, ql), _slice(sb, ks, kl), _slice(out, qs, ql),
               _slice(lse, qs, ql, 3), _slice(dout, qs, ql), _slice(delta, qs, ql, 3))
+      where = _positions(plan, _slice(pos, qs, ql), _slice(pb, ks, kl))
       acc = (_slice(dq, qs, ql), _slice(dk, offset + ks, kl), _slice(dv, offset + ks, kl))
 
-      def update(args=args, causal=causal, acc=acc):
-        grads = kernel.backward(*args, causal=causal, scale=plan.scale)
+      def update(args=args, causal=causal, acc=acc, where=where):
+        grads = kernel.backward(*args, causal=causal, scale=plan.scale, **where)
         return tuple(a + d for a, d in zip(acc, grads))
 
       dq_s, dk_s, dv_s = update() if valid is None else jax.lax.cond(valid, update, lambda: acc)
@@ -184,58 +215,40 @@ def _backward(plan: _Plan, q, k, v, seg, out, lse, dout):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(plan, q, k, v, seg):
-  out, _ = _forward(plan, q, k, v, seg)
+def _attend(plan, q, k, v, seg, pos):
+  out, _ = _forward(plan, q, k, v, seg, pos)
   return out.astype(q.dtype)
 
 
-def _attend_fwd(plan, q, k, v, seg):
-  out, lse = _forward(plan, q, k, v, seg)
+def _attend_fwd(plan, q, k, v, seg, pos):
+  out, lse = _forward(plan, q, k, v, seg, pos)
   # Residuals are this device's blocks only: O(T / n) memory.
-  return out.astype(q.dtype), (q, k, v, seg, out, lse)
+  return out.astype(q.dtype), (q, k, v, seg, pos, out, lse)
 
 
 def _attend_bwd(plan, res, dout):
-  q, k, v, seg, out, lse = res
-  dq, dk, dv = _backward(plan, q, k, v, seg, out, lse, dout)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+  q, k, v, seg, pos, out, lse = res
+  dq, dk, dv = _backward(plan, q, k, v, seg, pos, out, lse, dout)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def _local(plan: _Plan, q, k, v, seg=None):
+def _local(plan: _Plan, q, k, v, masks):
   b, t, n_heads, h = q.shape
   kv_heads = k.shape[2]
-  out = _attend(plan, q.reshape(b, t, kv_heads, n_heads // kv_heads, h), k, v, seg)
+  out = _attend(plan, q.reshape(b, t, kv_heads, n_heads // kv_heads, h), k, v,
+                masks.get("segment_ids"), masks.get("positions"))
   return out.reshape(b, t, n_heads, h)
 
 
-def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, causal: bool = True,
-                   scale: float | None = None, strategy: str = "ring", layout: str = "zigzag",
-                   kernel: str | block_attention.BlockKernel = "auto",
-                   chunk_size: int = block_attention.CHUNK_SIZE):
-  """Attention with the length sharded over the mesh's sequence axis.
+def _block_length(t: int, n: int, causal: bool, layout: str) -> int:
+  """The kernel's query length: half the local tokens under causal zigzag (two chunks each)."""
+  return t // n // (2 if causal and layout == "zigzag" else 1)
 
-  Args:
-    q: [B, T, N, H] queries, k, v: [B, T, K, H] keys/values (N divisible by K: GQA, never
-      repeated), all in `layout` order (see layout.zigzag_permute) when causal.
-    mesh: the device mesh; axes come from the sharding table (sharding.LOGICAL_AXIS_RULES).
-    positions: unused (RoPE is applied before); causal order comes from the layout.
-    segment_ids: [B, T] int, tokens attend only within equal ids (0 = padding is allowed).
-    causal: causal mask in original token order.
-    scale: score scale, default 1/sqrt(H).
-    strategy: "ring" (ppermute K/V) or "allgather" (gather K/V once).
-    layout: "zigzag" (balanced causal work) or "contiguous" (unbalanced; for comparison).
-    kernel: "auto" | "xla" | "chunked" | "cudnn" | "cudnn_packed" | "dpa_xla" |
-      "dpa_xla_packed" | "splash" (block_attention.select_kernel), or a BlockKernel object
-      (e.g. training.compile_plan.STANDIN_KERNEL, the memory stand-in).
-    chunk_size: query/key chunk of the "chunked" kernel; "auto" picks that kernel (where cuDNN
-      and splash do not apply) when a ring block is longer than this. Caps splash's tile.
-  Returns:
-    [B, T, N, H] attention output, sharded like q.
-  """
-  del positions
+
+def _check_arguments(q, k, v, strategy: str, **masks):
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
     raise ValueError(f"expected q [B,T,N,H], k and v [B,S,K,H]; got {q.shape}, {k.shape}, {v.shape}")
   b, t, n_heads, h = q.shape
@@ -246,8 +259,42 @@ def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, cau
     raise ValueError(f"query heads N={n_heads} must be a multiple of kv heads K={k.shape[2]}")
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
-  if segment_ids is not None and segment_ids.shape != (b, t):
-    raise ValueError(f"segment_ids {segment_ids.shape} must be [B, T] = {(b, t)}")
+  for name, x in masks.items():
+    if x is not None and x.shape != (b, t):
+      raise ValueError(f"{name} {x.shape} must be [B, T] = {(b, t)}")
+
+
+def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, causal: bool = True,
+                   scale: float | None = None, strategy: str = "ring", layout: str = "zigzag",
+                   kernel: str | block_attention.BlockKernel = "auto",
+                   chunk_size: int = block_attention.CHUNK_SIZE):
+  """Attention with the length sharded over the mesh's sequence axis.
+
+  Args:
+    q: [B, T, N, H] queries, k, v: [B, T, K, H] keys/values (N divisible by K: GQA, never
+      repeated).
+    mesh: the device mesh; axes come from the sharding table (sharding.LOGICAL_AXIS_RULES).
+    positions: [B, T] int, the tokens' positions: the causal mask keeps keys whose position is
+      not after the query's (modeling.attention.mask), so the tokens may come in any order.
+      None: the tokens are in `layout` order (layout.zigzag_permute of a natural-order batch).
+      Only kernels that mask by positions take them (see the module docstring); the others
+      refuse them.
+    segment_ids: [B, T] int, tokens attend only within equal ids (0 = padding is allowed).
+    causal: causal mask by position.
+    scale: score scale, default 1/sqrt(H).
+    strategy: "ring" (ppermute K/V) or "allgather" (gather K/V once).
+    layout: "zigzag" (balanced causal work) or "contiguous" (unbalanced; for comparison): how
+      each step's block is split, and the order of tokens given without positions.
+    kernel: "auto" | "xla" | "chunked" | "cudnn" | "cudnn_packed" | "dpa_xla" |
+      "dpa_xla_packed" | "splash" (block_attention.select_kernel), or a BlockKernel object
+      (e.g. training.compile_plan.STANDIN_KERNEL, the memory stand-in).
+    chunk_size: query/key chunk of the "chunked" kernel; "auto" picks that kernel (where cuDNN
+      and splash do not apply) when a ring block is longer than this. Caps splash's tile.
+  Returns:
+    [B, T, N, H] attention output, sharded like q.
+  """
+  _check_arguments(q, k, v, strategy, segment_ids=segment_ids, positions=positions)
+  b, t, _, h = q.shape
   axis = sharding.mesh_axes_of("length", mesh)
   if len(axis) != 1:
     raise ValueError(f"the sharding table must map 'length' to one mesh axis; got {axis}")
@@ -262,23 +309,30 @@ def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, cau
   for name, x, spec in (("q", q, q_spec), ("k/v", k, kv_spec)):
     sharding.check_divisible(name, x.shape, spec, mesh)
   seg_spec = sharding.logical_to_spec(("batch", "length"), mesh)
-  # The kernel's query length: half the local tokens under zigzag (two chunks per device).
-  block_length = t // n // (2 if causal and layout == "zigzag" else 1)
+  chosen = block_attention.select_kernel(
+      kernel, has_segment_ids=segment_ids is not None, platform=mesh.devices.flat[0].platform,
+      block_length=_block_length(t, n, causal, layout), chunk_size=chunk_size)
+  by_positions = causal and block_attention.get_kernel(chosen, chunk_size=chunk_size).positions
+  if causal and positions is not None and not by_positions:
+    raise ValueError(
+        f"kernel={chosen!r} masks by the layout's token order and cannot take positions: lay the "
+        f"tokens out with layout.zigzag_permute(batch, n, layout={layout!r}) and call without "
+        "positions, or use kernel='xla' or 'chunked', which mask by any positions.")
+  if by_positions and positions is None:
+    positions = jnp.broadcast_to(jnp.asarray(layout_lib.permutation(t, n, layout), jnp.int32),
+                                 (b, t))
   plan = _Plan(axis=axis, n=n, strategy=strategy, layout=layout, causal=causal,
                scale=float(scale if scale is not None else 1.0 / math.sqrt(h)),
-               kernel=block_attention.select_kernel(
-                   kernel, has_segment_ids=segment_ids is not None,
-                   platform=mesh.devices.flat[0].platform, block_length=block_length,
-                   chunk_size=chunk_size),
-               chunk_size=chunk_size)
-  args, specs = (q, k, v), (q_spec, kv_spec, kv_spec)
-  if segment_ids is not None:
-    args, specs = args + (segment_ids,), specs + (seg_spec,)
+               kernel=chosen, chunk_size=chunk_size, by_positions=by_positions)
+  masks = {name: x for name, x in (("segment_ids", segment_ids),
+                                   ("positions", positions if by_positions else None))
+           if x is not None}
   # Splash's Pallas calls declare outputs without varying-axes types, which check_vma rejects
   # (as MaxText, run splash under check_vma=False; every other kernel keeps the check).
-  fn = jax.shard_map(functools.partial(_local, plan), mesh=mesh, in_specs=specs,
+  fn = jax.shard_map(functools.partial(_local, plan), mesh=mesh,
+                     in_specs=(q_spec, kv_spec, kv_spec, {name: seg_spec for name in masks}),
                      out_specs=q_spec, check_vma=plan.kernel != "splash")
-  return fn(*args)
+  return fn(q, k, v, masks)
 
 
 def make_attention_fn(mesh: Mesh, **options):
@@ -291,33 +345,32 @@ def make_attention_fn(mesh: Mesh, **options):
   sequences on CPU/TPU) the plain reference attention runs instead (the same math, no shard_map).
 
   The callable has the model's signature `(q, k, v, *, positions, segment_ids, causal, scale)`;
-  `options` are ring_attention's strategy/layout/kernel/chunk_size. With a zigzag layout and a
-  sequence axis > 1 the batch must have been permuted once with layout.zigzag_permute.
+  `options` are ring_attention's strategy/layout/kernel/chunk_size. With a sequence axis > 1 the
+  batch must have been laid out once with layout.zigzag_permute (its `layout`): kernels that
+  mask by positions get the model's positions, the fused ones take the order from the layout.
   """
   from ultralong_jax.modeling.attention import dot_product_attention  # pylint: disable=g-import-not-at-top
   axis = sharding.mesh_axes_of("length", mesh)
   if not axis:
     return dot_product_attention
-  if mesh.shape[axis[0]] == 1:
-    kernel = options.get("kernel", "auto")
-    chunk_size = options.get("chunk_size", block_attention.CHUNK_SIZE)
-    platform = mesh.devices.flat[0].platform
-
-    def one_block(q, k, v, *, positions=None, segment_ids=None, causal=True, scale=None):
-      chosen = block_attention.select_kernel(
-          kernel, has_segment_ids=segment_ids is not None, platform=platform,
-          block_length=q.shape[1], chunk_size=chunk_size)
-      if chosen == "xla":
-        return dot_product_attention(q, k, v, positions=positions, segment_ids=segment_ids,
-                                     causal=causal, scale=scale)
-      return ring_attention(q, k, v, mesh=mesh, segment_ids=segment_ids, causal=causal,
-                            scale=scale, layout="contiguous", kernel=chosen,
-                            chunk_size=chunk_size)
-
-    return one_block
+  n = mesh.shape[axis[0]]
+  kernel = options.get("kernel", "auto")
+  chunk_size = options.get("chunk_size", block_attention.CHUNK_SIZE)
+  layout = options.get("layout", "zigzag") if n > 1 else "contiguous"
+  platform = mesh.devices.flat[0].platform
 
   def attention_fn(q, k, v, *, positions=None, segment_ids=None, causal=True, scale=None):
+    t = q.shape[1]
+    chosen = block_attention.select_kernel(
+        kernel, has_segment_ids=segment_ids is not None, platform=platform,
+        block_length=_block_length(t, n, causal, layout), chunk_size=chunk_size)
+    if n == 1 and chosen == "xla":
+      return dot_product_attention(q, k, v, positions=positions, segment_ids=segment_ids,
+                                   causal=causal, scale=scale)
+    if not block_attention.get_kernel(chosen, chunk_size=chunk_size).positions:
+      positions = None  # the batch is in `layout` order, which is this kernel's mask
     return ring_attention(q, k, v, mesh=mesh, positions=positions, segment_ids=segment_ids,
-                          causal=causal, scale=scale, **options)
+                          causal=causal, scale=scale, **{**options, "layout": layout,
+                                                         "kernel": chosen})
 
   return attention_fn
