@@ -1,0 +1,175 @@
+"""The lm-evaluation-harness backend against lm_eval's own `hf` backend (transformers, float32).
+
+A tiny random Llama saved with transformers' `save_pretrained` (its tokenizer adds
+<|begin_of_text|> as Llama 3's does) is evaluated on three local tasks written here as lm_eval task
+YAML + JSONL (multiple choice, generation with stop strings, rolling perplexity), once through
+lm_eval's `hf` backend (batch 1: no padding on the reference side) and once through ours (batched,
+bucketed, chunked prefill; sharded in the CLI test). Request by request: identical choices, greedy
+flags and generations; log-likelihoods within 1e-4 (float32 sums of at most a few dozen token
+log-probabilities).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("accelerate")  # lm_eval's hf backend needs it
+
+# No network: datasets reads these when it is first imported.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+
+MAX_LENGTH = 48  # short, so that the rolling task needs several windows
+TASKS = ["tiny_mc", "tiny_gen", "tiny_ppl"]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tokenizer_path):
+  """A tiny random transformers Llama and its tokenizer (BOS added on encode) in one directory."""
+  import tokenizers
+  import torch
+  import transformers
+  tok = tokenizers.Tokenizer.from_file(tokenizer_path)
+  bos = tok.token_to_id("<|begin_of_text|>")
+  tok.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+      special_tokens=[("<|begin_of_text|>", bos)])
+  out = tmp_path_factory.mktemp("hf_llama")
+  transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
+  ).save_pretrained(out)
+  config = transformers.LlamaConfig(
+      vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+      rope_theta=10000.0, bos_token_id=bos,
+      eos_token_id=[tok.token_to_id("<|eot_id|>"), tok.token_to_id("<|end_of_text|>")])
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():  # larger than the default init: logits far from ties
+    for name, p in model.named_parameters():
+      p.mul_(4.0) if not name.endswith("norm.weight") else p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(out)
+  return str(out)
+
+
+def _write_tasks(root) -> str:
+  from ultralong_jax.evaluation import haystack
+  words = haystack.filler_text(n_words=600, seed=3).split()
+  root.mkdir(exist_ok=True)
+  mc = [{"question": " ".join(words[i:i + 6 + i % 5]) + "?",
+         "choices": [" " + " ".join(words[i + 20 + k:i + 21 + k + (k % 3)]) for k in range(4)],
+         "answer": i % 4} for i in range(0, 80, 10)]
+  gen = [{"question": " ".join(words[i:i + 5 + i % 7]), "answer": words[i + 12]}
+         for i in range(100, 200, 12)]
+  ppl = [{"text": " ".join(words[i:i + n])} for i, n in ((300, 12), (320, 40), (380, 90))]
+  specs = {
+      "tiny_mc": (mc, {"output_type": "multiple_choice", "doc_to_text": "{{question}}",
+                       "doc_to_choice": "choices", "doc_to_target": "answer",
+                       "metric_list": [{"metric": "acc"}]}),
+      "tiny_gen": (gen, {"output_type": "generate_until", "doc_to_text": "{{question}}",
+                         "doc_to_target": "{{answer}}",
+                         "generation_kwargs": {"until": [".", "\n\n", "ing"], "max_gen_toks": 10,
+                                               "do_sample": False},
+                         "metric_list": [{"metric": "exact_match"}]}),
+      "tiny_ppl": (ppl, {"output_type": "loglikelihood_rolling", "doc_to_text": "",
+                         "doc_to_target": "{{text}}",
+                         "metric_list": [{"metric": "word_perplexity"}]}),
+  }
+  for name, (docs, spec) in specs.items():
+    data = root / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    spec = {"task": name, "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data)},
+                               "cache_dir": str(root / "hf_datasets_cache")},
+            "test_split": "test", **spec}
+    # lm_eval reads YAML; JSON is YAML.
+    (root / f"{name}.yaml").write_text(json.dumps(spec, indent=1))
+  return str(root)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> str:
+  return _write_tasks(tmp_path_factory.mktemp("lm_eval_tasks"))
+
+
+def _evaluate(model, task_dir, **kwargs) -> dict:
+  import lm_eval
+  from lm_eval.tasks import TaskManager
+  return lm_eval.simple_evaluate(model=model, tasks=TASKS, task_manager=TaskManager(
+      include_path=task_dir), log_samples=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def hf_results(hf_dir, task_dir) -> dict:
+  return _evaluate("hf", task_dir, model_args=f"pretrained={hf_dir},dtype=float32,"
+                   f"max_length={MAX_LENGTH}", batch_size=1, device="cpu")
+
+
+def _responses(results: dict) -> dict:
+  """task -> [per document: its responses (lists of (loglikelihood, greedy) / text / loglik.)]"""
+  out = {}
+  for task, samples in results["samples"].items():
+    out[task] = [[r[0] for r in s["resps"]] for s in sorted(samples, key=lambda s: s["doc_id"])]
+  return out
+
+
+def _assert_same(ours: dict, ref: dict) -> None:
+  ours, ref = _responses(ours), _responses(ref)
+  assert sorted(ours) == sorted(ref) == sorted(TASKS)
+  for (doc_a, doc_b) in zip(ours["tiny_mc"], ref["tiny_mc"], strict=True):
+    np.testing.assert_allclose([ll for ll, _ in doc_a], [ll for ll, _ in doc_b], atol=1e-4)
+    assert [g for _, g in doc_a] == [g for _, g in doc_b]
+    assert np.argmax([ll for ll, _ in doc_a]) == np.argmax([ll for ll, _ in doc_b])
+  assert ours["tiny_gen"] == ref["tiny_gen"]
+  np.testing.assert_allclose(np.ravel(ours["tiny_ppl"]), np.ravel(ref["tiny_ppl"]), atol=1e-4)
+
+
+def test_matches_hf_backend(hf_dir, task_dir, hf_results):
+  from ultralong_jax.evaluation.lm_eval_backend import UltraLongLM
+  # prefill_chunk 16 < the longest bucket: prompts run as several cache chunks.
+  lm = UltraLongLM(ckpt=hf_dir, dtype="float32", max_length=MAX_LENGTH, batch_size=3,
+                   prefill_chunk=16, min_bucket=8, kv_block=8)
+  ours = _evaluate(lm, task_dir)
+  _assert_same(ours, hf_results)
+  gens = [t for doc in _responses(ours)["tiny_gen"] for t in doc]
+  assert any(len(t) > 0 for t in gens)
+  # The stop strings were hit (the texts end before max_gen_toks in some rows), so `until` mattered.
+  assert len(set(len(t) for t in gens)) > 1
+  # One compiled program per bucket and chunk shape, not per request length.
+  assert len(lm.runner._compiled) <= 8
+
+
+def test_cli_sharded_matches_hf_backend(hf_dir, task_dir, hf_results, tmp_path):
+  from ultralong_jax.evaluation import lm_eval_backend
+  out = tmp_path / "out"
+  lm_eval_backend.main([
+      "--model", "ultralong_jax", "--model_args",
+      f"ckpt={hf_dir},tokenizer={hf_dir},dtype=float32,max_length={MAX_LENGTH},"
+      "mesh=data=2:sequence=2,min_bucket=8", "--tasks", ",".join(TASKS), "--include_path",
+      task_dir, "--batch_size", "4", "--log_samples", "--output_path", str(out)])
+  files = {}
+  for dirpath, _, names in os.walk(out):
+    for name in names:
+      files[name] = os.path.join(dirpath, name)
+  samples = {}
+  for task in TASKS:
+    path = next(p for n, p in files.items() if n.startswith(f"samples_{task}"))
+    with open(path) as f:
+      samples[task] = [json.loads(line) for line in f]
+  _assert_same({"samples": samples}, hf_results)
+
+
+def test_bad_model_args_name_the_key(hf_dir):
+  from ultralong_jax.evaluation.lm_eval_backend import UltraLongLM
+  with pytest.raises(ValueError, match="mesh"):
+    UltraLongLM(ckpt=hf_dir, mesh="sequence=3:tensor=5")
+  with pytest.raises(ValueError, match="batch_size"):
+    UltraLongLM(ckpt=hf_dir, batch_size="auto")
+  with pytest.raises(FileNotFoundError, match="tokenizer"):
+    UltraLongLM(ckpt=hf_dir, tokenizer=hf_dir + "/missing")
+  with pytest.raises(ValueError, match="device"):
+    UltraLongLM(ckpt=hf_dir, device="cuda")
