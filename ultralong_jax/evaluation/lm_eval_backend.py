@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any, Sequence
@@ -100,9 +101,9 @@ class UltraLongLM(TemplateLM):
                device: str | None = None, max_batch_size: int | None = None):
     super().__init__()
     # Every argument is checked before the weights load; errors name the model_args key.
-    if device is not None:
-      raise ValueError(f"{NAME}: device={device!r} is not used: JAX places the model; choose "
-                       "devices with model_args mesh=... (e.g. mesh=sequence=4).")
+    if device is not None:  # lm_eval's command line always passes one (default cuda:0)
+      logging.info("%s: device=%r is not used: JAX places the model on model_args mesh=...",
+                   NAME, device)
     if str(batch_size).startswith("auto") or max_batch_size is not None:
       raise ValueError(f"{NAME}: batch_size must be an integer (got {batch_size!r}"
                        f"{', max_batch_size' if max_batch_size is not None else ''}): "
