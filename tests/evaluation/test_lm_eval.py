@@ -130,39 +130,47 @@ def _assert_same(ours: dict, ref: dict) -> None:
   np.testing.assert_allclose(np.ravel(ours["tiny_ppl"]), np.ravel(ref["tiny_ppl"]), atol=1e-4)
 
 
-def test_matches_hf_backend(hf_dir, task_dir, hf_results):
+def test_matches_hf_backend_sharded(hf_dir, task_dir, hf_results):
   from ultralong_jax.evaluation.lm_eval_backend import UltraLongLM
-  # prefill_chunk 16 < the longest bucket: prompts run as several cache chunks.
-  lm = UltraLongLM(ckpt=hf_dir, dtype="float32", max_length=MAX_LENGTH, batch_size=3,
-                   prefill_chunk=16, min_bucket=32, kv_block=8)
+  # 8 simulated devices, 4 used: batch over data, cache slots over sequence. prefill_chunk 16 <
+  # the bucket (64): the first chunk runs ring attention, later ones the sharded cache.
+  lm = UltraLongLM(ckpt=hf_dir, dtype="float32", max_length=MAX_LENGTH, batch_size=4,
+                   mesh="data=2:sequence=2", prefill_chunk=16, min_bucket=64, kv_block=8)
   ours = _evaluate(lm, task_dir)
   _assert_same(ours, hf_results)
   gens = [t for doc in _responses(ours)["tiny_gen"] for t in doc]
   assert any(len(t) > 0 for t in gens)
-  # The stop strings were hit (the texts end before max_gen_toks in some rows), so `until` mattered.
+  # Rows ended at different lengths (stop strings and end tokens), so `until` was exercised.
   assert len(set(len(t) for t in gens)) > 1
-  # One compiled program per bucket and chunk shape, not per request length.
-  assert len(lm.runner._compiled) <= 8
+  # Programs compile per bucket (cache shape) and chunk kind, not per request length: one bucket
+  # here, so scoring compiles 2 (ring first chunk, cache chunks), generation 3 (+ one-token step).
+  compiled = {key: fn._cache_size() for key, fn in lm.runner._compiled.items()}
+  assert sum(compiled.values()) == 5, compiled
 
 
-def test_cli_sharded_matches_hf_backend(hf_dir, task_dir, hf_results, tmp_path):
+def test_bucket():
+  from ultralong_jax.evaluation.lm_eval_backend import bucket
+  assert [bucket(n, 16) for n in (1, 16, 17, 32, 33, 1000)] == [16, 16, 32, 32, 64, 1024]
+
+
+def test_cli_matches_hf_backend(hf_dir, task_dir, hf_results, tmp_path):
   from ultralong_jax.evaluation import lm_eval_backend
   out = tmp_path / "out"
   lm_eval_backend.main([
       "--model", "ultralong_jax", "--model_args",
-      f"ckpt={hf_dir},tokenizer={hf_dir},dtype=float32,max_length={MAX_LENGTH},"
-      "mesh=data=2:sequence=2,min_bucket=64", "--tasks", ",".join(TASKS), "--include_path",
-      task_dir, "--batch_size", "4", "--log_samples", "--output_path", str(out)])
-  files = {}
-  for dirpath, _, names in os.walk(out):
-    for name in names:
-      files[name] = os.path.join(dirpath, name)
-  samples = {}
-  for task in TASKS:
-    path = next(p for n, p in files.items() if n.startswith(f"samples_{task}"))
-    with open(path) as f:
-      samples[task] = [json.loads(line) for line in f]
-  _assert_same({"samples": samples}, hf_results)
+      f"ckpt={hf_dir},tokenizer={hf_dir},dtype=float32,max_length={MAX_LENGTH},min_bucket=64",
+      "--tasks", "tiny_mc", "--include_path", task_dir, "--batch_size", "4", "--log_samples",
+      "--output_path", str(out)])
+  paths = [os.path.join(d, n) for d, _, names in os.walk(out) for n in names
+           if n.startswith("samples_tiny_mc")]
+  assert len(paths) == 1
+  with open(paths[0]) as f:
+    samples = [json.loads(line) for line in f]
+  ours = _responses({"samples": {"tiny_mc": samples}})["tiny_mc"]
+  ref = _responses(hf_results)["tiny_mc"]
+  np.testing.assert_allclose([[ll for ll, _ in d] for d in ours],
+                             [[ll for ll, _ in d] for d in ref], atol=1e-4)
+  assert [[g for _, g in d] for d in ours] == [[g for _, g in d] for d in ref]
 
 
 def test_bad_model_args_name_the_key(hf_dir):
