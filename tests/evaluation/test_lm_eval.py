@@ -72,7 +72,7 @@ def _write_tasks(root) -> str:
                        "metric_list": [{"metric": "acc"}]}),
       "tiny_gen": (gen, {"output_type": "generate_until", "doc_to_text": "{{question}}",
                          "doc_to_target": "{{answer}}",
-                         "generation_kwargs": {"until": [".", "\n\n", "ing"], "max_gen_toks": 10,
+                         "generation_kwargs": {"until": [".", "\n\n", "e", "ps"], "max_gen_toks": 10,
                                                "do_sample": False},
                          "metric_list": [{"metric": "exact_match"}]}),
       "tiny_ppl": (ppl, {"output_type": "loglikelihood_rolling", "doc_to_text": "",
@@ -137,16 +137,47 @@ def test_matches_hf_backend_sharded(hf_dir, task_dir, hf_results):
   # the bucket (64): the first chunk runs ring attention, later ones the sharded cache.
   lm = UltraLongLM(ckpt=hf_dir, dtype="float32", max_length=MAX_LENGTH, batch_size=4,
                    mesh="data=2:sequence=2", prefill_chunk=16, min_bucket=64, kv_block=8)
+  rows = []
+  generate = lm.runner.generate
+  lm.runner.generate = lambda *a, **k: rows.extend(out := generate(*a, **k)) or out
   ours = _evaluate(lm, task_dir)
   _assert_same(ours, hf_results)
-  gens = [t for doc in _responses(ours)["tiny_gen"] for t in doc]
-  assert any(len(t) > 0 for t in gens)
-  # Rows ended at different lengths (stop strings and end tokens), so `until` was exercised.
-  assert len(set(len(t) for t in gens)) > 1
+  assert any(len(t) > 0 for doc in _responses(ours)["tiny_gen"] for t in doc)
+  # Some rows stopped on device before max_gen_toks (10) at a token holding an `until` string, and
+  # their texts still equal the reference's (which generated on and cut the text afterwards).
+  assert any(len(r) < 10 and r[-1] not in lm._eos for r in rows)
   # Programs compile per bucket (cache shape) and chunk kind, not per request length: one bucket
   # here, so scoring compiles 2 (ring first chunk, cache chunks), generation 3 (+ one-token step).
   compiled = {key: fn._cache_size() for key, fn in lm.runner._compiled.items()}
   assert sum(compiled.values()) == 5, compiled
+
+
+def test_score_matches_transformers(hf_dir):
+  """CachedModel.score: log p(target) and argmax flags equal a transformers forward (rows ending
+  in the model's own greedy tokens, so the flags are not all False)."""
+  import torch
+  import transformers
+  import ultralong_jax
+  from ultralong_jax.evaluation import generate as gen
+  hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+  rng = np.random.RandomState(0)
+  rows = []
+  for n in (5, 9, 20):
+    prompt = torch.tensor([rng.randint(10, 500, n)])
+    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                      max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    rows.append(out[0].tolist())
+  logp, greedy = gen.CachedModel(ultralong_jax.from_pretrained(hf_dir), kv_block=8).score(
+      rows, 32, chunk=16)
+  for b, row in enumerate(rows):
+    with torch.no_grad():
+      ref = torch.log_softmax(hf(torch.tensor([row[:-1]])).logits[0].float(), -1)
+    targets = torch.tensor(row[1:])
+    np.testing.assert_allclose(logp[b, :len(row) - 1],
+                               ref.gather(1, targets[:, None])[:, 0].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(greedy[b, :len(row) - 1], (ref.argmax(-1) == targets).numpy())
+    assert greedy[b, len(row) - 7:len(row) - 1].all()  # the generated tokens are the greedy ones
+    assert not logp[b, len(row) - 1:].any() and not greedy[b, len(row) - 1:].any()
 
 
 def test_bucket():
