@@ -11,7 +11,8 @@ lm_eval 0.4.x looks models up in its own table only (it has no plugin entry poin
 
   import lm_eval
   from ultralong_jax.evaluation.lm_eval_backend import UltraLongLM
-  lm_eval.simple_evaluate(model=UltraLongLM(ckpt=DIR, tokenizer=TOK, mesh="sequence=4"), tasks=[...])
+  lm = UltraLongLM(ckpt=DIR, tokenizer=TOK, mesh="sequence=4")
+  lm_eval.simple_evaluate(model=lm, tasks=[...])
 
 (after the import, `simple_evaluate(model="ultralong_jax", model_args="ckpt=...")` works too).
 
@@ -57,6 +58,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models import utils as model_utils
 import numpy as np
 
+from ultralong_jax.data.tokenizer import load_tokenizer
 from ultralong_jax.evaluation import generate as gen_lib, loading
 
 NAME = "ultralong_jax"
@@ -131,7 +133,6 @@ class UltraLongLM(TemplateLM):
         if tokenizer is None or isinstance(tokenizer, str):
           if args.tokenizer is None:
             raise ValueError("tokenizer: give a tokenizer (a path or a loaded tokenizer).")
-          from ultralong_jax.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
           tokenizer = load_tokenizer(args.tokenizer)
       if isinstance(mesh, str):
         mesh = loading.parse_mesh(mesh_text)
