@@ -213,3 +213,13 @@ def test_bad_model_args_name_the_key(hf_dir):
     UltraLongLM(ckpt=hf_dir, batch_size="auto")
   with pytest.raises(FileNotFoundError, match="tokenizer"):
     UltraLongLM(ckpt=hf_dir, tokenizer=hf_dir + "/missing")
+
+
+def test_decode_skips_special_tokens_as_transformers(tokenizer, hf_dir):
+  import transformers
+  hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  ids = tokenizer.encode("The special magic number is 12345.")
+  row = [tokenizer.token_id("<|begin_of_text|>"), *ids, tokenizer.token_id("<|eot_id|>"), *ids]
+  assert tokenizer.decode(row, skip_special_tokens=True) == hf_tok.decode(
+      row, skip_special_tokens=True) == 2 * tokenizer.decode(ids)
+  assert tokenizer.decode(row) == hf_tok.decode(row, skip_special_tokens=False)
