@@ -138,16 +138,6 @@ class UltraLongLM(TemplateLM):
         mesh = loading.parse_mesh(mesh_text)
     except (ValueError, FileNotFoundError) as e:
       raise _model_arg_error(e) from None
-    if model is None:
-      model = loading.load_model(args)
-    self.tokenizer = tokenizer
-    self.config = model.config
-    self.runner = gen_lib.CachedModel(model, mesh, kv_block=int(kv_block))
-    self.max_length = int(max_length or self.config.max_position_embeddings)
-    self.max_gen_toks = int(max_gen_toks)
-    self.prefill_chunk = int(prefill_chunk)
-    self.min_bucket = int(min_bucket)
-    self.seed = int(seed)
     self._bos = self._bos_text = None
     for token in _BOS_TOKENS:
       try:
@@ -163,6 +153,16 @@ class UltraLongLM(TemplateLM):
     if not self._eos:
       raise ValueError(f"{NAME}: no end token found (no eos_token_id in {ckpt}/"
                        "generation_config.json, and the tokenizer has no Llama 3.1 end tokens).")
+    if model is None:
+      model = loading.load_model(args)
+    self.tokenizer = tokenizer
+    self.config = model.config
+    self.runner = gen_lib.CachedModel(model, mesh, kv_block=int(kv_block))
+    self.max_length = int(max_length or self.config.max_position_embeddings)
+    self.max_gen_toks = int(max_gen_toks)
+    self.prefill_chunk = int(prefill_chunk)
+    self.min_bucket = int(min_bucket)
+    self.seed = int(seed)
     self._token_texts: list[str] | None = None
     self._stops: dict[tuple[str, ...], list[int]] = {}
     import jax  # pylint: disable=g-import-not-at-top
