@@ -25,6 +25,8 @@ os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 
 MAX_LENGTH = 48  # short, so that the rolling task needs several windows
 TASKS = ["tiny_mc", "tiny_gen", "tiny_ppl"]
+CHAT_TEMPLATE = os.path.join(os.path.dirname(__file__), "..", "data", "fixtures",
+                             "llama31_chat_template.jinja")  # meta-llama/Llama-3.1-8B-Instruct's
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +41,11 @@ def hf_dir(tmp_path_factory, tokenizer_path):
       single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
       special_tokens=[("<|begin_of_text|>", bos)])
   out = tmp_path_factory.mktemp("hf_llama")
-  transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
-  ).save_pretrained(out)
+  hf_tok = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+  with open(CHAT_TEMPLATE) as f:
+    hf_tok.chat_template = f.read()
+  hf_tok.save_pretrained(out)
   config = transformers.LlamaConfig(
       vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
@@ -96,11 +100,11 @@ def task_dir(tmp_path_factory) -> str:
   return _write_tasks(tmp_path_factory.mktemp("lm_eval_tasks"))
 
 
-def _evaluate(model, task_dir, **kwargs) -> dict:
+def _evaluate(model, task_dir, tasks=tuple(TASKS), **kwargs) -> dict:
   import lm_eval
   from lm_eval.tasks import TaskManager
   # include_defaults=False: indexing lm_eval's ~10K built-in task files costs ~8 s of CPU.
-  return lm_eval.simple_evaluate(model=model, tasks=TASKS, task_manager=TaskManager(
+  return lm_eval.simple_evaluate(model=model, tasks=list(tasks), task_manager=TaskManager(
       include_path=task_dir, include_defaults=False), log_samples=True, **kwargs)
 
 
@@ -150,6 +154,21 @@ def test_matches_hf_backend_sharded(hf_dir, task_dir, hf_results):
   # here, so scoring compiles 2 (ring first chunk, cache chunks), generation 3 (+ one-token step).
   compiled = {key: fn._cache_size() for key, fn in lm.runner._compiled.items()}
   assert sum(compiled.values()) == 5, compiled
+
+
+def test_chat_template_generation_matches_hf_backend(hf_dir, task_dir):
+  from ultralong_jax.evaluation.lm_eval_backend import UltraLongLM
+  kwargs = dict(tasks=["tiny_gen"], apply_chat_template=True)
+  ref = _evaluate("hf", task_dir, model_args=f"pretrained={hf_dir},dtype=float32,"
+                  f"max_length={MAX_LENGTH * 4}", batch_size=1, device="cpu", **kwargs)
+  ours = _evaluate(UltraLongLM(ckpt=hf_dir, dtype="float32", max_length=MAX_LENGTH * 4,
+                               batch_size=3, min_bucket=128), task_dir, **kwargs)
+  prompts = [[s["arguments"][0][0]  # (context, gen_kwargs) of the one request
+              for s in sorted(r["samples"]["tiny_gen"], key=lambda s: s["doc_id"])]
+             for r in (ours, ref)]
+  assert prompts[0] == prompts[1] and prompts[0][0].startswith("<|begin_of_text|><|start_header")
+  assert _responses(ours)["tiny_gen"] == _responses(ref)["tiny_gen"]
+  assert any(t for doc in _responses(ours)["tiny_gen"] for t in doc)
 
 
 def test_score_matches_transformers(hf_dir):

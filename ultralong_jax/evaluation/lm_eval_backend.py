@@ -301,6 +301,24 @@ class UltraLongLM(TemplateLM):
         self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
     return collator.get_original(results)
 
+  # Chat prompts (lm_eval --apply_chat_template).
+  @property
+  def tokenizer_name(self) -> str:
+    """Names the tokenizer in lm_eval's request-cache keys."""
+    return str(getattr(self.tokenizer, "path", type(self.tokenizer).__name__)).replace("/", "__")
+
+  def apply_chat_template(self, chat_history: list[dict[str, str]],
+                          add_generation_prompt: bool = True) -> str:
+    """The messages in Llama 3.1's chat format (`generate.chat_prompt`: BOS, the date preamble,
+    each turn, the assistant header) as text; lm_eval tokenizes it with `tok_encode`."""
+    if not add_generation_prompt:
+      raise NotImplementedError(
+          f"{NAME}: chat prompts that continue a final assistant message (lm_eval asks for them "
+          "for multiple-choice / loglikelihood tasks with --apply_chat_template) are not "
+          "supported; run those tasks without --apply_chat_template.")
+    return self.tok_decode(gen_lib.chat_prompt(self.tokenizer, chat_history),
+                           skip_special_tokens=False)
+
   def get_model_info(self) -> dict:
     return {"model_num_layers": self.config.num_layers, "model_width": self.config.hidden_size,
             "max_length": self.max_length}
