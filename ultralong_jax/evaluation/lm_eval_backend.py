@@ -35,6 +35,8 @@ handling), which the parity test checks request by request:
   max_gen_toks tokens, cut at the first `until` string. Rows stop on device at the model's end
   tokens and at every token whose text contains an `until` string (the text after such a token is
   cut anyway); a stop string spread over several tokens is cut after decoding.
+- --apply_chat_template: Llama 3.1's chat prompt (`generate.chat_prompt`) as text, for generation
+  tasks; prompts that continue a final assistant message (loglikelihood tasks) are refused.
 
 Batching: requests are sorted by length, longest first (lm_eval's Collator), taken `batch_size` at
 a time (a short last batch is filled with copies of its last request, whose results are dropped),
