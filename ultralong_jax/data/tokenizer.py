@@ -24,8 +24,9 @@ class Tokenizer(Protocol):
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without BOS/EOS."""
 
-  def decode(self, ids: Sequence[int]) -> str:
-    """Text of `ids`, special tokens included."""
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+    """Text of `ids`, special tokens included unless `skip_special_tokens` (as Hugging Face's
+    `decode` does)."""
 
   def token_id(self, token: str) -> int:
     """Id of a special token such as "<|eot_id|>"; KeyError if the vocabulary lacks it."""
@@ -43,8 +44,11 @@ class SentencePieceTokenizer:
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
 
-  def decode(self, ids: Sequence[int]) -> str:
-    return self._sp.decode([int(i) for i in ids])
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+    ids = [int(i) for i in ids]
+    if skip_special_tokens:  # control pieces (<s>, </s>) and <unk>
+      ids = [i for i in ids if not (self._sp.is_control(i) or self._sp.is_unknown(i))]
+    return self._sp.decode(ids)
 
   def token_id(self, token: str) -> int:
     i = self._sp.piece_to_id(token)
@@ -73,8 +77,8 @@ class HuggingFaceTokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
-  def decode(self, ids: Sequence[int]) -> str:
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
   def token_id(self, token: str) -> int:
     i = self._tok.token_to_id(token)

@@ -140,15 +140,20 @@ class CachedModel:
       hidden, cache = forward(params, cache, ids, positions, segment_ids, start)
       if head == "last":
         return llama.logits(params["lm_head"], hidden[:, -1:])[:, 0], cache
-      # Per-token negative log-likelihood of `targets` [B,T] (float32).
       logp = jax.nn.log_softmax(llama.logits(params["lm_head"], hidden), axis=-1)
-      return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], cache
+      target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+      if head == "nll":  # per-token negative log-likelihood of `targets` [B,T] (float32)
+        return -target_logp, cache
+      # "logprob": log p(target) [B,T] and whether the target is the argmax (greedy) token.
+      return (target_logp, jnp.argmax(logp, axis=-1) == targets), cache
 
     self._compiled[key] = jax.jit(run, donate_argnums=(1,))
     return self._compiled[key]
 
   def step(self, cache, ids, positions, segment_ids, start: int, *, head="last", targets=None):
-    """T tokens at slots [start, start+T) -> (last-token logits [B,V] | NLL [B,T], cache)."""
+    """T tokens at slots [start, start+T) -> (out, cache); out by `head`: "last": last-token
+    logits [B,V]; "nll": NLL of `targets` [B,T]; "logprob": (log p(targets) [B,T], targets are
+    the argmax [B,T])."""
     T = ids.shape[1]
     ring = (self._ring is not None and start == 0 and T > 1 and T % self.chunk_multiple() == 0)
     targets = jnp.zeros_like(ids) if targets is None else targets
@@ -166,10 +171,52 @@ class CachedModel:
                                 batch.segment_ids[:, s], start)
     return logits, cache
 
+  def score(self, rows: Sequence[Sequence[int]], length: int, *, chunk: int = 8192
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Next-token log-probabilities of token rows, teacher-forced, in prefill chunks.
+
+    Row b's inputs are rows[b][:-1] and its targets rows[b][1:], at positions 0 .. len - 2,
+    right-padded (segment 0) to `length` rounded up to the chunk, which callers bucket so that few
+    shapes compile. Returns (logp [B, length] float32, greedy [B, length] bool): logp[b, t] =
+    log p(rows[b][t+1] | rows[b][:t+1]) and whether that token is the argmax; zero / False past
+    len(rows[b]) - 1. B is len(rows) (padding rows for the mesh are dropped).
+    """
+    too_long = [i for i, r in enumerate(rows) if not 2 <= len(r) <= length + 1]
+    if not rows or too_long:
+      raise ValueError(f"score: rows {too_long} need 2 .. length + 1 = {length + 1} tokens.")
+    padded_rows = self.pad_rows(rows)
+    B = len(padded_rows)
+    chunk = _round_up(min(chunk, length), self.chunk_multiple())
+    padded = _round_up(length, chunk)
+    inputs = np.zeros((B, padded), np.int32)
+    targets = np.zeros((B, padded), np.int32)
+    segment_ids = np.zeros((B, padded), np.int32)
+    for b, row in enumerate(padded_rows):
+      n = len(row) - 1
+      inputs[b, :n], targets[b, :n], segment_ids[b, :n] = row[:-1], row[1:], 1
+    # Padding after every real token changes none of their outputs (causal attention).
+    positions = np.broadcast_to(np.arange(padded, dtype=np.int32), (B, padded))
+    cache = self.new_cache(B, padded)
+    logp, greedy = [], []
+    for start in range(0, padded, chunk):
+      s = slice(start, start + chunk)
+      (lp, hit), cache = self.step(cache, inputs[:, s], positions[:, s], segment_ids[:, s], start,
+                                   head="logprob", targets=targets[:, s])
+      logp.append(np.asarray(lp))
+      greedy.append(np.asarray(hit))
+    real = segment_ids[:len(rows), :length] > 0
+    logp = np.where(real, np.concatenate(logp, axis=1)[:len(rows), :length], 0.0)
+    greedy = np.concatenate(greedy, axis=1)[:len(rows), :length] & real
+    return logp, greedy
+
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                temperature: float = 0.0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
-               seed: int = 0, prefill_chunk: int = 8192, pad_id: int = 0) -> list[list[int]]:
-    """New tokens for each prompt (token id lists), at most `max_new_tokens` each."""
+               seed: int = 0, prefill_chunk: int = 8192, pad_id: int = 0,
+               prompt_slots: int = 0) -> list[list[int]]:
+    """New tokens for each prompt (token id lists), at most `max_new_tokens` each.
+
+    Prompts are left-padded to at least `prompt_slots` slots: callers running many batches pass a
+    bucket length, so that batches of different longest prompts share compiled shapes."""
     if max_new_tokens < 1:
       raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}.")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -177,7 +224,7 @@ class CachedModel:
                        f"temperature={temperature}, top_p={top_p}.")
     if not prompts:
       raise ValueError("generate: no prompts given.")
-    longest = max(len(p) for p in prompts)
+    longest = max(max(len(p) for p in prompts), prompt_slots)
     chunk = _round_up(min(prefill_chunk, max(longest, 1)), self.chunk_multiple())
     batch = left_pad(self.pad_rows(prompts), _round_up(max(longest, 1), chunk), pad_id)
     B, P = batch.ids.shape

@@ -79,13 +79,16 @@ class Setup:
 
 def _ring(q, k, v, *, mesh, positions=None, segment_ids=None, causal=True, scale=None,
           **options):
-  """The model's attention_fn signature over ring_attention (see build)."""
-  del positions
+  """The model's attention_fn signature over ring_attention (see build); as in
+  make_attention_fn, kernels that mask by positions get them, the fused ones take the layout's
+  order."""
+  if not block_attention.get_kernel(options["kernel"], chunk_size=options["chunk_size"]).positions:
+    positions = None
   # One device: the contiguous layout makes the one-block ring a single fused causal kernel call
   # (zigzag would split it into three sub-blocks and two merges).
   layout = "zigzag" if mesh.shape["sequence"] > 1 else "contiguous"
-  return ring_attention(q, k, v, mesh=mesh, segment_ids=segment_ids, causal=causal, scale=scale,
-                        layout=layout, **options)
+  return ring_attention(q, k, v, mesh=mesh, positions=positions, segment_ids=segment_ids,
+                        causal=causal, scale=scale, layout=layout, **options)
 
 
 def build(setup: Setup, devices=None) -> train_step.TrainStep:
