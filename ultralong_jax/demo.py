@@ -151,8 +151,12 @@ def main(argv=None) -> int:
           f"{rows[-1]['loss']:>10.3f} {t['wall_s']:>7.0f} {t['compile_s']:>9.1f} "
           f"{t['goodput']:>7.0%}  {s.get('loss_plot', '-')}")
   print("\n  needle in a haystack (pass key retrieval, exact match; lengths x depths):")
+  base_len = get_config("base").data.seq_len
   for name, result in niah.items():
-    print(f"  {name:<8} mean {result.mean:6.1%}   {result.paths['heatmap']}")
+    bands = "  ".join(f"{b['band']}: {b['score']:.0%}"
+                      for b in result.by_distance([base_len, 2 * base_len]))
+    print(f"  {name:<8} mean {result.mean:6.1%}   by needle-to-question tokens  {bands}")
+    print(f"  {'':<8} {result.paths['heatmap']}")
   print(f"\n  tokenizer        {data['tokenizer']}")
   print(f"  corpus           {data['documents']}")
   for stage, s in summaries.items():

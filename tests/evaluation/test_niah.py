@@ -67,6 +67,20 @@ def test_scoring_hand_computed():
     scoring.score("fuzzy", "a", "b")
 
 
+def test_by_distance_bands_cells_by_needle_to_end_distance():
+  # distances 128 - 10 = 118, 256 - 100 = 156, 512 - 12 = 500, 512 - 256 = 256
+  cells = [{"prompt_tokens": 128, "needle_start": 10, "score": 1.0},
+           {"prompt_tokens": 256, "needle_start": 100, "score": 0.0},
+           {"prompt_tokens": 512, "needle_start": 12, "score": 0.0},
+           {"prompt_tokens": 512, "needle_start": 256, "score": 1.0}]
+  result = niah.NiahResults([128, 256, 512], [0.0], np.zeros((1, 3)), cells, {})
+  assert result.by_distance([128, 256]) == [
+      {"band": "<= 128", "cells": 1, "score": 1.0},
+      {"band": "129-256", "cells": 2, "score": 0.5},
+      {"band": "> 256", "cells": 1, "score": 0.0}]
+  assert result.by_distance([64]) == [{"band": "> 64", "cells": 4, "score": 0.5}]
+
+
 def test_run_niah_writes_every_cell(tiny_model, tokenizer, tmp_path):
   lengths, depths = [256, 384], [0.0, 0.5, 1.0]
   res = niah.run_niah(tiny_model, tokenizer, lengths=lengths, depths=depths,

@@ -280,7 +280,8 @@ def _overrides(corpus):
           "data.tokenizer": str(corpus / "tokenizer.json"),
           "train.steps": 3, "train.log_every": 1, "data.global_batch_size": 8,
           "mesh.data": 2, "mesh.fsdp": 4, "optim.warmup_steps": 1,
-          "checkpoint.async_save": False}
+          "checkpoint.async_save": False,
+          "data.packing": "concat"}  # the corpus's documents are longer than a 128-token row
 
 
 class _BothProcessesIterator:

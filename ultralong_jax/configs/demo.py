@@ -23,23 +23,28 @@ MODEL = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_l
          "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "rope_theta": 500000.0,
          "max_position_embeddings": BASE_LEN, "bos_token_id": 0, "eos_token_id": 4}
 
-# The generated corpus (ultralong_jax.data.synthetic): documents per domain, their length in
-# filler sentences (~8 tokens each), the share that state a pass key and ask for it at the end,
-# and the chance that a sentence repeats an earlier one of its document (synthetic.document_filler);
-# the chats for stage 2; `tokens` (0 = off) gives every document an exact token length, or one
-# drawn from a [lo, hi] range (synthetic.ExactLength). `python -m ultralong_jax.demo --quick` uses
-# a tenth of the documents and a sixth of the chats. docs/demo.md lists the variants tried and
-# what they gave.
+# The generated corpus (ultralong_jax.data.synthetic): documents per domain, with `tokens` a
+# [lo, hi] range of exact token lengths (synthetic.ExactLength; 0 = sized by min/max_sentences of
+# ~8-token filler sentences instead), the share that state a pass key and ask for it at the end,
+# `recalls` extra "What is the pass key? The pass key is K." sentences after the key (more copies
+# to learn the copy skill from), `repeat` the chance a sentence repeats an earlier one of its
+# document; the chats for stage 2. Documents never exceed a row: the base and stage 1 pack whole
+# documents (data.packing = "first_fit"), so no pass-key document is cut from its question.
+# `python -m ultralong_jax.demo --quick` uses a tenth of the documents and a sixth of the chats.
+# docs/demo.md lists the variants tried and what they gave.
 CORPUS = {
     "vocab_size": MODEL["vocab_size"],  # of the byte-level BPE trained on the corpus
     "documents": {  # short: within the base's 128 tokens; long: up to ~1,000 tokens for stage 1
-        "short": {"docs": 5000, "min_sentences": 1, "max_sentences": 10,
-                  "passkey_fraction": 0.9, "repeat": 0.0, "tokens": 0, "seed": 0},
-        "long": {"docs": 5000, "min_sentences": 10, "max_sentences": 110,
-                 "passkey_fraction": 0.9, "repeat": 0.0, "tokens": 0, "seed": 1},
+        "short": {"docs": 40000, "min_sentences": 1, "max_sentences": 10,
+                  "passkey_fraction": 1.0, "repeat": 0.0, "tokens": (72, 127), "recalls": 1,
+                  "seed": 0},
+        "long": {"docs": 3000, "min_sentences": 10, "max_sentences": 110,
+                 "passkey_fraction": 0.9, "repeat": 0.0, "tokens": (128, 1023), "recalls": 1,
+                 "seed": 1},
     },
-    # stage 2: pass-key questions about a text of up to max_sentences (60%), small sums (40%)
-    "chats": {"count": 3000, "max_sentences": 30, "seed": 2},
+    # stage 2: pass-key questions about a text of up to max_sentences (60%; 55 sentences fill most
+    # of a 512-token row), small sums (40%)
+    "chats": {"count": 3000, "max_sentences": 55, "seed": 2},
 }
 
 
@@ -63,7 +68,8 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     c.model.overrides_json = json.dumps(MODEL)  # later stages take the shape from the checkpoint
     c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 8, 1, 1, 1
     c.data.seq_len, c.data.global_batch_size = BASE_LEN, 16
-    c.train.steps = 1500  # the copy skill behind pass-key retrieval appears after ~1000 steps
+    c.train.seed = 1  # parameter init; seed 0 learns the copy skill later (docs/demo.md)
+    c.train.steps = 1500  # the copy skill behind pass-key retrieval appears at ~400-500 steps
     c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = 3e-3, 20, "cosine"
     c.data.domains = ml_collections.ConfigDict({"short": {"path": f"{DATA}/short", "weight": 1.0}})
     c.data.resample.short_rate = c.data.resample.long_rate = 1.0  # keep every short document
@@ -96,6 +102,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
         "long": {"path": f"{DATA}/long", "weight": 0.8},
         "short": {"path": f"{DATA}/short", "weight": 0.2}})
   c.train.run_name = {"base": "base", "stage1": "stage 1", "stage2": "stage 2"}[arg]
-  if c.stage == 1:
+  if c.stage == 1:  # rows of whole documents, each starting with <|begin_of_text|> as prompts do
+    c.data.bos_id, c.data.packing = 0, "first_fit"
     c.data.separator_id = 1  # <|end_of_text|> in the demo tokenizer
   return c

@@ -84,6 +84,22 @@ class NiahResults:
   def mean(self) -> float:
     return float(np.mean(self.scores))
 
+  def by_distance(self, edges: Sequence[int]) -> list[dict]:
+    """Retrieval by how far the needle starts from the end of the prompt (tokens), in bands split
+    at the increasing `edges`: [{"band": "<= 128" | "129-256" | "> 256", "cells", "score"}, ...];
+    bands without cells are left out. A model trained at T tokens can only have learned to look
+    back about T tokens, whatever the prompt's length: this is the view that shows it."""
+    bounds = [0, *edges, None]
+    bands = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+      scores = [c["score"] for c in self.cells
+                if (c["prompt_tokens"] - c["needle_start"] > lo)
+                and (hi is None or c["prompt_tokens"] - c["needle_start"] <= hi)]
+      if scores:
+        name = f"<= {hi}" if lo == 0 else (f"> {lo}" if hi is None else f"{lo + 1}-{hi}")
+        bands.append({"band": name, "cells": len(scores), "score": float(np.mean(scores))})
+    return bands
+
 
 def run_niah(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], out_dir: str,
              mesh=None, needle: hay.Needle | str = "passkey", haystack_text: str | None = None,
