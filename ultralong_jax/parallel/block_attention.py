@@ -185,11 +185,18 @@ def _at(pair, index):
   return tuple(x[index] for x in pair)
 
 
-def _when(visible, compute):
-  """compute(j, carry) where `visible` (a traced bool, or None = always), else carry unchanged."""
-  if visible is None:
-    return compute
-  return lambda j, carry: jax.lax.cond(visible(j), compute, lambda j, carry: carry, j, carry)
+def _visible_range(visible, n: int):
+  """(lo, hi): the chunks lo..hi-1 span every True of `visible` [n] (hi = lo when none is).
+
+  The tiled loops run over this range with a dynamic trip count rather than a per-tile cond (a
+  cond would carry the dq accumulator through both branches, and XLA then holds copies of it):
+  for tokens sorted by (segment id, position), as packed and laid-out rows are, the visible
+  chunks are contiguous and the range skips exactly the invisible ones; for any other order the
+  range may include invisible tiles, which the mask zeroes.
+  """
+  idx = jnp.arange(n)
+  hi = jnp.max(jnp.where(visible, idx + 1, 0))
+  return jnp.minimum(jnp.min(jnp.where(visible, idx, n)), hi), hi
 
 
 def chunked_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float,
@@ -198,7 +205,7 @@ def chunked_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float,
 
   Live scores are one [B, K, G, cq, ck] tile (flash attention, Dao et al. 2022, Algorithm 1,
   with the running max / sum of Milakov & Gimelshein 2018). Causal tiles with no visible key
-  (by the positions' order) are skipped. Returns out f32 [B, T, K, G, H], lse [B, K, G, T].
+  (by the positions' order) are skipped (`_visible_range`). Returns out f32 [B, T, K, G, H], lse [B, K, G, T].
   """
   b, t, kh, g, h = q.shape
   tiles = _Tiling.of(t, k.shape[1], chunk_size)
@@ -233,8 +240,9 @@ def chunked_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float,
     # the same mesh axes as the loop body's results.
     zero = jnp.zeros_like(q_i[..., 0], jnp.float32).transpose(0, 2, 3, 1)    # [B, K, G, cq]
     init = (zero + NEG_INF, zero, jnp.zeros_like(q_i, jnp.float32).transpose(0, 2, 3, 1, 4))
-    visible = (lambda j: sees(_at(first_key, j), _at(last_query, i))) if causal else None
-    m, l, acc = jax.lax.fori_loop(0, tiles.nk, _when(visible, key_chunk), init)
+    lo, hi = (_visible_range(sees(first_key, _at(last_query, i)), tiles.nk) if causal
+              else (0, tiles.nk))
+    m, l, acc = jax.lax.fori_loop(lo, hi, key_chunk, init)
     seen = m > NEG_INF
     out = jnp.where(seen[..., None], acc / l[..., None], 0.0)
     return out.transpose(0, 3, 1, 2, 4), jnp.where(seen, m + jnp.log(l), NEG_INF)
@@ -287,8 +295,9 @@ def chunked_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: b
       return jax.lax.dynamic_update_slice_in_dim(dq, dq_i, qs, 1), dk_j, dv_j
 
     zero = jnp.zeros_like(k_j, jnp.float32)  # varies like k_j under check_vma (see forward)
-    visible = (lambda i: sees(_at(first_key, j), _at(last_query, i))) if causal else None
-    dq, dk_j, dv_j = jax.lax.fori_loop(0, tiles.nq, _when(visible, query_chunk), (dq, zero, zero))
+    lo, hi = (_visible_range(sees(_at(first_key, j), last_query), tiles.nq) if causal
+              else (0, tiles.nq))
+    dq, dk_j, dv_j = jax.lax.fori_loop(lo, hi, query_chunk, (dq, zero, zero))
     return dq, (dk_j, dv_j)
 
   dq, (dk, dv) = jax.lax.scan(key_chunk, jnp.zeros_like(q, jnp.float32), jnp.arange(tiles.nk))
