@@ -295,7 +295,16 @@ class _IdleClosingLoop(asyncio.SelectorEventLoop):
   those tasks run to their end first, so every TensorStore callback lands on an open loop; past
   _SETTLE_SECONDS they are cancelled (asyncio.run's own teardown; a cancelled TensorStore future
   runs its callback at once, on this thread).
+
+  A failed write or read also leaves tasks that ended with the same error after the gather that
+  reported it had returned; nobody retrieves their exceptions, and when they are garbage-collected
+  (any time later, e.g. after the run's own error line) asyncio would log a traceback for each.
+  The failure they share is reported by the checkpointer, so here they are one debug line.
   """
+
+  def __init__(self):
+    super().__init__()
+    self.set_exception_handler(_quiet_unretrieved)
 
   def close(self) -> None:
     if not self.is_closed() and not self.is_running() and not _loop_running_here():
@@ -308,6 +317,13 @@ class _IdleClosingLoop(asyncio.SelectorEventLoop):
           logging.warning("a failed checkpoint read still ran after %.0f s; cancelled it",
                           _SETTLE_SECONDS)
     super().close()
+
+
+def _quiet_unretrieved(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+  if context.get("message", "").startswith("Task exception was never retrieved"):
+    logging.debug("a checkpoint task also failed: %s", _short(context.get("exception")))
+  else:
+    loop.default_exception_handler(context)
 
 
 class _IdleClosingPolicy(asyncio.DefaultEventLoopPolicy):
