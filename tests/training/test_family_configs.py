@@ -92,3 +92,16 @@ def test_family_config_trains_from_its_hf_dir(family, make_hf_model, corpus, tmp
       node = node[p]
     node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
   _check_export(family, loop.run(c, str(tmp_path / "run"), progress=False))
+
+
+@pytest.mark.parametrize("family, template", [("qwen2", "chatml"), ("mistral", "mistral"),
+                                              ("llama2", "llama2")])
+def test_stage2_configs_use_the_family_chat_template(family, template, tmp_path):
+  preset = {"qwen2": "qwen25_7b_1m", "mistral": "mistral_7b_1m", "llama2": "llama2_7b_1m"}[family]
+  (tmp_path / "model_config.json").write_text(presets.get_preset(preset).to_json())
+  c = config_lib.load_config_file(os.path.join(ROOT, "configs", f"{family}_stage2_sft.py"))
+  c.init.path = str(tmp_path)
+  c.data.chat_files, c.data.tokenizer = "chats.jsonl", "tokenizer.json"
+  model = config_lib.validate(c, num_devices=64)
+  assert c.data.chat.template == template and c.optim.learning_rate == 5e-6
+  assert model.max_position_embeddings == 1 << 20  # the stage-1 RoPE is kept
