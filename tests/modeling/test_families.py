@@ -179,3 +179,14 @@ def test_exported_config_json_per_family(make_hf_model, tmp_path):
   assert config["max_position_embeddings"] == TARGET and config["rope_scaling"]["factor"] == 32.0
   reloaded = transformers.AutoConfig.from_pretrained(out)
   assert all(t == "full_attention" for t in reloaded.layer_types)
+
+
+def test_convert_cli_ultralong_extends_by_family(make_hf_model, tmp_path):
+  from ultralong_jax.convert import __main__ as cli  # pylint: disable=import-outside-toplevel
+
+  _, path = make_hf_model("qwen2")
+  out = tmp_path / "ckpt"
+  assert cli.main(["hf-to-jax", "--hf-dir", path, "--out", str(out), "--ultralong", "1m"]) == 0
+  config = LlamaConfig.from_json((out / "model_config.json").read_text())
+  assert config.model_type == "qwen2" and config.max_position_embeddings == TARGET
+  assert config.rope_scaling == rope.long_context_rope_scaling(None, 32768, TARGET)
