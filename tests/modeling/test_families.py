@@ -63,6 +63,7 @@ def test_logits_match_transformers(case, make_hf_model, hf_logits):
   hf_model, path = make_hf_model(family, **kwargs)
   model = ultralong_jax.from_pretrained(path)
   assert model.config.model_type == family
+  assert model.config.rope_scaling == rope.normalize_rope_scaling(kwargs.get("rope_scaling"))
   assert type(hf_model).__name__ == FAMILIES[family].architecture
   ids = np.random.RandomState(0).randint(0, 256, (2, 16))
   far = model.config.max_position_embeddings > 100_000
