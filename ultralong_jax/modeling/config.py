@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from ultralong_jax.modeling import rope
 
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   """What a Hugging Face `model_type` fixes about the architecture."""
@@ -23,13 +24,13 @@ class Family:
   qkv_bias: bool        # biases on q/k/v only (Qwen2), independent of `attention_bias`
   qk_norm: bool         # RMSNorm over head_dim of q and k before RoPE (Qwen3)
   has_sliding_window: bool  # config.json carries `sliding_window` (refused when active)
-  extra_hf_keys: tuple[str, ...]  # config.json fields only this family reads
+  extra_hf_keys: tuple[str, ...]  # bias options of config.json that this family's class reads
 
 
 FAMILIES = {
     # transformers modeling_llama: Llama 2, 3, 3.1, 3.2, 3.3.
     "llama": Family("LlamaForCausalLM", qkv_bias=False, qk_norm=False, has_sliding_window=False,
-                    extra_hf_keys=("attention_bias", "mlp_bias", "pretraining_tp")),
+                    extra_hf_keys=("attention_bias", "mlp_bias")),
     # modeling_mistral: Llama's layout with an optional sliding window (null from v0.2 on).
     "mistral": Family("MistralForCausalLM", qkv_bias=False, qk_norm=False,
                       has_sliding_window=True, extra_hf_keys=()),
