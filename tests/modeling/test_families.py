@@ -101,7 +101,7 @@ def test_round_trip_is_bit_exact_and_loads_as_the_same_class(family, make_hf_mod
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
 def test_generation_equals_transformers_generate(family, make_hf_model):
   """Greedy decoding through the KV cache (prefill in chunks of 4, then one token per step) ==
-  transformers' `generate` (Llama's is covered by tests/evaluation/test_generate.py)."""
+  transformers' `generate` (Llama's is tests/evaluation/test_generate.py)."""
   from ultralong_jax.evaluation import generate  # pylint: disable=import-outside-toplevel
 
   hf_model, path = make_hf_model(family)
