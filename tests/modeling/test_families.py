@@ -191,3 +191,23 @@ def test_convert_cli_ultralong_extends_by_family(make_hf_model, tmp_path):
   config = LlamaConfig.from_json((out / "model_config.json").read_text())
   assert config.model_type == "qwen2" and config.max_position_embeddings == TARGET
   assert config.rope_scaling == rope.long_context_rope_scaling(None, 32768, TARGET)
+
+
+def test_family_parameters_carry_logical_axis_names():
+  """The parameters a family adds are sharded by the one rules table like the others."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.modeling import llama, presets  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+
+  for model_type, added in (("qwen2", {"bq": ("layers", "heads", "head_dim"),
+                                       "bk": ("layers", "kv_heads", "head_dim"),
+                                       "bv": ("layers", "kv_heads", "head_dim")}),
+                            ("qwen3", {"q_norm": ("layers", "head_dim"),
+                                       "k_norm": ("layers", "head_dim")})):
+    config = presets.tiny(model_type=model_type)
+    specs = nnx.get_partition_spec(nnx.state(llama.abstract_model(config), nnx.Param))
+    layer_specs = {k: tuple(v) for k, v in specs["layers"].items()}
+    assert {k: layer_specs[k] for k in added} == added
+    assert len(layer_specs) == 9 + len(added)
+    assert config.num_params == sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(llama.abstract_model(config))))
