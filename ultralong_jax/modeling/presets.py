@@ -1,9 +1,10 @@
-"""Model presets: Llama-3.1-8B (and its UltraLong 1M/2M/4M RoPE settings), Llama-3.2-1B, the
-other families' 7B-class bases (Qwen2.5-7B, Qwen3-8B, Mistral-7B v0.3, Llama-2-7B) at their native
-context and extended to 1M (`extended`), tiny.
+"""Model presets: Llama-3.1-8B (and its UltraLong 1M/2M/4M RoPE settings), Llama-3.2-1B, tiny.
 
 Shapes are those of the published Hugging Face config.json files; `get_preset(name)` returns a
 LlamaConfig, and keyword overrides change numerics (dtype, remat) without a new preset.
+
+Other families' 7B-class bases (Qwen2.5-7B, Qwen3-8B, Mistral-7B v0.3, Llama-2-7B) are presets at
+their native context and, as `<name>_1m`, extended to 1M by `extended`.
 """
 
 from __future__ import annotations
