@@ -52,6 +52,97 @@ QWEN25_TEMPLATE = (
     "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
     "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n")
 
+# Qwen/Qwen3-8B tokenizer_config.json "chat_template".
+QWEN3_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""
+
 # mistralai/Mistral-7B-Instruct-v0.3 tokenizer_config.json "chat_template".
 MISTRAL_V03_TEMPLATE = """{%- if messages[0]["role"] == "system" %}
     {%- set system_message = messages[0]["content"] %}
@@ -170,6 +261,13 @@ CHATS = {
         {"role": "assistant", "content": "answers: 6789; rivers"}],
     "newlines_and_tabs": [{"role": "user", "content": "tab\tnew\nline\n\n"},
                           {"role": "assistant", "content": "\n numbers 12\n345"}],
+    # Qwen3 keeps the reasoning of the turns after the last user message only.
+    "reasoning": [{"role": "user", "content": "What is 12 + 345?"},
+                  {"role": "assistant", "content": "<think>\nadd\n</think>\n\nIt is 357."},
+                  {"role": "user", "content": "the cat sat"},
+                  {"role": "assistant", "content": "<think>\non a mat\n</think>\n\nrivers"},
+                  {"role": "user", "content": "numbers"},
+                  {"role": "assistant", "content": "6789"}],
     # Mistral puts the system text into the last user turn only when that turn ends the chat.
     "ends_with_user": [{"role": "system", "content": "Be brief."},
                        {"role": "user", "content": "the cat"},
@@ -199,7 +297,8 @@ def tokenizers_dir(tmp_path_factory):
   return {
       # Byte-level BPE with Qwen's special tokens.
       "chatml": _train(str(d / "qwen.json"), pre_tokenizers.ByteLevel(add_prefix_space=False),
-                       decoders.ByteLevel(), ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]),
+                       decoders.ByteLevel(), ["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                              "<think>", "</think>"]),
       # SentencePiece-style (Metaspace, "▁" word prefix) as Llama 2 and Mistral ship them;
       # Mistral v0.3 has [INST] / [/INST] as control tokens, Llama 2 spells them in text.
       "mistral": _train(str(d / "mistral.json"), pre_tokenizers.Metaspace(),
@@ -209,7 +308,8 @@ def tokenizers_dir(tmp_path_factory):
   }
 
 
-TEMPLATES = {"chatml": (QWEN25_TEMPLATE, "<|im_end|>"), "mistral": (MISTRAL_V03_TEMPLATE, "</s>"),
+TEMPLATES = {"chatml": (QWEN25_TEMPLATE, "<|im_end|>"), "qwen3": (QWEN3_TEMPLATE, "<|im_end|>"),
+             "mistral": (MISTRAL_V03_TEMPLATE, "</s>"),
              "llama2": (LLAMA2_TEMPLATE, "</s>")}
 
 
@@ -224,19 +324,25 @@ def _reference(path, name):
 @pytest.mark.parametrize("chat", sorted(CHATS))
 def test_matches_transformers_apply_chat_template(name, chat, tokenizers_dir):
   messages = CHATS[chat]
-  path = tokenizers_dir[name]
-  expected = _reference(path, name).apply_chat_template(messages, tokenize=True)
+  path = tokenizers_dir["chatml" if name == "qwen3" else name]
+  reference = _reference(path, name)
+  expected = reference.apply_chat_template(messages, tokenize=True)
   expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
   template = chat_template.make_chat_template(name, tok_lib.load_tokenizer(path))
   ids, trainable = template.render(messages)
   assert ids.tolist() == expected
-  # Trained: exactly the assistant replies (trimmed where the template trims) and their end
-  # token. Spaces are compared loosely: a SentencePiece token carries the space before a word.
-  end = TEMPLATES[name][1]
+  # Trained: each reply and the token that ends it. For ChatML, the reference rendering's text
+  # after each `<|im_start|>assistant\n` through `<|im_end|>` (Qwen3: with its think block); for
+  # [INST], the trimmed replies and `</s>`. Whitespace is compared loosely: a token that merges
+  # the header's newline (or a SentencePiece word's leading space) into a reply is trained on.
+  if name in ("chatml", "qwen3"):
+    text = reference.apply_chat_template(messages, tokenize=False)
+    turns = text.split("<|im_start|>assistant\n")[1:]
+    replies = [t[:t.index("<|im_end|>")] + "<|im_end|>" for t in turns]
+  else:
+    replies = [m["content"].strip() + "</s>" for m in messages if m["role"] == "assistant"]
   trained = template.tokenizer.decode(ids[trainable == 1])
-  replies = [m["content"] if name == "chatml" else m["content"].strip()
-             for m in messages if m["role"] == "assistant"]
-  assert "".join(trained.split()) == "".join("".join(r + end for r in replies).split())
+  assert "".join(trained.split()) == "".join("".join(replies).split())
 
 
 @pytest.mark.parametrize("name", ["mistral", "llama2"])

@@ -76,10 +76,11 @@ def test_train_cli_runs_the_qwen3_config(make_hf_model, corpus, tmp_path):
   _check_export("qwen3", json.loads(result.stdout[result.stdout.index("{\n"):]))
 
 
-@pytest.mark.parametrize("family, template", [("qwen2", "chatml"), ("mistral", "mistral"),
-                                              ("llama2", "llama2")])
+@pytest.mark.parametrize("family, template", [("qwen2", "chatml"), ("qwen3", "qwen3"),
+                                              ("mistral", "mistral"), ("llama2", "llama2")])
 def test_stage2_configs_use_the_family_chat_template(family, template, tmp_path):
-  preset = {"qwen2": "qwen25_7b_1m", "mistral": "mistral_7b_1m", "llama2": "llama2_7b_1m"}[family]
+  preset = {"qwen2": "qwen25_7b_1m", "qwen3": "qwen3_8b_1m", "mistral": "mistral_7b_1m",
+            "llama2": "llama2_7b_1m"}[family]
   (tmp_path / "model_config.json").write_text(presets.get_preset(preset).to_json())
   c = config_lib.load_config_file(os.path.join(ROOT, "configs", f"{family}_stage2_sft.py"))
   c.init.path = str(tmp_path)

@@ -1,7 +1,7 @@
 """Chat templates rendered straight to token ids with an assistant-token mask, one per family:
-`llama31` (Llama 3.x), `chatml` (Qwen2 / Qwen2.5), `mistral` (Mistral v0.3 `[INST]`), `llama2`
-(Llama 2 `[INST]` / `<<SYS>>`); `make_chat_template(name, tokenizer)` picks one
-(`data.chat.template`). Each equals transformers' `apply_chat_template` with the model's official
+`llama31` (Llama 3.x), `chatml` (Qwen2 / Qwen2.5), `qwen3` (ChatML with think blocks), `mistral`
+(Mistral v0.3 `[INST]`), `llama2` (Llama 2 `[INST]` / `<<SYS>>`); `make_chat_template(name,
+tokenizer)` picks one (`data.chat.template`). Each equals transformers' `apply_chat_template` with the model's official
 template, token for token (tests/data/test_chat_template*.py embed the templates).
 
 Llama 3.1 is rendered run by run:
@@ -159,6 +159,43 @@ class ChatMLTemplate:
 
 
 @dataclasses.dataclass
+class Qwen3Template:
+  """Qwen3's official template (no tools): ChatML without a default system prompt, where the
+  assistant turns after the last user message carry a `<think>...</think>` block (empty when the
+  reply has none; always on the final turn) and earlier turns drop their reasoning. A reply may
+  hold its reasoning as `<think>...</think>` in its content. Trained: everything after each
+  `<|im_start|>assistant\n` up to and including `<|im_end|>` (think block included)."""
+  tokenizer: tok_lib.Tokenizer
+
+  def render(self, messages: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    _check_messages(messages)
+    last_query = len(messages) - 1
+    for i in range(len(messages) - 1, -1, -1):
+      c = messages[i]["content"]
+      if messages[i]["role"] == "user" and not (c.startswith("<tool_response>")
+                                                and c.endswith("</tool_response>")):
+        last_query = i
+        break
+    pieces = []
+    for i, m in enumerate(messages):
+      content = m["content"]
+      if m["role"] != "assistant":
+        pieces.append((f"<|im_start|>{m['role']}\n{content}<|im_end|>\n", False))
+        continue
+      reasoning = ""
+      if "</think>" in content:
+        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+        content = content.split("</think>")[-1].lstrip("\n")
+      if i > last_query and (i == len(messages) - 1 or reasoning):
+        reasoning, content = reasoning.strip("\n"), content.lstrip("\n")
+        body = f"<think>\n{reasoning}\n</think>\n\n{content}"
+      else:
+        body = content
+      pieces += [("<|im_start|>assistant\n", False), (body + "<|im_end|>", True), ("\n", False)]
+    return _encode_pieces(self.tokenizer, pieces)
+
+
+@dataclasses.dataclass
 class MistralTemplate:
   """Mistral-7B-Instruct-v0.3's official template (no tools): `<s>`, then `[INST] {user}[/INST]`
   and ` {assistant|trim}</s>` alternating. The system message goes into the LAST user turn
@@ -210,7 +247,7 @@ class Llama2Template:
 
 
 CHAT_TEMPLATES = {"llama31": Llama31ChatTemplate, "chatml": ChatMLTemplate,
-                  "mistral": MistralTemplate, "llama2": Llama2Template}
+                  "qwen3": Qwen3Template, "mistral": MistralTemplate, "llama2": Llama2Template}
 
 
 def make_chat_template(name: str, tokenizer: tok_lib.Tokenizer, *, date_preamble: bool = True,

@@ -78,7 +78,8 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
     packing: "first_fit" or "best_fit" (Grain's packers) for rows of L + 1 tokens.
     num_packing_bins: rows a packer fills at once (more bins = less padding, more memory).
     chat.template: the base model's chat format: llama31 (Llama 3.x), chatml (Qwen2 / Qwen2.5),
-      mistral (Mistral v0.3 [INST]), llama2 (Llama 2 [INST] / <<SYS>>); see data/chat_template.py.
+      qwen3 (ChatML with <think> blocks), mistral (Mistral v0.3 [INST]), llama2 (Llama 2 [INST] /
+      <<SYS>>); see data/chat_template.py.
     chat.date_preamble: (llama31) True renders the official Llama 3.1 template's system block
       ("Cutting Knowledge Date: December 2023\\nToday Date: <date>\\n\\n") on every chat,
       also chats without a system message, as `apply_chat_template` does; False emits a
