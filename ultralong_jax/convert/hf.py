@@ -1,4 +1,6 @@
-"""Hugging Face Llama safetensors <-> the project's parameter tree, tensor by tensor.
+"""Hugging Face safetensors (Llama, Mistral, Qwen2, Qwen3) <-> the project's parameter tree,
+tensor by tensor. The four families share transformers' Llama tensor names; the optional
+per-layer tensors (biases, q/k norms) are rows of `_layer_mappings` like the others.
 
 The project tree (nnx.to_pure_dict of a Llama) is
   {"embed": [V,D], "layers": {"wq": [L,D,N,H], ...}, "final_norm": [D], "lm_head": [D,V]}.
@@ -52,6 +54,8 @@ def _layer_mappings(config: LlamaConfig):
       "b_gate": ("mlp.gate_proj.bias", identity),
       "b_up": ("mlp.up_proj.bias", identity),
       "b_down": ("mlp.down_proj.bias", identity),
+      "q_norm": ("self_attn.q_norm.weight", identity),  # Qwen3
+      "k_norm": ("self_attn.k_norm.weight", identity),
   }
   return [(name, *table[name]) for name in layer_param_shapes(config)]
 

@@ -77,6 +77,11 @@ class HuggingFaceTokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """ids and each token's (start, end) character span in `text`."""
+    e = self._tok.encode(text, add_special_tokens=False)
+    return e.ids, e.offsets
+
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
