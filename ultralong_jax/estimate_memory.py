@@ -5,6 +5,9 @@
       --device=v5p --suggest                # the meshes that fit, best first
   python -m ultralong_jax.estimate_memory --config=configs/demo.py:stage1 --devices=8 --xla
   python -m ultralong_jax.estimate_memory --recipes   # the mesh table of docs/training.md
+  python -m ultralong_jax.estimate_memory --eval --preset=llama31_8b_1m --context=1048576 \
+      --mesh=tensor=8 --device=h100   # evaluation: parameters, KV cache, prefill / decode sets
+  python -m ultralong_jax.estimate_memory --eval --niah    # NIAH 1M/2M/4M: the smallest meshes
 
 Prints the estimate by part (training/memory.py: parameters, optimizer, gradients, remat
 checkpoints, one layer's working set, attention buffers, loss chunk) against the device's memory.
@@ -12,6 +15,12 @@ checkpoints, one layer's working set, attention buffers, loss chunk) against the
 train step for abstract arrays on `--devices` simulated CPU devices and prints XLA's per-device
 plan next to the estimate (minutes for an 8B model; nothing is allocated). Without a checkpoint
 at init.path the model's shape comes from model.preset.
+
+`--eval` estimates evaluation instead (evaluation/memory_plan.py: generation with the KV cache, every
+prefill chunk split over `sequence`) for the model of `--config` or `--preset`, a prompt of
+`--context` tokens and `--mesh` (or every sequence x tensor split of `--devices`); with `--xla` it
+also compiles CachedModel's prefill and decode steps on simulated CPU devices (the parameters are
+initialized on the host: small models only).
 """
 
 from __future__ import annotations
@@ -46,6 +55,22 @@ _DEVICE = flags.DEFINE_enum("device", "h100", ["h100", "h200", "a100", "v5p", "v
 _SUGGEST = flags.DEFINE_boolean("suggest", False, "list the meshes that fit, best first")
 _XLA = flags.DEFINE_boolean("xla", False, "also compile on simulated CPU devices; print XLA's plan")
 _RECIPES = flags.DEFINE_boolean("recipes", False, "print the 1M/2M/4M mesh table (markdown)")
+_EVAL = flags.DEFINE_boolean("eval", False, "estimate evaluation (prefill + decode with the KV "
+                             "cache) instead of training")
+_NIAH = flags.DEFINE_boolean("niah", False, "with --eval: the smallest meshes for NIAH at 1M/2M/4M "
+                             "with Llama-3.1-8B (markdown)")
+_PRESET = flags.DEFINE_string("preset", None, "with --eval: a model preset instead of --config")
+_CONTEXT = flags.DEFINE_integer("context", None, "with --eval: prompt tokens (default: the config's "
+                                "data.seq_len, or the preset's max_position_embeddings)")
+_MESH = flags.DEFINE_string("mesh", None, "with --eval: e.g. sequence=4,tensor=2 (default: every "
+                            "sequence x tensor split of --devices)")
+_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 8192, "with --eval: prompt tokens per "
+                                      "prefill step (the eval CLIs' --prefill-chunk)")
+_KV_BLOCK = flags.DEFINE_integer("kv_block", 512, "with --eval: cache slots per attention block")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "with --eval: tokens decoded per prompt")
+_BATCH = flags.DEFINE_integer("batch", 1, "with --eval: prompts at once")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "with --eval: parameter, "
+                           "activation and cache dtype")
 
 GiB = 2**30
 K = 1024
@@ -135,6 +160,8 @@ def recipes() -> list[dict]:
 def main(argv) -> int:
   del argv
   from ultralong_jax.training import memory  # pylint: disable=import-outside-toplevel
+  if _EVAL.value or _NIAH.value:
+    return eval_main()
   if _RECIPES.value:
     recipes()
     return 0
@@ -173,6 +200,80 @@ def main(argv) -> int:
           f"{xla / GiB:.2f} GiB/device (estimate {est['total'] / GiB:.2f}, "
           f"{est['total'] / xla - 1:+.0%}; compile {r['compile_s']:.0f} s)")
   return 0
+
+
+def eval_main() -> int:
+  """--eval: evaluation memory per device (evaluation/memory_plan.py)."""
+  from ultralong_jax.evaluation import memory_plan  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.modeling import presets  # pylint: disable=import-outside-toplevel
+  if _NIAH.value:
+    memory_plan.niah_table()
+    return 0
+  try:
+    if (_CONFIG.value is None) == (_PRESET.value is None):
+      raise ValueError("--eval needs one of --config or --preset.")
+    if _CONFIG.value is not None:
+      from ultralong_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+      c = _estimable(_CONFIG.value)
+      model = config_lib.model_config(c)
+      context = c.data.seq_len
+    else:
+      model = presets.get_preset(_PRESET.value)
+      context = model.max_position_embeddings
+    model = model.replace(dtype=_DTYPE.value, param_dtype=_DTYPE.value)
+    context = _CONTEXT.value or context
+    if _MESH.value:
+      meshes = [memory_plan.parse_mesh_sizes(_MESH.value)]
+      if _DEVICES.value and math.prod(meshes[0].values()) > _DEVICES.value:
+        raise ValueError(f"--mesh={_MESH.value!r} needs {math.prod(meshes[0].values())} devices, "
+                         f"more than --devices={_DEVICES.value}.")
+    elif _DEVICES.value:
+      meshes = [m for m in memory_plan.candidate_meshes(model, _DEVICES.value)
+                if m["sequence"] * m["tensor"] == _DEVICES.value]
+      meshes = [memory_plan.parse_mesh_sizes(f"sequence={m['sequence']},tensor={m['tensor']}")
+                for m in meshes]
+    else:
+      raise ValueError("--eval needs --mesh=AXIS=SIZE,... or --devices=N.")
+    shapes = [memory_plan.EvalShape(model=model, mesh=mesh, context=context,
+                                    new_tokens=_NEW_TOKENS.value, batch=_BATCH.value,
+                                    prefill_chunk=_PREFILL_CHUNK.value, kv_block=_KV_BLOCK.value,
+                                    dtype=_DTYPE.value) for mesh in meshes]
+    for shape in shapes:
+      memory_plan.check_shape(shape)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for shape in shapes:
+    print(f"\n{model.num_params / 1e9:.2f}B parameters ({_DTYPE.value}), context {context:,}, "
+          f"batch {shape.batch}, {shape.new_tokens} new tokens, prefill chunk "
+          f"{min(shape.prefill_chunk, context):,}, mesh {memory_plan.mesh_label(shape.mesh)} "
+          f"({_DEVICE.value})")
+    print(memory_plan.report(shape, _DEVICE.value))
+    if _XLA.value:
+      _eval_xla(model, shape)
+  return 0
+
+
+def _eval_xla(model, shape) -> None:
+  """XLA's plan of CachedModel's prefill / decode steps for `shape` on simulated CPU devices."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.evaluation import generate, memory_plan  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.modeling import llama  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  if model.num_params * 4 > 4 * GiB:
+    raise app.UsageError(f"--xla with --eval initializes the parameters on the host: "
+                         f"{model.num_params / 1e9:.1f}B is too many; use a small --preset.")
+  n = math.prod(shape.mesh.values())
+  runner = generate.CachedModel(llama.init_model(model), mesh_lib.make_mesh(
+      shape.mesh, devices=jax.devices()[:n]), kv_block=shape.kv_block)
+  xla = memory_plan.xla_plan(runner, shape.context, chunk=shape.prefill_chunk,
+                             new_tokens=shape.new_tokens, batch=shape.batch)
+  est = memory_plan.estimate(shape)
+  print(f"  XLA's plan on {n} simulated CPU devices (GiB/device): prefill working set "
+        f"{xla['prefill'] / GiB:.3f} (estimate {est['prefill'] / GiB:.3f}), decode "
+        f"{xla['decode'] / GiB:.3f} (estimate {est['decode'] / GiB:.3f}), prefill peak "
+        f"{xla['peak'] / GiB:.3f} (estimate {memory_plan.prefill_peak(est) / GiB:.3f}, "
+        f"{memory_plan.prefill_peak(est) / xla['peak'] - 1:+.0%})")
 
 
 if __name__ == "__main__":
