@@ -227,11 +227,13 @@ def eval_main() -> int:
       if _DEVICES.value and math.prod(meshes[0].values()) > _DEVICES.value:
         raise ValueError(f"--mesh={_MESH.value!r} needs {math.prod(meshes[0].values())} devices, "
                          f"more than --devices={_DEVICES.value}.")
+    elif _DEVICES.value and _XLA.value:  # sequence = 1, 2, 4, ... up to --devices
+      meshes = [memory_plan.parse_mesh_sizes(f"sequence={1 << k}")
+                for k in range(_DEVICES.value.bit_length()) if (1 << k) <= _DEVICES.value]
     elif _DEVICES.value:
-      meshes = [m for m in memory_plan.candidate_meshes(model, _DEVICES.value)
-                if m["sequence"] * m["tensor"] == _DEVICES.value]
       meshes = [memory_plan.parse_mesh_sizes(f"sequence={m['sequence']},tensor={m['tensor']}")
-                for m in meshes]
+                for m in memory_plan.candidate_meshes(model, _DEVICES.value)
+                if m["sequence"] * m["tensor"] == _DEVICES.value]
     else:
       raise ValueError("--eval needs --mesh=AXIS=SIZE,... or --devices=N.")
     shapes = [memory_plan.EvalShape(model=model, mesh=mesh, context=context,
@@ -243,37 +245,20 @@ def eval_main() -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  print(f"{model.num_params / 1e6:,.1f}M parameters ({_DTYPE.value}), context {context:,}, batch "
+        f"{_BATCH.value}, {_NEW_TOKENS.value} new tokens, prefill chunk "
+        f"{min(_PREFILL_CHUNK.value, context):,}")
+  if _XLA.value:
+    if model.num_params * 4 > 4 * GiB:
+      print(f"error: --xla with --eval initializes the parameters on the host: "
+            f"{model.num_params / 1e9:.1f}B is too many; use a small --preset.", file=sys.stderr)
+      return 2
+    memory_plan.xla_table(shapes)
+    return 0
   for shape in shapes:
-    print(f"\n{model.num_params / 1e9:.2f}B parameters ({_DTYPE.value}), context {context:,}, "
-          f"batch {shape.batch}, {shape.new_tokens} new tokens, prefill chunk "
-          f"{min(shape.prefill_chunk, context):,}, mesh {memory_plan.mesh_label(shape.mesh)} "
-          f"({_DEVICE.value})")
+    print(f"\nmesh {memory_plan.mesh_label(shape.mesh)} ({_DEVICE.value})")
     print(memory_plan.report(shape, _DEVICE.value))
-    if _XLA.value:
-      _eval_xla(model, shape)
   return 0
-
-
-def _eval_xla(model, shape) -> None:
-  """XLA's plan of CachedModel's prefill / decode steps for `shape` on simulated CPU devices."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from ultralong_jax.evaluation import generate, memory_plan  # pylint: disable=import-outside-toplevel
-  from ultralong_jax.modeling import llama  # pylint: disable=import-outside-toplevel
-  from ultralong_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  if model.num_params * 4 > 4 * GiB:
-    raise app.UsageError(f"--xla with --eval initializes the parameters on the host: "
-                         f"{model.num_params / 1e9:.1f}B is too many; use a small --preset.")
-  n = math.prod(shape.mesh.values())
-  runner = generate.CachedModel(llama.init_model(model), mesh_lib.make_mesh(
-      shape.mesh, devices=jax.devices()[:n]), kv_block=shape.kv_block)
-  xla = memory_plan.xla_plan(runner, shape.context, chunk=shape.prefill_chunk,
-                             new_tokens=shape.new_tokens, batch=shape.batch)
-  est = memory_plan.estimate(shape)
-  print(f"  XLA's plan on {n} simulated CPU devices (GiB/device): prefill working set "
-        f"{xla['prefill'] / GiB:.3f} (estimate {est['prefill'] / GiB:.3f}), decode "
-        f"{xla['decode'] / GiB:.3f} (estimate {est['decode'] / GiB:.3f}), prefill peak "
-        f"{xla['peak'] / GiB:.3f} (estimate {memory_plan.prefill_peak(est) / GiB:.3f}, "
-        f"{memory_plan.prefill_peak(est) / xla['peak'] - 1:+.0%})")
 
 
 if __name__ == "__main__":

@@ -122,12 +122,15 @@ class CachedModel:
     cache's batch dimension is split over them); callers drop results past len(rows)."""
     return list(rows) + list(rows[-1:]) * (-len(rows) % self.rows)
 
-  def new_cache(self, batch: int, needed_slots: int) -> decode.KVCache:
-    """An empty cache with at least `needed_slots` slots, padded so each device's share is a
-    multiple of kv_block (or one block)."""
+  def cache_slots(self, needed_slots: int) -> int:
+    """Slots of a cache holding `needed_slots`: padded so each device's share is a multiple of
+    kv_block (or one block)."""
     local = -(-needed_slots // self.n)
-    local = _round_up(local, min(self.kv_block, local))
-    cache = decode.init_cache(self.config, batch, local * self.n)
+    return _round_up(local, min(self.kv_block, local)) * self.n
+
+  def new_cache(self, batch: int, needed_slots: int) -> decode.KVCache:
+    """An empty cache of `cache_slots(needed_slots)` slots, placed on the mesh."""
+    cache = decode.init_cache(self.config, batch, self.cache_slots(needed_slots))
     return sharded_cache.place_cache(cache, self.mesh)
 
   def _fn(self, head: str, ring: bool, length: int):

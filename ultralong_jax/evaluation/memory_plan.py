@@ -38,21 +38,24 @@ from ultralong_jax.parallel.mesh import resolve_axis_sizes
 from ultralong_jax.training import memory as train_memory
 
 GiB = 2**30
+TOLERANCE = train_memory.TOLERANCE  # how far the estimate may be from XLA's plan (20%)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Multipliers of the named quantity (in its own bytes), fitted (least squares on the relative
-# error) to XLA's plans of CachedModel's steps on CPU: 4 small models (D 128-512, F/D 2-4, kv_block
-# 128-512, 8K-16K prompts, one pass and 4K chunks) x meshes sequence 1/2/4/8 and sequence 2 x
-# tensor 2; the prefill fit is within 10% of every plan, the decode fit within 2%.
+# error) to XLA's plans of CachedModel's steps on CPU: 5 small models (D 128-512, F/D 2-4, 2-6
+# layers, kv_block 128-512, 8K-16K prompts in one pass or 2K-4K chunks) x meshes sequence 1, 2, 4,
+# 8 and sequence 2 x tensor 2 (each a `python -m ultralong_jax.estimate_memory --eval --xla` run). The
+# prefill fit is within 9% of all 25 plans, the decode fit within 1%.
 COEFFICIENTS = {
-    "scores": 2.1,           # prefill: the float32 [B, N/tp, t, kv_block] score tile (p and s)
-    "prefill_cache": 0.7,    # prefill: one layer's [B, S/n, K/tp, H] K and V (the updated layer)
-    "prefill_params": 1.3,   # prefill: the parameters (one layer's slice and the head's operands)
-    "act_d": 1.4,            # prefill: [t, D] activations in the compute dtype
-    "act_f": 1.3,            # prefill: [t, F/tp] MLP activations in the compute dtype
-    "decode_cache": 5.0,     # decode: one layer's K and V (read, updated and written back)
-    "decode_params": 1.0,    # decode: the parameters
-    "logits": 2.0,           # the float32 logits [B, V/tp] of the last token
+    "scores": 2.1,           # prefill: the float32 [B, N/tp, t, kv_block] score tile (s and p)
+    "prefill_cache": 0.5,    # prefill: one layer's [B, S/n, K/tp, H] K and V
+    "prefill_layer": 3.9,    # prefill: one layer's parameters (the scan's slices of them)
+    "act_d": 1.75,           # prefill: [t, D] activations in the compute dtype
+    "act_f": 1.15,           # prefill: [t, F/tp] MLP activations in the compute dtype
+    "decode_cache": 1.0,     # decode: the whole cache, copied around the layer loop (CPU plan)
+    "decode_cache_layer": 3.0,  # decode: one layer's K and V (read out, updated, written back)
+    "decode_layer": 2.0,     # decode: one layer's parameters
+    "decode_io": 1.0,        # decode: the embedding and the LM head
 }
 
 
@@ -97,17 +100,21 @@ def estimate(shape: EvalShape) -> dict[str, float]:
   c = COEFFICIENTS
 
   params = train_memory.params_per_device(m, sizes) * b
-  tokens = rows * (chunk // n)  # one prefill step's tokens per device
-  logits = c["logits"] * 4 * rows * -(-m.vocab_size // tp)
+  vocab_split = tp if m.vocab_size % tp == 0 else 1
+  io = (1 if m.tie_word_embeddings else 2) * m.vocab_size // vocab_split * m.hidden_size * b
+  layer = (params - io) / m.num_layers  # one layer's parameters on this device
+  t = chunk // n  # one prefill step's tokens per device (per row)
+  cache = m.num_layers * layer_cache + rows * slots * 4
   parts = {
       "params": params,
       "kv_cache_layer": layer_cache,
-      "kv_cache": m.num_layers * layer_cache + rows * slots * 4,
-      "prefill": (c["scores"] * 4 * rows * heads * (chunk // n) * min(shape.kv_block, slots)
-                  + c["prefill_cache"] * layer_cache + c["prefill_params"] * params
-                  + tokens * b * (c["act_d"] * m.hidden_size + c["act_f"] * m.intermediate_size / tp)
-                  + logits),
-      "decode": c["decode_cache"] * layer_cache + c["decode_params"] * params + logits,
+      "kv_cache": cache,
+      "prefill": (c["scores"] * 4 * rows * heads * t * min(shape.kv_block, slots)
+                  + c["prefill_cache"] * layer_cache + c["prefill_layer"] * layer
+                  + rows * t * b * (c["act_d"] * m.hidden_size
+                                    + c["act_f"] * m.intermediate_size / tp)),
+      "decode": (c["decode_cache"] * cache + c["decode_cache_layer"] * layer_cache
+                 + c["decode_layer"] * layer + c["decode_io"] * io),
   }
   parts["total"] = parts["params"] + parts["kv_cache"] + max(parts["prefill"], parts["decode"])
   return parts
@@ -142,21 +149,19 @@ def smallest_mesh(shape: EvalShape, device: str) -> tuple[dict[str, int], dict] 
 # --- XLA's plan of the real prefill / decode step ----------------------------------------------
 
 def xla_plan(runner, context: int, *, chunk: int | None = None, new_tokens: int = 64,
-             batch: int = 1) -> dict[str, float]:
+             batch: int = 1, decode_step: bool = True) -> dict[str, float]:
   """XLA's per-device plan of `runner`'s (a CachedModel) prefill step at `chunk` tokens (default:
   the whole prompt in one pass) and its decode step, compiled for abstract inputs (nothing new is
   allocated; the parameters are the runner's own). Returns bytes: params (arguments other than
-  the cache), kv_cache, prefill and decode (temporaries), peak (arguments + outputs - aliased +
-  temporaries of the prefill step, per device)."""
+  the cache), kv_cache, prefill and decode (temporaries; decode only with `decode_step`), peak
+  (arguments + outputs - aliased + temporaries of the prefill step, per device)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from ultralong_jax.modeling import decode  # pylint: disable=import-outside-toplevel
 
   batch = len(runner.pad_rows([0] * batch))
   chunk = _round_up(min(chunk or context, context), runner.chunk_multiple())
-  local = -(-(_round_up(context, chunk) + new_tokens) // runner.n)
-  local = _round_up(local, min(runner.kv_block, local))  # as CachedModel.new_cache pads
-  cache = _cache_with_shardings(runner, batch, local * runner.n)
+  cache = _cache_with_shardings(runner, batch,
+                                runner.cache_slots(_round_up(context, chunk) + new_tokens))
 
   def analyse(tokens: int, ring: bool):
     ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
@@ -167,12 +172,11 @@ def xla_plan(runner, context: int, *, chunk: int | None = None, new_tokens: int 
 
   ring = runner._ring_attention is not None  # pylint: disable=protected-access
   pre = analyse(chunk, ring)
-  dec = analyse(1, False)
   cache_bytes = sum(math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
                     for s in jax.tree.leaves(cache))
   param_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(runner.params))
   return {"params": param_bytes, "kv_cache": cache_bytes, "prefill": pre.temp_size_in_bytes,
-          "decode": dec.temp_size_in_bytes,
+          "decode": analyse(1, False).temp_size_in_bytes if decode_step else None,
           "peak": (pre.argument_size_in_bytes + pre.output_size_in_bytes -
                    pre.alias_size_in_bytes + pre.temp_size_in_bytes)}
 
@@ -296,3 +300,38 @@ def prefill_peak(est: dict) -> float:
   """The prefill step's high-water mark: parameters + cache + its working set (what XLA's
   arguments + outputs - aliased + temporaries of that step count)."""
   return est["params"] + est["kv_cache"] + est["prefill"]
+
+
+def xla_table(shapes: list[EvalShape]) -> list[dict]:
+  """Compiles CachedModel's prefill and decode steps for each shape (its model initialized on the
+  host: small models only) on the first devices and prints (markdown) XLA's per-device plan next
+  to the estimate. The prefill peak's share beyond the parameters (which every device holds
+  whole over `sequence`) is compared with the first row's, times its sequence size: 1 when that
+  share falls as 1 / sequence."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.evaluation import generate  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.modeling import llama  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  M = 2**20
+  print("| mesh | XLA prefill peak MiB | estimate | (peak - params) x n / first row's | "
+        "XLA prefill working set | estimate | XLA decode working set | estimate |")
+  print("|---|---|---|---|---|---|---|---|")
+  rows, model, first = [], None, None
+  for shape in shapes:
+    if model is None:
+      model = llama.init_model(shape.model)
+    n = math.prod(shape.mesh.values())
+    runner = generate.CachedModel(model, mesh_lib.make_mesh(shape.mesh, devices=jax.devices()[:n]),
+                                  kv_block=shape.kv_block)
+    xla = xla_plan(runner, shape.context, chunk=shape.prefill_chunk, new_tokens=shape.new_tokens,
+                   batch=shape.batch)
+    est = estimate(shape)
+    sharded = (xla["peak"] - xla["params"]) * shape.mesh["sequence"]
+    first = first or sharded
+    print(f"| {mesh_label(shape.mesh)} | {xla['peak'] / M:.1f} | {prefill_peak(est) / M:.1f} "
+          f"({prefill_peak(est) / xla['peak'] - 1:+.0%}) | {sharded / first:.2f} | "
+          f"{xla['prefill'] / M:.1f} | {est['prefill'] / M:.1f} "
+          f"({est['prefill'] / xla['prefill'] - 1:+.0%}) | {xla['decode'] / M:.1f} | "
+          f"{est['decode'] / M:.1f} ({est['decode'] / xla['decode'] - 1:+.0%}) |", flush=True)
+    rows.append({"mesh": shape.mesh, "xla": xla, "estimate": est})
+  return rows
