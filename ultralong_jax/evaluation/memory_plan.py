@@ -270,8 +270,8 @@ def niah_table(chunks: tuple[int | None, ...] = (8192, None), new_tokens: int = 
   from ultralong_jax.modeling import presets  # pylint: disable=import-outside-toplevel
   name = {1 << 20: "1m", 2 << 20: "2m", 4 << 20: "4m"}
   print("| context | device | prefill chunk | smallest mesh | devices | parameters | KV cache "
-        "(layer / all) | prefill working set | total GiB/device | of HBM |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+        "(layer / all) | prefill working set | decode working set | total GiB/device | of HBM |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   rows = []
   for t in NIAH_LENGTHS:
     model = presets.get_preset(f"llama31_8b_{name[t]}", dtype="bfloat16", param_dtype="bfloat16")
@@ -282,14 +282,15 @@ def niah_table(chunks: tuple[int | None, ...] = (8192, None), new_tokens: int = 
         found = smallest_mesh(shape, device)
         label = f"{chunk // 1024}K" if chunk else "whole prompt"
         if found is None:
-          print(f"| {t >> 20}M | {device} | {label} | none up to 1024 devices | | | | | | |")
+          print(f"| {t >> 20}M | {device} | {label} | none up to 1024 devices | | | | | | | |")
           continue
         mesh, est = found
         frac = est["total"] / (train_memory.DEVICES[device][1] * GiB)
         print(f"| {t >> 20}M | {device} | {label} | {mesh_label(mesh)} | "
               f"{mesh['sequence'] * mesh['tensor']} | {est['params'] / GiB:.1f} | "
               f"{est['kv_cache_layer'] / GiB:.2f} / {est['kv_cache'] / GiB:.1f} | "
-              f"{est['prefill'] / GiB:.1f} | **{est['total'] / GiB:.1f}** | {frac:.0%} |",
+              f"{est['prefill'] / GiB:.1f} | {est['decode'] / GiB:.1f} | "
+              f"**{est['total'] / GiB:.1f}** | {frac:.0%} |",
               flush=True)
         rows.append({"context": t, "device": device, "prefill_chunk": chunk or t, "mesh": mesh,
                      "estimate": est})
