@@ -72,3 +72,22 @@ def test_bad_flags_are_named():
   with pytest.raises(ValueError, match="tensor=3 does not divide"):
     memory_plan.check_shape(memory_plan.EvalShape(CONFIG, memory_plan.parse_mesh_sizes(
         "tensor=3"), CONTEXT))
+
+
+def test_eval_cli_reports_a_mesh_and_refuses_bad_flags():
+  import os
+  import pathlib
+  import subprocess
+  import sys
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "ultralong_jax.estimate_memory", "--eval",
+         "--preset=llama31_8b_1m", "--context=1048576", "--device=h100"]
+  out = subprocess.run(cmd + ["--mesh=sequence=2,tensor=4"], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert "mesh CP2 × TP4 (h100)" in out.stdout and "KV cache, 32 layers" in out.stdout
+  assert "-> fits" in out.stdout
+  bad = subprocess.run(cmd + ["--mesh=sequence=2,tensor=3"], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "tensor=3 does not divide" in bad.stderr
