@@ -83,7 +83,7 @@ def _ring_local(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg, start, *, a
             after the visiting block's last query skips the block (causal).
 
   A device holds at most one visiting block, its cache shard and one [B,K,G,t,kv_block] score
-  tile, so the working set is O((t + S_local) / 1) = O((T + S) / n) per device.
+  tile: a working set of O(t + S_local) = O((T + S) / n) per device.
   """
   B, t, N, H = q.shape
   K = k_new.shape[2]
