@@ -13,16 +13,17 @@ layout: parameters split over tensor by the training sharding table, the cache's
                   ids (exact, with CachedModel.new_cache's slot padding). `kv_cache_layer` is one
                   layer's share.
   prefill         one prefill step's temporaries at t = chunk / n tokens per device: the cache
-                  attention's float32 [B, N/tp, t, kv_block] score tile (twice: scores and
+                  attention's float32 [B, N/tp, t, kv_block] score tile (about twice: scores and
                   their exponentials), one layer's activations ([t, D], [t, F/tp]), and what
-                  XLA's plan also holds: part of one layer's K/V and a copy's worth of the
-                  parameters (sliced per layer inside the scan).
-  decode          one decode step's temporaries: about five copies of one layer's K/V (the layer
-                  read out of the stacked cache, updated, written back) and the parameters' worth.
+                  XLA's plan also holds: half of one layer's K/V and a few slices of one layer's
+                  parameters (the scan's).
+  decode          one decode step's temporaries: in XLA's CPU plan a copy of the whole cache
+                  (made at the layer loop's boundary), three of one layer's K/V (read out,
+                  updated, written back), two of one layer's parameters, the embedding and head.
 
 The peak is params + kv_cache + max(prefill, decode): the cache is donated and updated in place.
 The temporaries' coefficients are fitted to XLA's compiled memory analysis of CachedModel's own
-prefill step on CPU (`xla_plan`; tests/evaluation/test_memory_plan.py holds the estimate within
+prefill and decode steps on CPU (`xla_plan`; tests/evaluation/test_memory_plan.py holds the estimate within
 TOLERANCE of it over sequence = 1, 2, 4, 8). What it cannot see: allocator fragmentation, NCCL
 buffers and the runtime's reserve, hence training.memory.USABLE.
 """
