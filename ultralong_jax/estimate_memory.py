@@ -31,9 +31,9 @@ import sys
 
 
 def _xla_devices_from_argv(argv: list[str]) -> None:
-  """--xla needs --devices simulated CPU devices, which must be set before JAX initializes (the
+  """--xla and --calibrate need --devices (8) simulated CPU devices, set before JAX initializes (the
   config file imports JAX when the flags are parsed)."""
-  if "--xla" not in argv:
+  if "--xla" not in argv and "--calibrate" not in argv:
     return
   from ultralong_jax.parallel import host_devices  # pylint: disable=import-outside-toplevel
   devices = next((m.group(1) for a in argv for m in [re.match(r"--devices=(\d+)$", a)] if m), "8")
@@ -57,6 +57,8 @@ _XLA = flags.DEFINE_boolean("xla", False, "also compile on simulated CPU devices
 _RECIPES = flags.DEFINE_boolean("recipes", False, "print the 1M/2M/4M mesh table (markdown)")
 _EVAL = flags.DEFINE_boolean("eval", False, "estimate evaluation (prefill + decode with the KV "
                              "cache) instead of training")
+_CALIBRATE = flags.DEFINE_boolean("calibrate", False, "with --eval: XLA's plans of the models the "
+                                  "evaluation estimate is fitted to, next to it (8 CPU devices)")
 _NIAH = flags.DEFINE_boolean("niah", False, "with --eval: the smallest meshes for NIAH at 1M/2M/4M "
                              "with Llama-3.1-8B (markdown)")
 _PRESET = flags.DEFINE_string("preset", None, "with --eval: a model preset instead of --config")
@@ -208,6 +210,9 @@ def eval_main() -> int:
   from ultralong_jax.modeling import presets  # pylint: disable=import-outside-toplevel
   if _NIAH.value:
     memory_plan.niah_table()
+    return 0
+  if _CALIBRATE.value:
+    memory_plan.calibrate()
     return 0
   try:
     if (_CONFIG.value is None) == (_PRESET.value is None):

@@ -45,8 +45,9 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Multipliers of the named quantity (in its own bytes), fitted (least squares on the relative
 # error) to XLA's plans of CachedModel's steps on CPU: 5 small models (D 128-512, F/D 2-4, 2-6
 # layers, kv_block 128-512, 8K-16K prompts in one pass or 2K-4K chunks) x meshes sequence 1, 2, 4,
-# 8 and sequence 2 x tensor 2 (each a `python -m ultralong_jax.estimate_memory --eval --xla` run). The
-# prefill fit is within 9% of all 25 plans, the decode fit within 1%.
+# 8 and sequence 2 x tensor 2 (CALIBRATION; `python -m ultralong_jax.estimate_memory --eval --calibrate`
+# prints each plan next to the estimate). The prefill fit is within 9% of all 25 plans, the decode
+# fit within 1%.
 COEFFICIENTS = {
     "scores": 2.1,           # prefill: the float32 [B, N/tp, t, kv_block] score tile (s and p)
     "prefill_cache": 0.5,    # prefill: one layer's [B, S/n, K/tp, H] K and V
@@ -58,6 +59,16 @@ COEFFICIENTS = {
     "decode_layer": 2.0,     # decode: one layer's parameters
     "decode_io": 1.0,        # decode: the embedding and the LM head
 }
+# (D, F, N, K, H, V, L, prompt tokens, prefill chunk, kv_block) of the fitted models, bf16.
+CALIBRATION = (
+    (128, 256, 8, 4, 16, 512, 2, 16384, 16384, 512),
+    (128, 512, 8, 2, 16, 512, 4, 16384, 16384, 128),
+    (256, 512, 8, 2, 32, 1024, 3, 16384, 4096, 256),
+    (512, 1024, 8, 4, 64, 2048, 2, 8192, 8192, 512),
+    (256, 896, 8, 4, 32, 4096, 6, 8192, 2048, 256),
+)
+CALIBRATION_MESHES = ("sequence=1", "sequence=2", "sequence=4", "sequence=8",
+                      "sequence=2,tensor=2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,4 +347,23 @@ def xla_table(shapes: list[EvalShape]) -> list[dict]:
           f"({est['prefill'] / xla['prefill'] - 1:+.0%}) | {xla['decode'] / M:.1f} | "
           f"{est['decode'] / M:.1f} ({est['decode'] / xla['decode'] - 1:+.0%}) |", flush=True)
     rows.append({"mesh": shape.mesh, "xla": xla, "estimate": est})
+  return rows
+
+
+def calibrate() -> list[dict]:
+  """XLA's plans of the CALIBRATION models on CALIBRATION_MESHES next to the estimate (markdown):
+  the data COEFFICIENTS were fitted to. Needs 8 devices (simulated CPU ones)."""
+  rows = []
+  for d, f, heads, kv_heads, h, v, layers, context, chunk, kv_block in CALIBRATION:
+    model = LlamaConfig(vocab_size=v, hidden_size=d, intermediate_size=f, num_layers=layers,
+                        num_heads=heads, num_kv_heads=kv_heads, head_dim=h,
+                        max_position_embeddings=context + 1024, dtype="bfloat16",
+                        param_dtype="bfloat16")
+    print(f"\nD {d}, F {f}, N {heads}, K {kv_heads}, H {h}, V {v}, L {layers}; {context:,} "
+          f"tokens, prefill chunk {chunk:,}, kv_block {kv_block}")
+    rows += xla_table([EvalShape(model, parse_mesh_sizes(mesh), context, prefill_chunk=chunk,
+                                 kv_block=kv_block) for mesh in CALIBRATION_MESHES])
+  worst = {part: max(abs(r["estimate"][part] / r["xla"][part] - 1) for r in rows)
+           for part in ("prefill", "decode")}
+  print(f"\nlargest errors: prefill {worst['prefill']:.1%}, decode {worst['decode']:.1%}")
   return rows
