@@ -46,7 +46,7 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # error) to XLA's plans of CachedModel's steps on CPU: 5 small models (D 128-512, F/D 2-4, 2-6
 # layers, kv_block 128-512, 8K-16K prompts in one pass or 2K-4K chunks) x meshes sequence 1, 2, 4,
 # 8 and sequence 2 x tensor 2 (CALIBRATION; `python -m ultralong_jax.estimate_memory --eval --calibrate`
-# prints each plan next to the estimate). The prefill fit is within 9% of all 25 plans, the decode
+# prints each plan next to the estimate). The prefill fit is within 8% of all 25 plans, the decode
 # fit within 1%.
 COEFFICIENTS = {
     "scores": 2.1,           # prefill: the float32 [B, N/tp, t, kv_block] score tile (s and p)
