@@ -58,9 +58,13 @@ def load_params(path: str, abstract_params: dict, dtype=None) -> dict:
     stored_tree = getattr(stored, "item_metadata", stored)
     stored_tree = getattr(stored_tree, "tree", stored_tree)
     _check_shapes(params_dir, stored_tree, abstract_params)
-    # Restore in the stored dtype (no silent cast inside Orbax), then cast here.
+    # Restore in the stored dtype (no silent cast inside Orbax), then cast here. Without a
+    # sharding an array goes to this process's first device: the one the checkpoint was written
+    # from may not exist here (another process count or mesh).
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
-        lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=getattr(a, "sharding", None)),
+        lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype,
+                                          sharding=getattr(a, "sharding", None) or local),
         abstract_params, stored_tree)
     params = checkpointer.restore(params_dir, target)
   if dtype is not None:

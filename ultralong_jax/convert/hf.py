@@ -121,6 +121,25 @@ class SafetensorsReader:
   def where(self, name: str) -> str:
     return os.path.join(self.hf_dir, self.weight_map.get(name, "?"))
 
+  def _path(self, name: str) -> str:
+    if name not in self.weight_map:
+      raise KeyError(f"tensor {name!r} is missing from the checkpoint in {self.hf_dir}.")
+    path = os.path.join(self.hf_dir, self.weight_map[name])
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} is listed in {INDEX_FILE} but missing.")
+    return path
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    """A tensor's shape, from its file's header (no data read)."""
+    with safe_open(self._path(name), framework="numpy") as f:
+      return tuple(f.get_slice(name).get_shape())
+
+  def get_slice(self, name: str, box: tuple[slice, ...]) -> np.ndarray:
+    """A copy of `tensor[box]`: only the bytes the box covers are read from the memory map,
+    which is closed on return (as in `get`)."""
+    with safe_open(self._path(name), framework="numpy") as f:
+      return f.get_slice(name)[box]
+
 
 def _checked(reader: SafetensorsReader, name: str, expected: tuple[int, ...]) -> np.ndarray:
   array = reader.get(name)
