@@ -17,6 +17,7 @@ hand-written copy of each layout.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Callable, Sequence
 
 import jax
@@ -68,13 +69,13 @@ def hf_region(to_project: Callable[[np.ndarray], np.ndarray], hf_shape: Sequence
   return box, steps
 
 
-def from_region(region: np.ndarray, steps: list[tuple[int, int]], shape: Sequence[int],
-                dtype=None) -> np.ndarray:
-  """The project-layout slice of `shape` from the HF box `region` read per `hf_region`."""
+def from_region(region: np.ndarray, steps: list[tuple[int, int]], shape: Sequence[int]
+                ) -> np.ndarray:
+  """A read-only view, in the project layout of `shape`, of the HF box `region` read per
+  `hf_region` (copy it, or assign it into a buffer)."""
   strides = [0 if axis < 0 else step * region.strides[axis] for axis, step in steps]
-  view = np.lib.stride_tricks.as_strided(region, shape=tuple(shape), strides=strides,
+  return np.lib.stride_tricks.as_strided(region, shape=tuple(shape), strides=strides,
                                          writeable=False)
-  return np.array(view, dtype=dtype if dtype is not None else region.dtype)
 
 
 def _identity(w):
@@ -111,12 +112,12 @@ def read_slice(reader: hf.SafetensorsReader, names: list[str], hf_shape: tuple, 
       np.empty(hf_shape, np.int8)).shape))
   out = None
   for j, i in enumerate(layers):
-    part = from_region(reader.get_slice(names[i], box), steps, shape, dtype)
-    if not stacked:
-      return part
+    region = reader.get_slice(names[i], box)
     if out is None:
-      out = np.empty((len(layers), *shape), part.dtype)
-    out[j] = part
+      out = np.empty(((len(layers),) if stacked else ()) + shape,
+                     dtype if dtype is not None else region.dtype)
+    (out[j] if stacked else out)[...] = from_region(region, steps, shape)
+    del region
   return out
 
 
@@ -167,11 +168,23 @@ def load_hf_params_sharded(reader: hf.SafetensorsReader, config: LlamaConfig, sh
     arrays = [arrays[d] for d in sharding.addressable_devices_indices_map(shape)]
     array = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
     del arrays
+    _release_freed_host_memory()
     if stacked:
       params["layers"][path[1]] = array
     else:
       params[path[0]] = array
   return params
+
+
+def _release_freed_host_memory() -> None:
+  """Returns the host slices just freed to the OS. glibc serves allocations below its mmap
+  threshold (which grows up to 32 MB) from its heaps and keeps them when freed, so without a
+  trim the freed slices of one parameter add to the peak of the next (bench.convert, 1.25 GB,
+  2 processes: peak 0.61 -> 0.57 x the weights). No-op where malloc_trim does not exist."""
+  try:
+    ctypes.CDLL(None).malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
 
 
 def _normalized(index, shape) -> Index:
