@@ -8,9 +8,11 @@ import os
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from ultralong_jax.bench import convert as bench_convert
 from ultralong_jax.bench import convert_multihost
+from ultralong_jax.convert import __main__ as cli
 from ultralong_jax.convert import api, hf, sharded
 from ultralong_jax.modeling.config import LlamaConfig
 from ultralong_jax.parallel import mesh as mesh_lib
@@ -36,7 +38,7 @@ def test_sharded_load_equals_whole_tensor_load_on_every_mesh(make_hf_llama, hf_k
       np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{sizes} {path}")
 
 
-def test_hf_region_reads_the_box_a_slice_covers():
+def test_hf_region_reads_the_box_a_slice_covers(tmp_path):
   # wq's mapping: torch [N*H, D] -> ours [D, N, H]; heads 1..3 of columns 4..8 are rows 2H..6H.
   D, N, H = 8, 4, 2
   hf_array = np.arange(N * H * D, dtype=np.float32).reshape(N * H, D)
@@ -46,6 +48,12 @@ def test_hf_region_reads_the_box_a_slice_covers():
   assert box == (slice(2, 6), slice(4, 8))
   got = sharded.from_region(hf_array[box], steps, (4, 2, 2))
   np.testing.assert_array_equal(got, to_project(hf_array)[index])
+  # The reader's row blocks (here 3 rows of 32 bytes at a time) give the same box.
+  reader_box = (slice(1, 7), slice(2, 5))
+  save_file({"w": hf_array}, str(tmp_path / hf.SINGLE_FILE))
+  reader = hf.SafetensorsReader(str(tmp_path))
+  np.testing.assert_array_equal(reader.get_slice("w", reader_box, block_bytes=96),
+                                hf_array[reader_box])
   with pytest.raises(ValueError, match="copies instead of viewing"):
     sharded.hf_region(lambda w: w.T.copy(), hf_array.shape, (slice(0, 2), slice(0, 2)))
 
@@ -66,9 +74,14 @@ def test_two_processes_load_and_save_their_share_bit_exact(tmp_path):
     for phase in ("load", "save"):
       assert r["rise"][phase] <= 0.6 * weights, (phase, r, weights)
   convert_multihost.check_bit_exact(hf_dir, os.path.join(out, "final"))
-  original, exported = hf.SafetensorsReader(hf_dir), hf.SafetensorsReader(os.path.join(out, "hf"))
-  assert sorted(original.keys()) == sorted(exported.keys())
-  for name in original.keys():
-    np.testing.assert_array_equal(exported.get(name), original.get(name), err_msg=name)
-  with open(os.path.join(out, "hf", "config.json")) as f:
-    assert json.load(f)["num_hidden_layers"] == 12
+  # `jax-to-hf` streams the 2-process checkpoint one parameter at a time in this 1 process.
+  assert cli.main(["jax-to-hf", "--ckpt", os.path.join(out, "final"), "--out",
+                   os.path.join(out, "back")]) == 0
+  original = hf.SafetensorsReader(hf_dir)
+  for exported_dir in ("hf", "back"):  # the run's export (gathered per tensor) and the CLI's
+    exported = hf.SafetensorsReader(os.path.join(out, exported_dir))
+    assert sorted(original.keys()) == sorted(exported.keys())
+    for name in original.keys():
+      np.testing.assert_array_equal(exported.get(name), original.get(name), err_msg=name)
+    with open(os.path.join(out, exported_dir, "config.json")) as f:
+      assert json.load(f)["num_hidden_layers"] == 12
