@@ -103,13 +103,12 @@ def tensor_sources(config: LlamaConfig) -> dict[tuple, tuple[list[str], tuple, C
 
 def read_slice(reader: hf.SafetensorsReader, names: list[str], hf_shape: tuple, to_project,
                index: Index, stacked: bool, dtype=None) -> np.ndarray:
-  """One device's slice `index` of a project array, read from the HF tensor(s) `names`
-  (stacked: the first index is over layers, one HF tensor per layer)."""
+  """One device's slice `index` (unit-step slices with bounds) of a project array, read from the
+  HF tensor(s) `names` (stacked: the first index is over layers, one HF tensor per layer)."""
   layers = range(len(names))[index[0]] if stacked else [0]
   inner = index[1:] if stacked else index
   box, steps = hf_region(to_project, hf_shape, inner)
-  shape = tuple(len(range(n)[s]) for s, n in zip(inner, to_project(
-      np.empty(hf_shape, np.int8)).shape))
+  shape = tuple(s.stop - s.start for s in inner)  # `index` is _normalized
   out = None
   for j, i in enumerate(layers):
     region = reader.get_slice(names[i], box)
