@@ -18,15 +18,21 @@ from ultralong_jax.modeling.config import LlamaConfig
 from ultralong_jax.parallel import mesh as mesh_lib
 
 
-@pytest.mark.parametrize("hf_kwargs", [
-    dict(attention_bias=True, mlp_bias=True),
-    dict(tie_word_embeddings=True, num_key_value_heads=4),
-], ids=["biases", "tied"])
-def test_sharded_load_equals_whole_tensor_load_on_every_mesh(make_hf_llama, hf_kwargs):
-  _, hf_dir = make_hf_llama(**hf_kwargs)
+@pytest.mark.parametrize("hf_kwargs,bf16", [
+    (dict(attention_bias=True, mlp_bias=True), False),
+    (dict(tie_word_embeddings=True, num_key_value_heads=4), False),
+    (dict(), True),
+], ids=["biases", "tied", "bf16_file"])
+def test_sharded_load_equals_whole_tensor_load_on_every_mesh(make_hf_llama, hf_kwargs, bf16,
+                                                             tmp_path):
+  hf_model, hf_dir = make_hf_llama(**hf_kwargs)
+  if bf16:  # stored bf16, loaded as the config's float32 parameters
+    import torch  # pylint: disable=import-outside-toplevel
+    hf_dir = str(tmp_path / "bf16")
+    hf_model.to(torch.bfloat16).save_pretrained(hf_dir)
   config = api.load_config(hf_dir)
   reader = hf.SafetensorsReader(hf_dir)
-  reference = hf.load_hf_params(reader, config)
+  reference = hf.load_hf_params(reader, config, dtype=np.dtype(config.param_dtype))
   for sizes in ({"fsdp": 8}, {"fsdp": 2, "tensor": 4}, {"fsdp": 4, "tensor": 2},
                 {"data": 2, "tensor": 4}):
     shardings = convert_multihost.param_shardings(config, mesh_lib.make_mesh(sizes))
