@@ -5,7 +5,8 @@
   python -m ultralong_jax.convert jax-to-hf --ckpt ckpt/llama31_8b --out hf/UltraLong-8B-1M \
       [--dtype bfloat16] [--tokenizer-dir Llama-3.1-8B-Instruct]
 
-Tensor by tensor: the host holds one copy of the model (as numpy) and never two.
+hf-to-jax holds one copy of the model (as numpy) and never two; jax-to-hf restores one
+parameter at a time and holds one stacked parameter plus the safetensors shard being written.
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ def hf_to_jax(args) -> None:
 def jax_to_hf(args) -> None:
   config = checkpoint.read_config(args.ckpt)
   abstract = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
-  params = checkpoint.load_params(args.ckpt, abstract)
-  api.export_hf(args.out, config, api.params_getter(params), tokenizer_dir=args.tokenizer_dir,
-                dtype=args.dtype)
+  # One parameter restored at a time: the host never holds the whole model.
+  api.export_hf(args.out, config, checkpoint.param_getter(args.ckpt, abstract),
+                tokenizer_dir=args.tokenizer_dir, dtype=args.dtype)
 
 
 def main(argv=None) -> int:

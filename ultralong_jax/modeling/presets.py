@@ -1,4 +1,5 @@
-"""Model presets: Llama-3.1-8B (and its UltraLong 1M/2M/4M RoPE settings), Llama-3.2-1B, tiny.
+"""Model presets: Llama-3.1-8B and -70B (and their UltraLong 1M/2M/4M RoPE settings), Llama-3.2-1B,
+tiny.
 
 Shapes are those of the published Hugging Face config.json files; `get_preset(name)` returns a
 LlamaConfig, and keyword overrides change numerics (dtype, remat) without a new preset.
@@ -24,6 +25,15 @@ _ULTRALONG = {"1m": 128, "2m": 256, "4m": 512}
 def llama31_8b(**overrides) -> LlamaConfig:
   kwargs = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
                 num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                rope_scaling=LLAMA31_ROPE, max_position_embeddings=131072,
+                tie_word_embeddings=False, bos_token_id=128000, eos_token_id=_LLAMA3_EOS)
+  kwargs.update(overrides)
+  return LlamaConfig(**kwargs)
+
+
+def llama31_70b(**overrides) -> LlamaConfig:
+  kwargs = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
                 rope_scaling=LLAMA31_ROPE, max_position_embeddings=131072,
                 tie_word_embeddings=False, bos_token_id=128000, eos_token_id=_LLAMA3_EOS)
   kwargs.update(overrides)
@@ -114,6 +124,10 @@ PRESETS = {
     "llama31_8b_1m": lambda **kw: ultralong(llama31_8b(**kw), "1m"),
     "llama31_8b_2m": lambda **kw: ultralong(llama31_8b(**kw), "2m"),
     "llama31_8b_4m": lambda **kw: ultralong(llama31_8b(**kw), "4m"),
+    "llama31_70b": llama31_70b,
+    "llama31_70b_1m": lambda **kw: ultralong(llama31_70b(**kw), "1m"),
+    "llama31_70b_2m": lambda **kw: ultralong(llama31_70b(**kw), "2m"),
+    "llama31_70b_4m": lambda **kw: ultralong(llama31_70b(**kw), "4m"),
     "llama32_1b": llama32_1b,
     "llama32_1b_1m": lambda **kw: ultralong(llama32_1b(**kw), "1m"),
     "qwen25_7b": qwen25_7b,
