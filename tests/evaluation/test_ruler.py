@@ -8,7 +8,9 @@ completeness, the sample tests check the prompts against what RULER's generators
 import collections
 import csv
 import json
+import os
 import re
+import shutil
 
 import pytest
 
@@ -248,5 +250,10 @@ def test_cli_errors(tiny_model_dir, tokenizer_path, tmp_path, flag_error):
       "--mesh")
   assert flag_error(ruler.main, base + ["--lengths", "1536", "--squad", str(tmp_path / "no.json")]
                     ).startswith("--squad")
+  damaged = tmp_path / "damaged"
+  shutil.copytree(tiny_model_dir, damaged)
+  os.truncate(damaged / "model.safetensors", 1000)
+  assert flag_error(ruler.main, ["--ckpt", str(damaged)] + base[2:] + ["--lengths", "1536"]
+                    ).startswith(f"--ckpt {damaged}: {damaged}/model.safetensors is not a readable")
   assert flag_error(ruler.main, base + ["--lengths", "1536", "--tasks", "vt", "--hotpotqa",
                                         _hotpot_file(tmp_path)]).startswith("--hotpotqa")

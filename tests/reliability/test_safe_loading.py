@@ -47,6 +47,25 @@ def test_a_pickle_checkpoint_is_refused_unread(tiny_config, tmp_path):
   assert not os.path.exists(marker)
 
 
+def test_damaged_safetensors_files_name_the_file(tiny_config, tmp_path):
+  """A truncated weights file and a damaged index: one ValueError naming the file, before any
+  training starts (loop.run is what `train` and the init path call)."""
+  c = tiny_config()
+  model_cfg = config_lib.model_config(c)
+  params = nnx.to_pure_dict(nnx.state(llama.init_model(model_cfg, seed=0), nnx.Param))
+  hf_dir = str(tmp_path / "hf")
+  convert_api.export_hf(hf_dir, model_cfg, convert_api.params_getter(params))
+  weights = os.path.join(hf_dir, "model.safetensors")
+  os.truncate(weights, os.path.getsize(weights) // 2)
+  c.init.mode, c.init.path = "hf", hf_dir
+  with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file.*damaged"):
+    loop.run(c, str(tmp_path / "run"), progress=False)
+  with open(os.path.join(hf_dir, "model.safetensors.index.json"), "w") as f:
+    f.write('{"weight_map": {"model.embed_tokens.weight": "model.safe')  # cut mid-write
+  with pytest.raises(ValueError, match="model.safetensors.index.json is not a safetensors index"):
+    convert_api.from_pretrained(hf_dir)
+
+
 @pytest.mark.parametrize("key", ["overrides_json", "rope_scaling_json"])
 def test_config_strings_are_json_not_code(key, tiny_config, tmp_path):
   c = tiny_config()

@@ -11,6 +11,7 @@ code when loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Callable, Iterator
@@ -88,6 +89,20 @@ def read_hf_config(hf_dir: str) -> dict:
       raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}).") from None
 
 
+@contextlib.contextmanager
+def _open(path: str):
+  """safe_open(path) for numpy; a file whose header does not describe it (truncated, damaged,
+  not safetensors) is a ValueError naming it."""
+  try:
+    f = safe_open(path, framework="numpy")
+  except Exception as e:  # pylint: disable=broad-except  # SafetensorError is not an OSError
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"{path} is not a readable safetensors file ({text}): truncated or damaged? "
+                     "Copy or export it again.") from None
+  with f:
+    yield f
+
+
 class SafetensorsReader:
   """Lazy, memory-mapped access to the tensors of a (possibly sharded) safetensors checkpoint."""
 
@@ -96,10 +111,15 @@ class SafetensorsReader:
     index_path = os.path.join(hf_dir, INDEX_FILE)
     single_path = os.path.join(hf_dir, SINGLE_FILE)
     if os.path.exists(index_path):
-      with open(index_path) as f:
-        self.weight_map = json.load(f)["weight_map"]
+      try:
+        with open(index_path) as f:
+          self.weight_map = dict(json.load(f)["weight_map"])
+      except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index_path} is not a safetensors index (a JSON object with a "
+                         f"weight_map): {type(e).__name__}: {e}. A truncated or damaged file? "
+                         "Copy it again.") from None
     elif os.path.exists(single_path):
-      with safe_open(single_path, framework="numpy") as f:
+      with _open(single_path) as f:
         self.weight_map = {name: SINGLE_FILE for name in f.keys()}
     else:
       unsafe = [n for n in os.listdir(hf_dir) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
@@ -119,7 +139,7 @@ class SafetensorsReader:
     path = os.path.join(self.hf_dir, self.weight_map[name])
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path} is listed in {INDEX_FILE} but missing.")
-    with safe_open(path, framework="numpy") as f:
+    with _open(path) as f:
       return f.get_tensor(name)
 
   def where(self, name: str) -> str:
@@ -135,7 +155,7 @@ class SafetensorsReader:
 
   def shape(self, name: str) -> tuple[int, ...]:
     """A tensor's shape, from its file's header (no data read)."""
-    with safe_open(self._path(name), framework="numpy") as f:
+    with _open(self._path(name)) as f:
       return tuple(f.get_slice(name).get_shape())
 
   def get_slice(self, name: str, box: tuple[slice, ...], block_bytes: int = 16 << 20
@@ -145,7 +165,7 @@ class SafetensorsReader:
     open, and a column slice touches whole rows, so each block's map is closed before the next
     one opens: the host holds the result plus at most ~block_bytes of mapped file."""
     path = self._path(name)
-    with safe_open(path, framework="numpy") as f:
+    with _open(path) as f:
       view = f.get_slice(name)
       shape, dtype = tuple(view.get_shape()), view.get_dtype()
       rows = range(shape[0])[box[0]] if shape else range(0)
@@ -155,7 +175,7 @@ class SafetensorsReader:
     step = max(1, block_bytes // max(row_bytes, 1))
     out = None
     for r in range(rows.start, rows.stop, step):
-      with safe_open(path, framework="numpy") as f:
+      with _open(path) as f:
         block = f.get_slice(name)[(slice(r, min(r + step, rows.stop)), *box[1:])]
       if out is None:
         out = np.empty((len(rows), *block.shape[1:]), block.dtype)

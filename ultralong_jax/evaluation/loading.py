@@ -127,6 +127,8 @@ def _named(flag: str, load, path: str):
 
 
 def load_model(args: argparse.Namespace):
-  """The model of --ckpt in --dtype (after `check_model_flags`)."""
+  """The model of --ckpt in --dtype (after `check_model_flags`); a missing or damaged weights
+  file is a ValueError / FileNotFoundError naming --ckpt (callers: inside `flag_errors`)."""
   import ultralong_jax  # pylint: disable=g-import-not-at-top
-  return ultralong_jax.from_pretrained(args.ckpt, dtype=args.dtype)
+  return _named("--ckpt", lambda path: ultralong_jax.from_pretrained(path, dtype=args.dtype),
+                args.ckpt)

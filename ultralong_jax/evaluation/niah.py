@@ -236,7 +236,8 @@ def main(argv=None) -> NiahResults:
                  [min(lengths)], [0.0], needle=needle, chat=not args.no_chat)
     except ValueError as e:
       raise ValueError(f"{'--lengths' if args.lengths else '--min-length'}: {e}") from None
-  model = loading.load_model(args)
+  with loading.flag_errors(parser):
+    model = loading.load_model(args)
   results = run_niah(model, flags.tokenizer, lengths=lengths, depths=depths, out_dir=args.out,
                      mesh=flags.mesh, needle=needle, haystack_text=text, chat=not args.no_chat,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

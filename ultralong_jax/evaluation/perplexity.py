@@ -125,7 +125,8 @@ def main(argv=None) -> dict:
     if short:
       raise ValueError(f"--documents {short} have fewer than --length + 1 = {args.length + 1} "
                        "tokens; give longer documents or a smaller --length.")
-  model = loading.load_model(args)
+  with loading.flag_errors(p):
+    model = loading.load_model(args)
   result = run_perplexity(model, flags.tokenizer, length=args.length, out_dir=args.out,
                           texts=texts, mesh=flags.mesh, num_buckets=args.buckets,
                           log_buckets=not args.linear_buckets, chunk=args.prefill_chunk,

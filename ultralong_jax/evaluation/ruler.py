@@ -237,7 +237,8 @@ def main(argv=None) -> dict:
                     new_tokens=args.max_new_tokens, qa=qa)
     except ValueError as e:
       raise ValueError(f"--lengths: {e}") from None
-  model = loading.load_model(args)
+  with loading.flag_errors(p):
+    model = loading.load_model(args)
   res = run_ruler(model, flags.tokenizer, lengths=lengths, out_dir=args.out, tasks=tasks,
                   samples=args.samples, mesh=flags.mesh, chat=not args.no_chat, haystack_text=text,
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
