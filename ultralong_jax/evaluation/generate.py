@@ -57,6 +57,10 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) 
   return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
+# One compiled call per token in the host loop (eagerly, each of top-p's ops compiles on its own).
+_sample = jax.jit(sample, static_argnums=(2, 3))
+
+
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
@@ -316,7 +320,7 @@ class CachedModel:
     ones = np.ones((len(done), 1), np.int32)
     for step in range(max_new_tokens):
       key, sub = jax.random.split(key)
-      tokens = np.asarray(sample(logits, sub, temperature, top_p))
+      tokens = np.asarray(_sample(logits, sub, temperature, top_p))
       for b in np.flatnonzero(~done):
         out[b].append(int(tokens[b]))
       done |= np.isin(tokens, stops)
