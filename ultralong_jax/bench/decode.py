@@ -48,16 +48,19 @@ def _timed(fn, repeats: int) -> tuple[list[float], object]:
   return seconds, result
 
 
-def time_transformers(hf_dir: str, prompts: np.ndarray, new_tokens: int,
-                      repeats: int) -> tuple[list[float], np.ndarray, str]:
-  """transformers' greedy `generate` of exactly `new_tokens` per row from prompts [B,P]:
-  (seconds per call, new tokens [B, new_tokens], versions)."""
+def time_transformers(hf_dir: str, prompts: np.ndarray, new_tokens: int, repeats: int,
+                      threads: int = 0) -> tuple[list[float], np.ndarray, str]:
+  """transformers' greedy `generate` of exactly `new_tokens` per row from prompts [B,P] on
+  `threads` CPU threads (0: torch's default): (seconds per call, new tokens [B, new_tokens],
+  versions)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
     import transformers  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise SystemExit(f"bench.decode: the transformers baseline needs torch and transformers "
                      f"(pip install -r requirements-test.txt): {e}") from e
+  if threads:
+    torch.set_num_threads(threads)
   model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
   ids = torch.as_tensor(prompts, dtype=torch.long)
 
@@ -87,11 +90,19 @@ def main(argv=None) -> dict:
   parser.add_argument("--vocab", type=int, default=32000)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--threads", type=int, default=0,
+                      help="CPU threads for XLA and torch alike (0: each library's default); "
+                           "1 gives steadier figures on a machine shared with other work")
   parser.add_argument("--json", default=None, help="also write the results here")
   args = parser.parse_args(argv)
   for name in ("batch", "prompt", "new_tokens", "repeats"):
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')} must be >= 1")
+  if args.threads:
+    # Read when JAX starts its CPU backend, i.e. at the first computation below.
+    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen="
+                               f"{str(args.threads > 1).lower()} "
+                               f"intra_op_parallelism_threads={args.threads}")
   config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                        intermediate_size=args.mlp, num_layers=args.layers, num_heads=args.heads,
                        num_kv_heads=args.kv_heads, rope_theta=10000.0,
@@ -112,7 +123,7 @@ def main(argv=None) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir = ultralong_jax.save_pretrained(model, os.path.join(tmp, "hf"))
     seconds, tokens["transformers"], versions = time_transformers(hf_dir, prompts, new,
-                                                                  args.repeats)
+                                                                  args.repeats, args.threads)
   rows.append({"decoder": "transformers generate", "seconds": seconds})
 
   reference = statistics.median(rows[-1]["seconds"])
@@ -120,8 +131,9 @@ def main(argv=None) -> dict:
     row["tokens_per_s"] = B * new / statistics.median(row["seconds"])
     row["vs_transformers"] = reference / statistics.median(row["seconds"])
     row["rows_equal_transformers"] = int((tokens[name] == tokens["transformers"]).all(1).sum())
+  threads = f"{args.threads} thread(s)" if args.threads else "default threads"
   print(f"# {datetime.date.today()}, {platform.machine()} CPU x{os.cpu_count()}, "
-        f"jax {jax.__version__} ({jax.devices()[0].platform}), {versions}")
+        f"jax {jax.__version__} ({jax.devices()[0].platform}, {threads}), {versions}")
   print(f"# batch {B}, {args.prompt}-token prompts, {new} new tokens (greedy, prefill included), "
         f"L={args.layers} D={args.hidden} F={args.mlp} N={args.heads} K={args.kv_heads} "
         f"V={args.vocab} float32; median of {args.repeats} after 1 warm-up")
