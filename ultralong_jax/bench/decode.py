@@ -1,7 +1,7 @@
 """Decoding speed: the on-device loop vs the per-token host loop vs transformers' `generate`.
 
   python -m ultralong_jax.bench.decode                       # batch 8, 64-token prompts, 96 new
-  python -m ultralong_jax.bench.decode --vocab 256 --repeats 9
+  python -m ultralong_jax.bench.decode --threads 1 --repeats 9  # one thread each: steadier
 
 One random Llama (`--layers`, `--hidden`, ...; float32) is built here, written with the project's
 `save_pretrained` and loaded by transformers' `LlamaForCausalLM.from_pretrained` (PyTorch, CPU,
@@ -12,8 +12,10 @@ with no stop token (transformers: `eos_token_id=None`), prefill included in the 
   host          `CachedModel.generate(loop="host")`: one jitted step per token from Python
   transformers  `model.generate(do_sample=False)` on the CPU (torch, a test-only dependency)
 One warm-up call each (compiles), then `--repeats` timed calls; the table gives tokens/s of the
-median call, the spread over the repeats, the ratio to transformers, and how many rows' tokens
-equal transformers' (float32 on both sides: they should all).
+median call (wall clock), the spread over the repeats, the ratio to transformers, tokens per
+CPU-second of this process (all threads: less sensitive to other work on the machine, but it counts
+threads that spin while waiting), and how many rows' tokens equal transformers' (float32 on both
+sides: they should all).
 """
 
 from __future__ import annotations
@@ -37,22 +39,23 @@ from ultralong_jax.modeling.config import LlamaConfig
 from ultralong_jax.modeling.llama import Llama
 
 
-def _timed(fn, repeats: int) -> tuple[list[float], object]:
-  """Seconds of `repeats` calls of fn() after one warm-up call, and the last call's result."""
+def _timed(fn, repeats: int) -> tuple[list[tuple[float, float]], object]:
+  """(wall, CPU) seconds of `repeats` calls of fn() after one warm-up call, and the last call's
+  result. CPU seconds count every thread of this process."""
   result = fn()
   seconds = []
   for _ in range(repeats):
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
-    seconds.append(time.perf_counter() - start)
+    seconds.append((time.perf_counter() - wall, time.process_time() - cpu))
   return seconds, result
 
 
 def time_transformers(hf_dir: str, prompts: np.ndarray, new_tokens: int, repeats: int,
-                      threads: int = 0) -> tuple[list[float], np.ndarray, str]:
+                      threads: int = 0) -> tuple[list[tuple[float, float]], np.ndarray, str]:
   """transformers' greedy `generate` of exactly `new_tokens` per row from prompts [B,P] on
-  `threads` CPU threads (0: torch's default): (seconds per call, new tokens [B, new_tokens],
-  versions)."""
+  `threads` CPU threads (0: torch's default): ((wall, CPU) seconds per call, new tokens
+  [B, new_tokens], versions)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
     import transformers  # pylint: disable=import-outside-toplevel
@@ -114,35 +117,44 @@ def main(argv=None) -> dict:
 
   runner = gen.CachedModel(model)
   rows, tokens = [], {}
+
+  def add(name, decoder, seconds):
+    rows.append({"name": name, "decoder": decoder, "wall_seconds": [w for w, _ in seconds],
+                 "cpu_seconds": [c for _, c in seconds]})
+
   for loop in ("device", "host"):
     seconds, out = _timed(lambda loop=loop: runner.generate(prompts.tolist(), max_new_tokens=new,
                                                             loop=loop), args.repeats)
     assert all(len(r) == new for r in out), "no stop token: every row has new_tokens tokens"
     tokens[loop] = np.asarray(out)
-    rows.append({"decoder": f"ultralong_jax, {loop} loop", "seconds": seconds})
+    add(loop, f"ultralong_jax, {loop} loop", seconds)
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir = ultralong_jax.save_pretrained(model, os.path.join(tmp, "hf"))
     seconds, tokens["transformers"], versions = time_transformers(hf_dir, prompts, new,
                                                                   args.repeats, args.threads)
-  rows.append({"decoder": "transformers generate", "seconds": seconds})
+  add("transformers", "transformers generate", seconds)
 
-  reference = statistics.median(rows[-1]["seconds"])
-  for row, name in zip(rows, tokens):
-    row["tokens_per_s"] = B * new / statistics.median(row["seconds"])
-    row["vs_transformers"] = reference / statistics.median(row["seconds"])
-    row["rows_equal_transformers"] = int((tokens[name] == tokens["transformers"]).all(1).sum())
+  total = B * new
+  for row in rows:
+    row["tokens_per_s"] = total / statistics.median(row["wall_seconds"])
+    row["tokens_per_cpu_s"] = total / statistics.median(row["cpu_seconds"])
+    row["vs_transformers"] = row["tokens_per_s"] * statistics.median(rows[-1]["wall_seconds"]) / total
+    row["rows_equal_transformers"] = int(
+        (tokens[row["name"]] == tokens["transformers"]).all(1).sum())
   threads = f"{args.threads} thread(s)" if args.threads else "default threads"
-  print(f"# {datetime.date.today()}, {platform.machine()} CPU x{os.cpu_count()}, "
-        f"jax {jax.__version__} ({jax.devices()[0].platform}, {threads}), {versions}")
+  print(f"# {datetime.date.today()}, {platform.machine()} CPU x{os.cpu_count()} (load average "
+        f"{os.getloadavg()[0]:.1f}), jax {jax.__version__} ({jax.devices()[0].platform}, {threads}), "
+        f"{versions}")
   print(f"# batch {B}, {args.prompt}-token prompts, {new} new tokens (greedy, prefill included), "
         f"L={args.layers} D={args.hidden} F={args.mlp} N={args.heads} K={args.kv_heads} "
         f"V={args.vocab} float32; median of {args.repeats} after 1 warm-up")
-  print("| decoder | tokens/s | spread (min-max tokens/s) | vs transformers | "
-        "rows equal to transformers |\n|---|---|---|---|---|")
+  print("| decoder | tokens/s | spread (min-max tokens/s) | vs transformers | tokens per CPU-second "
+        "| rows equal to transformers |\n|---|---|---|---|---|---|")
   for row in rows:
-    fastest, slowest = B * new / min(row["seconds"]), B * new / max(row["seconds"])
+    fastest, slowest = total / min(row["wall_seconds"]), total / max(row["wall_seconds"])
     print(f"| {row['decoder']} | {row['tokens_per_s']:,.0f} | {slowest:,.0f}-{fastest:,.0f} | "
-          f"{row['vs_transformers']:.2f}x | {row['rows_equal_transformers']}/{B} |")
+          f"{row['vs_transformers']:.2f}x | {row['tokens_per_cpu_s']:,.0f} | "
+          f"{row['rows_equal_transformers']}/{B} |")
   result = {"args": vars(args), "rows": rows}
   if args.json:
     with open(args.json, "w") as f:

@@ -1,4 +1,5 @@
-"""Text generation with a KV cache: chunked (sequence-sharded) prefill, then one token per step.
+"""Text generation with a KV cache: chunked (sequence-sharded) prefill, then every new token in
+one compiled loop.
 
 Batched prompts of different lengths are LEFT-padded to a common length P (a multiple of the
 prefill chunk), so every row's prompt ends at slot P - 1 and decoding writes one shared slot per
@@ -13,6 +14,12 @@ over data x fsdp, so a batch that does not divide by it gets copies of its last 
 rows (`CachedModel.pad_rows`): they do the work of a real row, change no other row, and are never
 returned. Sampling: greedy (temperature 0) or temperature + top-p (nucleus) sampling; stop tokens
 end a row (the stop token is kept, as transformers does; later steps are not returned).
+
+Decoding after the prefill is one jitted `lax.while_loop` (`CachedModel.decode_loop`): sampling,
+the PRNG split per step, the [B, max_new_tokens] token buffer and the per-row done flags all stay
+on the device, and the loop ends when every row is done, so the host waits once per call instead
+of once per token. `generate(loop="host")` runs the same steps from Python, one jitted step per
+token (the benchmark's baseline; same tokens for the same seed).
 """
 
 from __future__ import annotations
