@@ -49,6 +49,56 @@ def make_hf_llama(tmp_path):
   return make
 
 
+# Tiny shapes per family, each with what sets it apart (see modeling/config.py FAMILIES).
+HF_FAMILY_DEFAULTS = {
+    # Llama-2-7B-like: rope_theta 1e4, no GQA.
+    "llama": dict(num_key_value_heads=4, rope_theta=10000.0, max_position_embeddings=4096),
+    # Mistral-7B-v0.3-like: head_dim independent of the width, no sliding window.
+    "mistral": dict(head_dim=24, rope_theta=1000000.0, max_position_embeddings=32768,
+                    sliding_window=None),
+    # Qwen2.5-0.5B-like: q/k/v biases, rope_theta 1e6, tied embeddings, no sliding window.
+    "qwen2": dict(rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=True,
+                  use_sliding_window=False, rms_norm_eps=1e-6),
+    # Qwen3-like: q/k norms, head_dim independent of the width.
+    "qwen3": dict(head_dim=24, rope_theta=1000000.0, max_position_embeddings=40960,
+                  use_sliding_window=False, rms_norm_eps=1e-6),
+}
+
+
+@pytest.fixture
+def make_hf_model(tmp_path):
+  """Factory: a tiny random transformers model of `family` (llama, mistral, qwen2, qwen3) saved
+  (safetensors) under tmp_path, norms and biases randomized. Returns (torch model, directory)."""
+  import torch
+  import transformers
+
+  classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}
+  counter = iter(range(1000))
+
+  def make(family, seed=0, **config_kwargs):
+    kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    kwargs.update(HF_FAMILY_DEFAULTS[family])
+    kwargs.update(config_kwargs)
+    config_cls, model_cls = classes[family]
+    config = config_cls(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+      for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or name.endswith(".bias"):
+          p.add_(0.1 * torch.randn_like(p))
+    out = tmp_path / f"hf_{family}_{next(counter)}"
+    model.save_pretrained(out)
+    return model, str(out)
+
+  return make
+
+
 @pytest.fixture
 def hf_logits():
   """Function: logits of a transformers model for numpy ids/positions, as float32 numpy."""

@@ -5,6 +5,9 @@
       --device=v5p --suggest                # the meshes that fit, best first
   python -m ultralong_jax.estimate_memory --config=configs/demo.py:stage1 --devices=8 --xla
   python -m ultralong_jax.estimate_memory --recipes   # the mesh table of docs/training.md
+  python -m ultralong_jax.estimate_memory --eval --preset=llama31_8b_1m --context=1048576 \
+      --mesh=tensor=8 --device=h100   # evaluation: parameters, KV cache, prefill / decode sets
+  python -m ultralong_jax.estimate_memory --eval --niah    # NIAH 1M/2M/4M: the smallest meshes
 
 Prints the estimate by part (training/memory.py: parameters, optimizer, gradients, remat
 checkpoints, one layer's working set, attention buffers, loss chunk) against the device's memory.
@@ -12,6 +15,12 @@ checkpoints, one layer's working set, attention buffers, loss chunk) against the
 train step for abstract arrays on `--devices` simulated CPU devices and prints XLA's per-device
 plan next to the estimate (minutes for an 8B model; nothing is allocated). Without a checkpoint
 at init.path the model's shape comes from model.preset.
+
+`--eval` estimates evaluation instead (evaluation/memory_plan.py: generation with the KV cache, every
+prefill chunk split over `sequence`) for the model of `--config` or `--preset`, a prompt of
+`--context` tokens and `--mesh` (or every sequence x tensor split of `--devices`); with `--xla` it
+also compiles CachedModel's prefill and decode steps on simulated CPU devices (the parameters are
+initialized on the host: small models only).
 """
 
 from __future__ import annotations
@@ -22,9 +31,9 @@ import sys
 
 
 def _xla_devices_from_argv(argv: list[str]) -> None:
-  """--xla needs --devices simulated CPU devices, which must be set before JAX initializes (the
+  """--xla and --calibrate need --devices (8) simulated CPU devices, set before JAX initializes (the
   config file imports JAX when the flags are parsed)."""
-  if "--xla" not in argv:
+  if "--xla" not in argv and "--calibrate" not in argv:
     return
   from ultralong_jax.parallel import host_devices  # pylint: disable=import-outside-toplevel
   devices = next((m.group(1) for a in argv for m in [re.match(r"--devices=(\d+)$", a)] if m), "8")
@@ -46,6 +55,24 @@ _DEVICE = flags.DEFINE_enum("device", "h100", ["h100", "h200", "a100", "v5p", "v
 _SUGGEST = flags.DEFINE_boolean("suggest", False, "list the meshes that fit, best first")
 _XLA = flags.DEFINE_boolean("xla", False, "also compile on simulated CPU devices; print XLA's plan")
 _RECIPES = flags.DEFINE_boolean("recipes", False, "print the 1M/2M/4M mesh table (markdown)")
+_EVAL = flags.DEFINE_boolean("eval", False, "estimate evaluation (prefill + decode with the KV "
+                             "cache) instead of training")
+_CALIBRATE = flags.DEFINE_boolean("calibrate", False, "with --eval: XLA's plans of the models the "
+                                  "evaluation estimate is fitted to, next to it (8 CPU devices)")
+_NIAH = flags.DEFINE_boolean("niah", False, "with --eval: the smallest meshes for NIAH at 1M/2M/4M "
+                             "with Llama-3.1-8B (markdown)")
+_PRESET = flags.DEFINE_string("preset", None, "with --eval: a model preset instead of --config")
+_CONTEXT = flags.DEFINE_integer("context", None, "with --eval: prompt tokens (default: the config's "
+                                "data.seq_len, or the preset's max_position_embeddings)")
+_MESH = flags.DEFINE_string("mesh", None, "with --eval: e.g. sequence=4,tensor=2 (default: every "
+                            "sequence x tensor split of --devices)")
+_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 8192, "with --eval: prompt tokens per "
+                                      "prefill step (the eval CLIs' --prefill-chunk)")
+_KV_BLOCK = flags.DEFINE_integer("kv_block", 512, "with --eval: cache slots per attention block")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "with --eval: tokens decoded per prompt")
+_BATCH = flags.DEFINE_integer("batch", 1, "with --eval: prompts at once")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "with --eval: parameter, "
+                           "activation and cache dtype")
 
 GiB = 2**30
 K = 1024
@@ -135,6 +162,8 @@ def recipes() -> list[dict]:
 def main(argv) -> int:
   del argv
   from ultralong_jax.training import memory  # pylint: disable=import-outside-toplevel
+  if _EVAL.value or _NIAH.value:
+    return eval_main()
   if _RECIPES.value:
     recipes()
     return 0
@@ -172,6 +201,68 @@ def main(argv) -> int:
     print(f"\n  XLA's compiled plan on {r['devices']} simulated {r['platform']} devices: "
           f"{xla / GiB:.2f} GiB/device (estimate {est['total'] / GiB:.2f}, "
           f"{est['total'] / xla - 1:+.0%}; compile {r['compile_s']:.0f} s)")
+  return 0
+
+
+def eval_main() -> int:
+  """--eval: evaluation memory per device (evaluation/memory_plan.py)."""
+  from ultralong_jax.evaluation import memory_plan  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.modeling import presets  # pylint: disable=import-outside-toplevel
+  if _NIAH.value:
+    memory_plan.niah_table()
+    return 0
+  if _CALIBRATE.value:
+    memory_plan.calibrate()
+    return 0
+  try:
+    if (_CONFIG.value is None) == (_PRESET.value is None):
+      raise ValueError("--eval needs one of --config or --preset.")
+    if _CONFIG.value is not None:
+      from ultralong_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+      c = _estimable(_CONFIG.value)
+      model = config_lib.model_config(c)
+      context = c.data.seq_len
+    else:
+      model = presets.get_preset(_PRESET.value)
+      context = model.max_position_embeddings
+    model = model.replace(dtype=_DTYPE.value, param_dtype=_DTYPE.value)
+    context = _CONTEXT.value or context
+    if _MESH.value:
+      meshes = [memory_plan.parse_mesh_sizes(_MESH.value)]
+      if _DEVICES.value and math.prod(meshes[0].values()) > _DEVICES.value:
+        raise ValueError(f"--mesh={_MESH.value!r} needs {math.prod(meshes[0].values())} devices, "
+                         f"more than --devices={_DEVICES.value}.")
+    elif _DEVICES.value and _XLA.value:  # sequence = 1, 2, 4, ... up to --devices
+      meshes = [memory_plan.parse_mesh_sizes(f"sequence={1 << k}")
+                for k in range(_DEVICES.value.bit_length()) if (1 << k) <= _DEVICES.value]
+    elif _DEVICES.value:
+      meshes = [memory_plan.parse_mesh_sizes(f"sequence={m['sequence']},tensor={m['tensor']}")
+                for m in memory_plan.candidate_meshes(model, _DEVICES.value)
+                if m["sequence"] * m["tensor"] == _DEVICES.value]
+    else:
+      raise ValueError("--eval needs --mesh=AXIS=SIZE,... or --devices=N.")
+    shapes = [memory_plan.EvalShape(model=model, mesh=mesh, context=context,
+                                    new_tokens=_NEW_TOKENS.value, batch=_BATCH.value,
+                                    prefill_chunk=_PREFILL_CHUNK.value, kv_block=_KV_BLOCK.value,
+                                    dtype=_DTYPE.value) for mesh in meshes]
+    for shape in shapes:
+      memory_plan.check_shape(shape)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"{model.num_params / 1e6:,.1f}M parameters ({_DTYPE.value}), context {context:,}, batch "
+        f"{_BATCH.value}, {_NEW_TOKENS.value} new tokens, prefill chunk "
+        f"{min(_PREFILL_CHUNK.value, context):,}")
+  if _XLA.value:
+    if model.num_params * 4 > 4 * GiB:
+      print(f"error: --xla with --eval initializes the parameters on the host: "
+            f"{model.num_params / 1e9:.1f}B is too many; use a small --preset.", file=sys.stderr)
+      return 2
+    memory_plan.xla_table(shapes)
+    return 0
+  for shape in shapes:
+    print(f"\nmesh {memory_plan.mesh_label(shape.mesh)} ({_DEVICE.value})")
+    print(memory_plan.report(shape, _DEVICE.value))
   return 0
 
 

@@ -10,6 +10,7 @@ docs/launch.md); `jax.distributed.initialize` runs first.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -39,7 +40,9 @@ def main(argv) -> int:
     summary = loop.run(_CONFIG.value, _WORKDIR.value, checkpoint_dir=_CHECKPOINT_DIR.value)
   except ValueError as e:  # configuration and input errors: one clear line, no traceback
     # loop.run has closed its checkpointer by now (background saves and reads done): the line
-    # comes last, whole, after anything already written to stdout.
+    # comes last, whole, after anything already written to stdout; objects of the failed work
+    # (e.g. asyncio tasks) are collected first, so their finalizers cannot print after it.
+    gc.collect()
     sys.stdout.flush()
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from ultralong_jax.bench import suite
+from ultralong_jax.bench import suite, suite_report
 
 
 def test_smoke_run_writes_every_section(tmp_path):
@@ -38,7 +38,7 @@ def test_a_section_over_budget_is_recorded_and_stopped(tmp_path):
   result = suite._run_task("kernels", {}, 0.5, str(tmp_path), ["--smoke"])
   assert result["status"].startswith("timed out"), result
   assert result["rows"] == [] and result["seconds"] < 30
-  text = suite.markdown([result], "cmd")
+  text = suite_report.markdown([result], "cmd")
   assert "**kernels: timed out" in text
 
 

@@ -39,6 +39,18 @@ def test_load_tokenizer_from_directory_and_missing(hf_tokenizer_path, tmp):
     tok_lib.load_tokenizer(tmp)
 
 
+def test_damaged_tokenizer_files_name_the_file(hf_tokenizer_path, sp_model_path, tmp):
+  for good, name, kind in ((hf_tokenizer_path, "tokenizer.json", "a tokenizer.json"),
+                           (sp_model_path, "sp.model", "a SentencePiece .model")):
+    with open(good, "rb") as f:
+      head = f.read(200)  # truncated mid-file
+    bad = os.path.join(tmp, name)
+    with open(bad, "wb") as f:
+      f.write(head)
+    with pytest.raises(ValueError, match=f"tokenizer {bad} could not be read as {kind}"):
+      tok_lib.load_tokenizer(bad)
+
+
 @pytest.mark.parametrize("name", ["plain.jsonl", "zipped.jsonl.gz"])
 def test_jsonl_source_random_access(name, tmp, jsonl_writer):
   lines = [{"i": i, "text": "x" * i} for i in range(50)]

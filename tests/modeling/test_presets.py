@@ -12,6 +12,19 @@ def test_parameter_counts_match_the_published_models():
   assert presets.llama32_1b().num_params == 1_235_814_400
 
 
+@pytest.mark.parametrize("name, count", [
+    # safetensors totals of the published checkpoints (HF model pages / index.json total_size / 2).
+    ("qwen25_7b", 7_615_616_512), ("qwen3_8b", 8_190_735_360), ("mistral_7b", 7_248_023_552),
+    ("llama2_7b", 6_738_415_616)])
+def test_other_families_parameter_counts(name, count):
+  config = presets.get_preset(name)
+  assert config.num_params == count
+  assert LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
+  extended = presets.get_preset(f"{name}_1m")
+  assert extended.max_position_embeddings == 1 << 20
+  assert extended.rope_scaling["rope_type"] == "yarn" and extended.rope_scaling["beta_fast"] == 4.0
+
+
 @pytest.mark.parametrize("length, factor", [("1m", 128), ("2m", 256), ("4m", 512)])
 def test_ultralong_presets_carry_the_papers_rope(length, factor):
   config = presets.get_preset(f"llama31_8b_{length}")

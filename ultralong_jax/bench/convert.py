@@ -1,11 +1,22 @@
-"""Peak host memory of checkpoint conversion, against the size of the weights.
+"""Peak host memory of checkpoint conversion and of multi-host loading/saving, against the size
+of the weights.
 
   python -m ultralong_jax.bench.convert [--layers 8 --hidden 2048 --mlp 5632 --vocab 32000]
+  python -m ultralong_jax.bench.convert --processes 2 [--check] [--compare-full]
 
-Writes a random Llama of the given shape as a sharded HF safetensors directory (no torch needed),
-runs `hf-to-jax` and `jax-to-hf` in fresh subprocesses and prints their peak RSS. The claim it
-checks: conversion is tensor by tensor, so peak RSS stays near one copy of the weights (plus the
-JAX/Orbax runtime), never two.
+Writes a random Llama of the given shape as a sharded HF safetensors directory (no torch needed).
+One process: runs `hf-to-jax` and `jax-to-hf` in fresh subprocesses and prints their peak RSS (the
+claim: conversion is tensor by tensor, so peak RSS stays near one copy of the weights plus the
+JAX/Orbax runtime, never two). `--processes N`: N local processes (launch/multihost.sh --local N,
+8 / N CPU devices each, parameters fsdp-sharded over all 8) load the HF directory the way a run
+starts (`convert.api.load_params`: each reads only its devices' slices), write the final Orbax
+checkpoint from the sharded arrays and export HF tensor by tensor, the way a run ends
+(`training.export`); each prints how far its RSS rose above what it held before each phase
+(the peak is reset per phase through /proc/self/clear_refs). On CPU the devices' buffers are host
+memory, so the load row includes the process's own shards (1/N of the weights) on top of the
+reading; on GPU/TPU hosts those live on the accelerators. `--compare-full` adds the same rows
+for reading every tensor whole on every process and gathering the parameters to every host;
+`--check` compares the checkpoint the processes wrote with a single-process load, bit for bit.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import time
 
 import numpy as np
 
+from ultralong_jax.bench import convert_multihost as multihost
 from ultralong_jax.convert import api, hf
 from ultralong_jax.modeling.config import LlamaConfig
 
@@ -66,11 +78,19 @@ def main(argv=None) -> int:
   parser.add_argument("--kv-heads", type=int, default=4)
   parser.add_argument("--vocab", type=int, default=32000)
   parser.add_argument("--shard-gb", type=float, default=0.5)
+  parser.add_argument("--processes", type=int, default=1,
+                      help=">1: the multi-host load/save measurement with this many processes")
+  parser.add_argument("--check", action="store_true",
+                      help="with --processes: compare the written checkpoint with a 1-process load")
+  parser.add_argument("--compare-full", action="store_true",
+                      help="with --processes: also measure whole-tensor reads and a full gather")
   parser.add_argument("--json", default=None, help="also write the results here")
   args = parser.parse_args(argv)
   config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                        intermediate_size=args.mlp, num_layers=args.layers, num_heads=args.heads,
                        num_kv_heads=args.kv_heads)
+  if args.processes > 1:
+    return multihost.main(args, config, write_random_hf)
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir, ckpt, back = (os.path.join(tmp, d) for d in ("hf", "ckpt", "back"))
     weights = write_random_hf(hf_dir, config, int(args.shard_gb * 1e9))

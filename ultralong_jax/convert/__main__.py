@@ -5,7 +5,8 @@
   python -m ultralong_jax.convert jax-to-hf --ckpt ckpt/llama31_8b --out hf/UltraLong-8B-1M \
       [--dtype bfloat16] [--tokenizer-dir Llama-3.1-8B-Instruct]
 
-Tensor by tensor: the host holds one copy of the model (as numpy) and never two.
+hf-to-jax holds one copy of the model (as numpy) and never two; jax-to-hf restores one
+parameter at a time and holds one stacked parameter plus the safetensors shard being written.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ def _rope_arg(args) -> dict | None:
   if args.ultralong and args.rope_scaling:
     raise SystemExit("error: pass --ultralong or --rope-scaling, not both.")
   if args.ultralong:
-    return rope.ultralong_rope_scaling({"1m": 128, "2m": 256, "4m": 512}[args.ultralong])
+    # The paper's extension for the checkpoint's family: llama3 by parts for Llama 3.x (factor
+    # 128/256/512 over 8K), yarn alpha=1 beta=4 over the native context otherwise.
+    native = api.load_config(args.hf_dir)
+    return rope.long_context_rope_scaling(native.rope_scaling, native.max_position_embeddings,
+                                          {"1m": 1 << 20, "2m": 1 << 21, "4m": 1 << 22}[args.ultralong])
   if args.rope_scaling:
     try:
       return json.loads(args.rope_scaling)
@@ -55,9 +60,9 @@ def hf_to_jax(args) -> None:
 def jax_to_hf(args) -> None:
   config = checkpoint.read_config(args.ckpt)
   abstract = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
-  params = checkpoint.load_params(args.ckpt, abstract)
-  api.export_hf(args.out, config, api.params_getter(params), tokenizer_dir=args.tokenizer_dir,
-                dtype=args.dtype)
+  # One parameter restored at a time: the host never holds the whole model.
+  api.export_hf(args.out, config, checkpoint.param_getter(args.ckpt, abstract),
+                tokenizer_dir=args.tokenizer_dir, dtype=args.dtype)
 
 
 def main(argv=None) -> int:
@@ -70,7 +75,8 @@ def main(argv=None) -> int:
   a.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                  help="parameter dtype to store (default: as in the safetensors)")
   a.add_argument("--ultralong", choices=["1m", "2m", "4m"], default=None,
-                 help="apply the paper's llama3 RoPE scaling for this length")
+                 help="extend RoPE to this length the paper's way (llama3 by parts for Llama 3.x, "
+                 "else yarn)")
   a.add_argument("--rope-scaling", default=None, help="a HF rope_scaling dict as JSON")
   a.add_argument("--max-position-embeddings", type=int, default=None)
   b = sub.add_parser("jax-to-hf", help="project Orbax checkpoint -> HF directory")

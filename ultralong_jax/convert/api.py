@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from ultralong_jax.convert import checkpoint, hf
+from ultralong_jax.convert import checkpoint, hf, sharded
 from ultralong_jax.modeling.config import LlamaConfig
 from ultralong_jax.modeling.llama import Llama, abstract_model
 
@@ -82,6 +82,24 @@ def from_pretrained(
                                put=lambda _, a: jnp.asarray(a))
   nnx.replace_by_pure_dict(abstract_state, params)
   return nnx.merge(graphdef, abstract_state)
+
+
+def load_params(path: str, config: LlamaConfig, shardings: dict) -> dict:
+  """The parameter tree of a HF directory or project checkpoint as global arrays placed by
+  `shardings` (NamedShardings shaped like the tree), in config.param_dtype.
+
+  Multi-host: call on every process; each reads only the slices its own devices hold (Orbax
+  restores by shard; safetensors through `sharded.load_hf_params_sharded`), so no host ever
+  holds the whole model.
+  """
+  dtype = np.dtype(config.param_dtype)
+  if checkpoint.is_project_checkpoint(path):
+    abstract = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return checkpoint.load_params(path, abstract, dtype=dtype)
+  return sharded.load_hf_params_sharded(hf.SafetensorsReader(path), config, shardings,
+                                        dtype=dtype)
 
 
 def model_params(model: Llama) -> dict:

@@ -58,14 +58,51 @@ def load_params(path: str, abstract_params: dict, dtype=None) -> dict:
     stored_tree = getattr(stored, "item_metadata", stored)
     stored_tree = getattr(stored_tree, "tree", stored_tree)
     _check_shapes(params_dir, stored_tree, abstract_params)
-    # Restore in the stored dtype (no silent cast inside Orbax), then cast here.
+    # Restore in the stored dtype (no silent cast inside Orbax), then cast here. Without a
+    # sharding an array goes to this process's first device: the one the checkpoint was written
+    # from may not exist here (another process count or mesh).
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
-        lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=getattr(a, "sharding", None)),
+        lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype,
+                                          sharding=getattr(a, "sharding", None) or local),
         abstract_params, stored_tree)
     params = checkpointer.restore(params_dir, target)
   if dtype is not None:
     params = jax.tree.map(lambda a: a.astype(dtype), params)
   return params
+
+
+def param_getter(path: str, abstract_params: dict):
+  """`get(tree_path)` -> numpy array of one parameter, restored alone from the checkpoint at
+  `path` (Orbax partial restore onto this process's first device), for `hf.iter_hf_tensors`:
+  an export holds one stacked parameter at a time, never the whole tree, whatever process
+  count wrote the checkpoint."""
+  params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+  if not os.path.isdir(params_dir):
+    raise FileNotFoundError(f"{params_dir} not found: the checkpoint is incomplete.")
+  with ocp.StandardCheckpointer() as checkpointer:
+    stored = checkpointer.metadata(params_dir)
+  stored_tree = getattr(stored, "item_metadata", stored)
+  stored_tree = getattr(stored_tree, "tree", stored_tree)
+  _check_shapes(params_dir, stored_tree, abstract_params)
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def get(tree_path: tuple) -> np.ndarray:
+    meta = stored_tree
+    for key in tree_path:
+      meta = meta[key]
+    item = jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=local)
+    for key in reversed(tree_path):
+      item = {key: item}
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+    for key in tree_path:
+      restored = restored[key]
+    return host_array(restored)
+
+  return get
 
 
 def _check_shapes(where: str, stored, expected) -> None:

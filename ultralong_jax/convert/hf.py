@@ -1,4 +1,6 @@
-"""Hugging Face Llama safetensors <-> the project's parameter tree, tensor by tensor.
+"""Hugging Face safetensors (Llama, Mistral, Qwen2, Qwen3) <-> the project's parameter tree,
+tensor by tensor. The four families share transformers' Llama tensor names; the optional
+per-layer tensors (biases, q/k norms) are rows of `_layer_mappings` like the others.
 
 The project tree (nnx.to_pure_dict of a Llama) is
   {"embed": [V,D], "layers": {"wq": [L,D,N,H], ...}, "final_norm": [D], "lm_head": [D,V]}.
@@ -52,6 +54,8 @@ def _layer_mappings(config: LlamaConfig):
       "b_gate": ("mlp.gate_proj.bias", identity),
       "b_up": ("mlp.up_proj.bias", identity),
       "b_down": ("mlp.down_proj.bias", identity),
+      "q_norm": ("self_attn.q_norm.weight", identity),  # Qwen3
+      "k_norm": ("self_attn.k_norm.weight", identity),
   }
   return [(name, *table[name]) for name in layer_param_shapes(config)]
 
@@ -120,6 +124,47 @@ class SafetensorsReader:
 
   def where(self, name: str) -> str:
     return os.path.join(self.hf_dir, self.weight_map.get(name, "?"))
+
+  def _path(self, name: str) -> str:
+    if name not in self.weight_map:
+      raise KeyError(f"tensor {name!r} is missing from the checkpoint in {self.hf_dir}.")
+    path = os.path.join(self.hf_dir, self.weight_map[name])
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} is listed in {INDEX_FILE} but missing.")
+    return path
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    """A tensor's shape, from its file's header (no data read)."""
+    with safe_open(self._path(name), framework="numpy") as f:
+      return tuple(f.get_slice(name).get_shape())
+
+  def get_slice(self, name: str, box: tuple[slice, ...], block_bytes: int = 16 << 20
+                ) -> np.ndarray:
+    """A copy of `tensor[box]` (one unit-step slice per dimension), read through the memory map
+    in blocks of leading-axis rows. The pages a read touches stay resident while the map is
+    open, and a column slice touches whole rows, so each block's map is closed before the next
+    one opens: the host holds the result plus at most ~block_bytes of mapped file."""
+    path = self._path(name)
+    with safe_open(path, framework="numpy") as f:
+      view = f.get_slice(name)
+      shape, dtype = tuple(view.get_shape()), view.get_dtype()
+      rows = range(shape[0])[box[0]] if shape else range(0)
+      if len(shape) < 2 or not rows:  # vectors (norms, biases) are small
+        return view[box]
+    row_bytes = int(np.prod(shape[1:])) * _DTYPE_BYTES.get(dtype, 8)
+    step = max(1, block_bytes // max(row_bytes, 1))
+    out = None
+    for r in range(rows.start, rows.stop, step):
+      with safe_open(path, framework="numpy") as f:
+        block = f.get_slice(name)[(slice(r, min(r + step, rows.stop)), *box[1:])]
+      if out is None:
+        out = np.empty((len(rows), *block.shape[1:]), block.dtype)
+      out[r - rows.start:r - rows.start + len(block)] = block
+    return out
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1}
 
 
 def _checked(reader: SafetensorsReader, name: str, expected: tuple[int, ...]) -> np.ndarray:

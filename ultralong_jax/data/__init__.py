@@ -7,7 +7,7 @@
   shards.py          the prepared-corpus format
   resample.py        length-based resampling plan per domain
   pretrain.py        stage-1 pipeline (build_pretrain_pipeline)
-  chat_template.py   Llama 3.1 chat template to ids + assistant mask
+  chat_template.py   chat templates (Llama 3.1, ChatML, Mistral, Llama 2) to ids + assistant mask
   jsonl_source.py    random-access JSONL for Grain
   tfds_source.py     TFDS datasets (ArrayRecord) for Grain without TensorFlow
   sft.py             stage-2 pipeline (build_sft_pipeline)

@@ -1,4 +1,10 @@
-"""The Llama 3.1 chat template, rendered straight to token ids with an assistant-token mask.
+"""Chat templates rendered straight to token ids with an assistant-token mask, one per family:
+`llama31` (Llama 3.x), `chatml` (Qwen2 / Qwen2.5), `qwen3` (ChatML with think blocks), `mistral`
+(Mistral v0.3 `[INST]`), `llama2` (Llama 2 `[INST]` / `<<SYS>>`); `make_chat_template(name,
+tokenizer)` picks one (`data.chat.template`). Each equals transformers' `apply_chat_template` with the model's official
+template, token for token (tests/data/test_chat_template*.py embed the templates).
+
+Llama 3.1 is rendered run by run:
 
 Token for token what `tokenizer.apply_chat_template(messages)` gives with the official template
 of meta-llama/Llama-3.1-8B-Instruct (tokenizer_config.json, `chat_template`; no tools):
@@ -52,19 +58,7 @@ class Llama31ChatTemplate:
 
   def render(self, messages: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and trainable mask of one chat; raises ChatFormatError (kind, detail)."""
-    from ultralong_jax.data import bad_input as bi  # pylint: disable=import-outside-toplevel
-    if not isinstance(messages, (list, tuple)):
-      raise ChatFormatError(bi.INVALID_FIELD, "'messages' is not a list")
-    if not messages:
-      raise ChatFormatError(bi.EMPTY_DOCUMENT, "'messages' is empty")
-    for i, m in enumerate(messages):
-      if not isinstance(m, dict) or "role" not in m or "content" not in m:
-        raise ChatFormatError(bi.MISSING_FIELD, f"message {i} lacks 'role' or 'content'")
-      if m["role"] not in ROLES:
-        raise ChatFormatError(bi.INVALID_FIELD, f"message {i} has role {m['role']!r}; "
-                              f"supported: {ROLES} (tool calls are not)")
-      if not isinstance(m["content"], str):
-        raise ChatFormatError(bi.INVALID_FIELD, f"message {i} content is not a string")
+    _check_messages(messages)
     # (role, text run after the header, trainable) in template order.
     turns: list[tuple[str, str, bool]] = []
     rest = list(messages)
@@ -89,6 +83,186 @@ class Llama31ChatTemplate:
       body_mask = [0] * gap + [int(train)] * (len(body_ids) - gap)
       trainable += [0] * (len(role_ids) + 2) + body_mask + [int(train)]
     return np.asarray(ids, np.int32), np.asarray(trainable, np.int32)
+
+
+def _check_messages(messages) -> None:
+  from ultralong_jax.data import bad_input as bi  # pylint: disable=import-outside-toplevel
+  if not isinstance(messages, (list, tuple)):
+    raise ChatFormatError(bi.INVALID_FIELD, "'messages' is not a list")
+  if not messages:
+    raise ChatFormatError(bi.EMPTY_DOCUMENT, "'messages' is empty")
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+      raise ChatFormatError(bi.MISSING_FIELD, f"message {i} lacks 'role' or 'content'")
+    if m["role"] not in ROLES:
+      raise ChatFormatError(bi.INVALID_FIELD, f"message {i} has role {m['role']!r}; "
+                            f"supported: {ROLES} (tool calls are not)")
+    if not isinstance(m["content"], str):
+      raise ChatFormatError(bi.INVALID_FIELD, f"message {i} content is not a string")
+
+
+def _split_system(messages) -> tuple[str | None, list[dict[str, Any]]]:
+  if messages[0]["role"] == "system":
+    return messages[0]["content"], list(messages[1:])
+  return None, list(messages)
+
+
+def _check_alternation(turns, template: str) -> None:
+  """The [INST] templates' `raise_exception('Conversation roles must alternate ...')`."""
+  from ultralong_jax.data import bad_input as bi  # pylint: disable=import-outside-toplevel
+  for i, m in enumerate(turns):
+    if (m["role"] == "user") != (i % 2 == 0) or m["role"] == "system":
+      raise ChatFormatError(bi.INVALID_FIELD, f"the {template} template needs roles alternating "
+                            f"user/assistant after an optional first system message; turn {i} "
+                            f"is {m['role']!r}")
+
+
+def _encode_pieces(tokenizer, pieces: Sequence[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
+  """Tokenizes the concatenated text once, as `apply_chat_template` does (so merges across piece
+  boundaries and a SentencePiece tokenizer's leading-space handling are exactly the reference's);
+  a token is trainable when its characters overlap a trainable piece."""
+  text, spans, start = "", [], 0
+  for piece, trainable in pieces:
+    if trainable and piece:
+      spans.append((start, start + len(piece)))
+    text += piece
+    start += len(piece)
+  ids, offsets = tokenizer.encode_with_offsets(text)
+  trainable = [int(any(s < e_span and e > s_span for s_span, e_span in spans))
+               if e > s else 0 for s, e in offsets]
+  return np.asarray(ids, np.int32), np.asarray(trainable, np.int32)
+
+
+QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+@dataclasses.dataclass
+class ChatMLTemplate:
+  """Qwen2.5-Instruct's official template (no tools): a system block (the chat's first system
+  message, else `default_system`), then `<|im_start|>{role}\n{content}<|im_end|>\n` per message,
+  contents untrimmed. Trained: each assistant content and its `<|im_end|>` (where generation stops),
+  not the header or the newline after it."""
+  tokenizer: tok_lib.Tokenizer
+  default_system: str | None = QWEN25_DEFAULT_SYSTEM
+
+  def render(self, messages: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    _check_messages(messages)
+    system, rest = _split_system(messages)
+    if system is None:
+      system = self.default_system
+    pieces = [] if system is None else [(f"<|im_start|>system\n{system}<|im_end|>\n", False)]
+    for m in rest:
+      pieces.append((f"<|im_start|>{m['role']}\n", False))
+      assistant = m["role"] == "assistant"
+      pieces += [(m["content"] + "<|im_end|>", assistant), ("\n", False)]
+    return _encode_pieces(self.tokenizer, pieces)
+
+
+@dataclasses.dataclass
+class Qwen3Template:
+  """Qwen3's official template (no tools): ChatML without a default system prompt, where the
+  assistant turns after the last user message carry a `<think>...</think>` block (empty when the
+  reply has none; always on the final turn) and earlier turns drop their reasoning. A reply may
+  hold its reasoning as `<think>...</think>` in its content. Trained: everything after each
+  `<|im_start|>assistant\n` up to and including `<|im_end|>` (think block included)."""
+  tokenizer: tok_lib.Tokenizer
+
+  def render(self, messages: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    _check_messages(messages)
+    last_query = len(messages) - 1
+    for i in range(len(messages) - 1, -1, -1):
+      c = messages[i]["content"]
+      if messages[i]["role"] == "user" and not (c.startswith("<tool_response>")
+                                                and c.endswith("</tool_response>")):
+        last_query = i
+        break
+    pieces = []
+    for i, m in enumerate(messages):
+      content = m["content"]
+      if m["role"] != "assistant":
+        pieces.append((f"<|im_start|>{m['role']}\n{content}<|im_end|>\n", False))
+        continue
+      reasoning = ""
+      if "</think>" in content:
+        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+        content = content.split("</think>")[-1].lstrip("\n")
+      if i > last_query and (i == len(messages) - 1 or reasoning):
+        reasoning, content = reasoning.strip("\n"), content.lstrip("\n")
+        body = f"<think>\n{reasoning}\n</think>\n\n{content}"
+      else:
+        body = content
+      pieces += [("<|im_start|>assistant\n", False), (body + "<|im_end|>", True), ("\n", False)]
+    return _encode_pieces(self.tokenizer, pieces)
+
+
+@dataclasses.dataclass
+class MistralTemplate:
+  """Mistral-7B-Instruct-v0.3's official template (no tools): `<s>`, then `[INST] {user}[/INST]`
+  and ` {assistant|trim}</s>` alternating. The system message goes into the LAST user turn
+  only, and only when that turn ends the chat, as the official template does: a training chat
+  ending with an assistant reply carries no system text. Trained: assistant content and `</s>`."""
+  tokenizer: tok_lib.Tokenizer
+  bos_token: str = "<s>"
+  eos_token: str = "</s>"
+
+  def render(self, messages: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    _check_messages(messages)
+    system, turns = _split_system(messages)
+    _check_alternation(turns, "mistral")
+    pieces = [(self.bos_token, False)]
+    for i, m in enumerate(turns):
+      if m["role"] == "user":
+        if i == len(turns) - 1 and system is not None:
+          pieces.append((f"[INST] {system}\n\n{m['content']}[/INST]", False))
+        else:
+          pieces.append((f"[INST] {m['content']}[/INST]", False))
+      else:
+        pieces += [(" ", False), (m["content"].strip() + self.eos_token, True)]
+    return _encode_pieces(self.tokenizer, pieces)
+
+
+@dataclasses.dataclass
+class Llama2Template:
+  """Llama-2-chat's official template: per exchange `<s>[INST] {user|trim} [/INST]
+  {assistant|trim} </s>`, the system message wrapped in `<<SYS>>\n...\n<</SYS>>\n\n` at the
+  start of the first user turn. Trained: assistant content, the space and `</s>`."""
+  tokenizer: tok_lib.Tokenizer
+  bos_token: str = "<s>"
+  eos_token: str = "</s>"
+
+  def render(self, messages: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    _check_messages(messages)
+    system, turns = _split_system(messages)
+    _check_alternation(turns, "llama2")
+    pieces = []
+    for i, m in enumerate(turns):
+      content = m["content"]
+      if i == 0 and system is not None:
+        content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+      if m["role"] == "user":
+        pieces.append((f"{self.bos_token}[INST] {content.strip()} [/INST]", False))
+      else:
+        pieces += [(" ", False), (f"{content.strip()} {self.eos_token}", True)]
+    return _encode_pieces(self.tokenizer, pieces)
+
+
+CHAT_TEMPLATES = {"llama31": Llama31ChatTemplate, "chatml": ChatMLTemplate,
+                  "qwen3": Qwen3Template, "mistral": MistralTemplate, "llama2": Llama2Template}
+
+
+def make_chat_template(name: str, tokenizer: tok_lib.Tokenizer, *, date_preamble: bool = True,
+                       date_string: str = "26 Jul 2024"):
+  """The template `name` (a CHAT_TEMPLATES key) over `tokenizer`; the date options are Llama
+  3.1's. Every template has `render(messages) -> (ids [n] int32, trainable [n] int32 0/1)`."""
+  if name not in CHAT_TEMPLATES:
+    raise ValueError(f"data.chat.template={name!r}; use one of {sorted(CHAT_TEMPLATES)}.")
+  if name == "llama31":
+    return Llama31ChatTemplate(tokenizer, date_preamble=date_preamble, date_string=date_string)
+  if not hasattr(tokenizer, "encode_with_offsets"):
+    raise ValueError(f"data.tokenizer: the {name} chat template needs a Hugging Face "
+                     "tokenizer.json (character offsets for the assistant mask), not a "
+                     "SentencePiece .model.")
+  return CHAT_TEMPLATES[name](tokenizer)
 
 
 def _gap_length(body_ids: list[int], gap_ids: list[int]) -> int:

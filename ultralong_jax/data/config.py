@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from ultralong_jax.data import tfds_source
+from ultralong_jax.data import chat_template, tfds_source
 
 # Llama 3 special token ids (meta-llama/Llama-3.1-8B-Instruct tokenizer.json, `added_tokens`).
 LLAMA3_END_OF_TEXT = 128001
@@ -77,11 +77,14 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
     over_limit: "drop" or "truncate" examples longer than `max_example_len` (counted).
     packing: "first_fit" or "best_fit" (Grain's packers) for rows of L + 1 tokens.
     num_packing_bins: rows a packer fills at once (more bins = less padding, more memory).
-    chat.date_preamble: True renders the official Llama 3.1 template's system block
+    chat.template: the base model's chat format: llama31 (Llama 3.x), chatml (Qwen2 / Qwen2.5),
+      qwen3 (ChatML with <think> blocks), mistral (Mistral v0.3 [INST]), llama2 (Llama 2 [INST] /
+      <<SYS>>); see data/chat_template.py.
+    chat.date_preamble: (llama31) True renders the official Llama 3.1 template's system block
       ("Cutting Knowledge Date: December 2023\\nToday Date: <date>\\n\\n") on every chat,
       also chats without a system message, as `apply_chat_template` does; False emits a
       system block only for chats that have a system message, without the preamble.
-    chat.date_string: the "Today Date" the template inserts (official default "26 Jul 2024").
+    chat.date_string: (llama31) the "Today Date" the template inserts (official default "26 Jul 2024").
   """
   if stage not in (1, 2):
     raise ValueError(f"data.stage: got {stage!r}; use 1 (pretrain) or 2 (SFT).")
@@ -114,7 +117,8 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
     cfg.over_limit = "drop"
     cfg.packing = "first_fit"
     cfg.num_packing_bins = 16
-    cfg.chat = ml_collections.ConfigDict(dict(date_preamble=True, date_string="26 Jul 2024"))
+    cfg.chat = ml_collections.ConfigDict(dict(template="llama31", date_preamble=True,
+                                              date_string="26 Jul 2024"))
   return cfg
 
 
@@ -227,5 +231,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict, process_count: int = 1)
       _fail("num_packing_bins", cfg.num_packing_bins, "use at least 1 bin.")
     if not cfg.tokenizer:
       _fail("tokenizer", cfg.tokenizer, "stage 2 tokenizes chats: give a tokenizer path.")
-    if set(cfg.chat.keys()) != {"date_preamble", "date_string"}:
-      _fail("chat", sorted(cfg.chat.keys()), "chat takes date_preamble and date_string.")
+    if set(cfg.chat.keys()) != {"template", "date_preamble", "date_string"}:
+      _fail("chat", sorted(cfg.chat.keys()), "chat takes template, date_preamble and date_string.")
+    if cfg.chat.template not in chat_template.CHAT_TEMPLATES:
+      _fail("chat.template", cfg.chat.template,
+            f"use one of {sorted(chat_template.CHAT_TEMPLATES)}.")

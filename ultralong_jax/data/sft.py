@@ -1,4 +1,4 @@
-"""Stage-2 pipeline: chat JSONL -> Llama 3.1 template tokens -> packed rows, one example a segment.
+"""Stage-2 pipeline: chat JSONL -> chat template tokens -> packed rows, one example a segment.
 
   JSONL lines (jsonl_source) or TFDS examples (tfds_source)
     -> shuffle (per epoch) -> repeat -> this process's slice
@@ -42,7 +42,7 @@ class RenderChat:
   marker: readers.parse_json_line for JSONL lines, tfds_source.chat_from_example for TFDS.
   """
 
-  def __init__(self, template: chat_template.Llama31ChatTemplate, max_example_len: int,
+  def __init__(self, template, max_example_len: int,
                over_limit: str, vocab_size: int, strict: bool,
                parse=readers.parse_json_line):
     self._template = template
@@ -114,9 +114,9 @@ def build_sft_pipeline(cfg: ml_collections.ConfigDict, *, process_index: int | N
     if len(source) == 0:
       raise ValueError(f"data.chat_files: {cfg.chat_files!r} holds no lines.")
     build = {"files": len(paths), "lines": len(source)}
-  template = chat_template.Llama31ChatTemplate(
-      tok_lib.load_tokenizer(cfg.tokenizer), date_preamble=cfg.chat.date_preamble,
-      date_string=cfg.chat.date_string)
+  template = chat_template.make_chat_template(
+      cfg.chat.template, tok_lib.load_tokenizer(cfg.tokenizer),
+      date_preamble=cfg.chat.date_preamble, date_string=cfg.chat.date_string)
   ds = grain.MapDataset.source(source).shuffle(seed=cfg.seed)
   ds = ds.repeat(cfg.num_epochs if cfg.num_epochs > 0 else None)
   ds = ds[process_index::process_count]

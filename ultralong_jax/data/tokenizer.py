@@ -77,6 +77,11 @@ class HuggingFaceTokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """ids and each token's (start, end) character span in `text`."""
+    e = self._tok.encode(text, add_special_tokens=False)
+    return e.ids, e.offsets
+
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
@@ -97,9 +102,18 @@ def load_tokenizer(path: str) -> Tokenizer:
   if not os.path.exists(path):
     raise FileNotFoundError(f"tokenizer not found: {path} (give a SentencePiece .model file, a "
                             "tokenizer.json, or a directory holding tokenizer.json)")
-  if path.endswith(".json"):
-    return HuggingFaceTokenizer(path)
-  return SentencePieceTokenizer(path)
+  kind = HuggingFaceTokenizer if path.endswith(".json") else SentencePieceTokenizer
+  try:
+    return kind(path)
+  except Exception as e:  # pylint: disable=broad-except  # tokenizers raises a bare Exception
+    what = "tokenizer.json" if kind is HuggingFaceTokenizer else "SentencePiece .model"
+    raise ValueError(f"tokenizer {path} could not be read as a {what} ({_first_line(e)}): a "
+                     "truncated or damaged file? Copy it again from the model's files.") from None
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
 
 
 def encode_batch(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:

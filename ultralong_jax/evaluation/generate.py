@@ -7,9 +7,11 @@ step; each row's RoPE positions count its own tokens only (0 .. len-1, then len,
 padding is masked by segment ids, so a row's tokens do not depend on the other rows (the tests
 check this against transformers' `generate` run prompt by prompt).
 
-On a mesh, the prompt's chunks are split over the `sequence` axis: the first chunk runs the
-training ring attention (zigzag layout), later chunks and every decode step attend to the
-sequence-sharded cache with the log-sum-exp merge (evaluation/sharded_cache.py). The batch is split
+On a mesh, every prompt chunk stays split over the `sequence` axis, like the cache's slots: its
+keys/values and then its queries travel around the ring (sharded_cache.ring_cache_attention_fn),
+so a device's prefill working set is O((chunk + cache) / n) and a whole prompt can go through as
+one chunk; decode steps attend the one new token to the sharded cache with the log-sum-exp merge
+(sharded_cache.cache_attention_fn). The batch is split
 over data x fsdp, so a batch that does not divide by it gets copies of its last prompt as padding
 rows (`CachedModel.pad_rows`): they do the work of a real row, change no other row, and are never
 returned. Sampling: greedy (temperature 0) or temperature + top-p (nucleus) sampling; stop tokens
@@ -105,11 +107,11 @@ class CachedModel:
 
   `model`: a `modeling.llama.Llama` (e.g. from `ultralong_jax.from_pretrained`); on a mesh its
   parameters are re-sharded in place by their logical names. `kv_block` bounds the attention
-  temporaries ([B, N, T, kv_block] scores per block); `ring=False` prefills the first chunk through
-  the cache path too (for comparison).
+  temporaries ([B, N, T/n, kv_block] scores per block); `ring=False` prefills with the chunk's
+  queries gathered on every sequence device instead (the decode step's path; for comparison).
   """
 
-  def __init__(self, model, mesh=None, *, kv_block: int = 512, ring: bool = True, **ring_options):
+  def __init__(self, model, mesh=None, *, kv_block: int = 512, ring: bool = True):
     self.config, self.mesh = model.config, mesh
     self._warned_past = 0  # the longest prompt + new tokens warned about (past max positions)
     self.params = sharded_cache.place_params(model, mesh)
@@ -117,35 +119,38 @@ class CachedModel:
     self.rows = sharded_cache.batch_size(mesh)
     self.kv_block = kv_block
     self._cache_attention = sharded_cache.cache_attention_fn(mesh, kv_block=kv_block)
-    self._ring = sharded_cache.ring_prefill_fn(mesh, **ring_options) if ring else None
+    self._ring_attention = (sharded_cache.ring_cache_attention_fn(mesh, kv_block=kv_block)
+                            if ring else None)
     self._constrain = sharding.constrain_fn(mesh) if mesh is not None else None
     self._compiled = {}
 
   def chunk_multiple(self) -> int:
-    """Prefill chunks are multiples of this (2 x sequence size: the zigzag layout's chunks)."""
-    return 2 * self.n
+    """Prefill chunks are multiples of this (the sequence size: the ring splits them evenly)."""
+    return self.n
 
   def pad_rows(self, rows: Sequence) -> list:
     """`rows` followed by copies of the last one up to a multiple of the mesh's data x fsdp (the
     cache's batch dimension is split over them); callers drop results past len(rows)."""
     return list(rows) + list(rows[-1:]) * (-len(rows) % self.rows)
 
-  def new_cache(self, batch: int, needed_slots: int) -> decode.KVCache:
-    """An empty cache with at least `needed_slots` slots, padded so each device's share is a
-    multiple of kv_block (or one block)."""
+  def cache_slots(self, needed_slots: int) -> int:
+    """Slots of a cache holding `needed_slots`: padded so each device's share is a multiple of
+    kv_block (or one block)."""
     local = -(-needed_slots // self.n)
-    local = _round_up(local, min(self.kv_block, local))
-    cache = decode.init_cache(self.config, batch, local * self.n)
+    return _round_up(local, min(self.kv_block, local)) * self.n
+
+  def new_cache(self, batch: int, needed_slots: int) -> decode.KVCache:
+    """An empty cache of `cache_slots(needed_slots)` slots, placed on the mesh."""
+    cache = decode.init_cache(self.config, batch, self.cache_slots(needed_slots))
     return sharded_cache.place_cache(cache, self.mesh)
 
   def _fn(self, head: str, ring: bool, length: int):
     key = (head, ring, length)
     if key in self._compiled:
       return self._compiled[key]
-    ring_fn, perm = (self._ring[0], self._ring[1](length)) if ring else (None, None)
     forward = functools.partial(
-        decode.forward, self.config, cache_attention_fn=self._cache_attention,
-        ring_attention_fn=ring_fn, layout_perm=perm, constrain=self._constrain)
+        decode.forward, self.config, constrain=self._constrain,
+        cache_attention_fn=self._ring_attention if ring else self._cache_attention)
 
     def run(params, cache, ids, positions, segment_ids, start, targets):
       hidden, cache = forward(params, cache, ids, positions, segment_ids, start)
@@ -166,7 +171,7 @@ class CachedModel:
     logits [B,V]; "nll": NLL of `targets` [B,T]; "logprob": (log p(targets) [B,T], targets are
     the argmax [B,T])."""
     T = ids.shape[1]
-    ring = (self._ring is not None and start == 0 and T > 1 and T % self.chunk_multiple() == 0)
+    ring = self._ring_attention is not None and T > 1 and T % self.n == 0
     targets = jnp.zeros_like(ids) if targets is None else targets
     fn = self._fn(head, ring, T)
     return fn(self.params, cache, jnp.asarray(ids), jnp.asarray(positions),

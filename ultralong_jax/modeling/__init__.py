@@ -1,1 +1,2 @@
-"""Flax NNX Llama: config, RoPE scaling, attention reference, layers, presets."""
+"""Flax NNX Llama-architecture models (Llama, Mistral, Qwen2, Qwen3): config, RoPE scaling,
+attention reference, layers, presets."""

@@ -1,4 +1,11 @@
-"""LlamaConfig: the model's shape, RoPE settings and numerics, and its Hugging Face config.json form."""
+"""LlamaConfig: the model's family, shape, RoPE settings and numerics, and its Hugging Face
+config.json form.
+
+One decoder (modeling/layers.py) serves four Hugging Face families; what differs between them is a
+row of `FAMILIES`: the transformers class an export loads as, q/k/v biases (Qwen2) and per-head
+RMSNorm of q and k before RoPE (Qwen3). Everything else (GQA, head_dim independent of width, tied
+embeddings, RoPE scaling) is an ordinary config field shared by all of them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,32 @@ import logging
 from typing import Any, Mapping
 
 from ultralong_jax.modeling import rope
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What a Hugging Face `model_type` fixes about the architecture."""
+  architecture: str     # the transformers class an export is loaded as
+  qkv_bias: bool        # biases on q/k/v only (Qwen2), independent of `attention_bias`
+  qk_norm: bool         # RMSNorm over head_dim of q and k before RoPE (Qwen3)
+  has_sliding_window: bool  # config.json carries `sliding_window` (refused when active)
+  extra_hf_keys: tuple[str, ...]  # bias options of config.json that this family's class reads
+
+
+FAMILIES = {
+    # transformers modeling_llama: Llama 2, 3, 3.1, 3.2, 3.3.
+    "llama": Family("LlamaForCausalLM", qkv_bias=False, qk_norm=False, has_sliding_window=False,
+                    extra_hf_keys=("attention_bias", "mlp_bias")),
+    # modeling_mistral: Llama's layout with an optional sliding window (null from v0.2 on).
+    "mistral": Family("MistralForCausalLM", qkv_bias=False, qk_norm=False,
+                      has_sliding_window=True, extra_hf_keys=()),
+    # modeling_qwen2: q_proj/k_proj/v_proj with bias=True, o_proj and the MLP without.
+    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, qk_norm=False, has_sliding_window=True,
+                    extra_hf_keys=()),
+    # modeling_qwen3: q_norm/k_norm (Qwen3RMSNorm over head_dim); biases only with attention_bias.
+    "qwen3": Family("Qwen3ForCausalLM", qkv_bias=False, qk_norm=True, has_sliding_window=True,
+                    extra_hf_keys=("attention_bias",)),
+}
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_attention")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -23,13 +56,14 @@ _HF_KEYS = {
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "problem_type", "id2label", "label2id", "chunk_size_feed_forward",
     "is_encoder_decoder", "tokenizer_class", "layer_types", "generation_config",
+    "sliding_window", "use_sliding_window", "max_window_layers",
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Shape letters: V vocab, D hidden_size, F intermediate_size, L num_layers, N num_heads,
-  K num_kv_heads, H head_dim (need not equal D / N)."""
+  K num_kv_heads, H head_dim (need not equal D / N). `model_type` is the family (a FAMILIES key)."""
 
   vocab_size: int
   hidden_size: int
@@ -49,6 +83,7 @@ class LlamaConfig:
   bos_token_id: int | None = 128000
   eos_token_id: int | list[int] | None = 128001
   pad_token_id: int | None = None
+  model_type: str = "llama"
   # Numerics: parameters are stored in param_dtype, matmuls run in dtype (fp32 master / bf16 compute).
   param_dtype: str = "float32"
   dtype: str = "float32"
@@ -65,7 +100,27 @@ class LlamaConfig:
     # rope_scaling is a dict; hash the canonical JSON so the config can be static jit/NNX metadata.
     return hash(self.to_json())
 
+  @property
+  def family(self) -> Family:
+    return FAMILIES[self.model_type]
+
+  @property
+  def qkv_bias(self) -> bool:
+    """Biases on q, k and v (Qwen2 always; any family with attention_bias)."""
+    return self.family.qkv_bias or self.attention_bias
+
+  @property
+  def qk_norm(self) -> bool:
+    return self.family.qk_norm
+
   def validate(self) -> None:
+    if self.model_type not in FAMILIES:
+      raise ValueError(f"model.model_type={self.model_type!r} is not a supported family; use one "
+                       f"of {sorted(FAMILIES)}.")
+    for name in ("attention_bias", "mlp_bias"):
+      if getattr(self, name) and name not in self.family.extra_hf_keys:
+        raise ValueError(f"model.{name}=True: {self.family.architecture} has no such option; "
+                         f"only {[f for f, v in FAMILIES.items() if name in v.extra_hf_keys]} do.")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "head_dim", "max_position_embeddings"):
       value = getattr(self, name)
@@ -90,8 +145,10 @@ class LlamaConfig:
   def num_params(self) -> int:
     """Parameter count (embedding counted once when tied)."""
     D, F, H, L = self.hidden_size, self.intermediate_size, self.head_dim, self.num_layers
-    attn = D * H * (2 * self.num_heads + 2 * self.num_kv_heads)
-    layer = attn + 3 * D * F + 2 * D
+    N, K = self.num_heads, self.num_kv_heads
+    attn = D * H * (2 * N + 2 * K)
+    biases = (N + 2 * K) * H * self.qkv_bias + D * self.attention_bias + (F + D) * self.mlp_bias
+    layer = attn + 3 * D * F + 2 * D + biases + 2 * H * self.qk_norm
     head = 0 if self.tie_word_embeddings else self.vocab_size * D
     return self.vocab_size * D + L * layer + D + head
 
@@ -100,20 +157,29 @@ class LlamaConfig:
   @classmethod
   def from_hf_dict(cls, hf: Mapping[str, Any], source: str = "config.json", **overrides) -> "LlamaConfig":
     """Reads both config.json forms: the hub's (`rope_theta` + `rope_scaling`, as Llama-3.1 ships)
-    and transformers 5's (`rope_parameters`, holding rope_theta too)."""
+    and transformers 5's (`rope_parameters`, holding rope_theta too). `model_type` picks the
+    family (FAMILIES); overrides (e.g. a longer max_position_embeddings) apply before validation."""
     model_type = hf.get("model_type", "llama")
-    if model_type != "llama":
-      raise ValueError(f"{source}: model_type={model_type!r}; only 'llama' checkpoints are supported.")
+    if model_type not in FAMILIES:
+      raise ValueError(
+          f"{source}: model_type={model_type!r} is not supported; supported families: "
+          f"{sorted(FAMILIES)} ({', '.join(f.architecture for f in FAMILIES.values())}).")
+    family = FAMILIES[model_type]
     act = hf.get("hidden_act", "silu")
     if act != "silu":
-      raise ValueError(f"{source}: hidden_act={act!r}; Llama uses 'silu'.")
+      raise ValueError(f"{source}: hidden_act={act!r}; {family.architecture} uses 'silu'.")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in hf]
     if missing:
       raise ValueError(f"{source} is missing required field(s) {missing}.")
     unknown = sorted(set(hf) - _HF_KEYS)
     if unknown:
-      logging.warning("%s: ignoring field(s) a Llama forward pass does not use: %s", source, unknown)
+      logging.warning("%s: ignoring field(s) a %s forward pass does not use: %s", source,
+                      family.architecture, unknown)
+    for key in ("attention_bias", "mlp_bias"):
+      if hf.get(key) and key not in family.extra_hf_keys:
+        raise ValueError(f"{source}: {key}=true, which {family.architecture} does not read; "
+                         "the weights would not match the transformers class.")
     rope_scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
     rope_theta = hf.get("rope_theta")
     if rope_theta is None and rope_scaling:
@@ -122,6 +188,7 @@ class LlamaConfig:
                                      (None, "default")):
       rope_scaling = None
     kwargs = dict(
+        model_type=model_type,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
@@ -143,15 +210,28 @@ class LlamaConfig:
     )
     kwargs.update(overrides)
     try:
-      return cls(**kwargs)
+      config = cls(**kwargs)
     except ValueError as e:
       raise ValueError(f"{source}: {e}") from None
+    # A window at least as long as the checkpoint's own context never took effect in its
+    # training; the project trains (and exports, as sliding_window: null) full attention.
+    window = _active_sliding_window(hf, family)
+    native = hf.get("max_position_embeddings", 2048)
+    if window is not None and window < native:
+      raise ValueError(
+          f"{source}: sliding_window={window} is active and shorter than the model's context "
+          f"(max_position_embeddings={native}); only full causal attention "
+          "is implemented. Use a checkpoint trained without a window (e.g. Mistral-7B v0.2/v0.3, "
+          "whose config.json has sliding_window: null), or set sliding_window to null (or "
+          "use_sliding_window: false for Qwen) if full attention is what you intend.")
+    return config
 
   def to_hf_dict(self, torch_dtype: str | None = None) -> dict[str, Any]:
-    """config.json in the hub's Llama-3.1 form, which transformers 4.x and 5.x both read."""
+    """config.json in the hub's form for the family (rope_theta + rope_scaling, which transformers
+    4.x and 5.x both read), loaded by transformers as `family.architecture`."""
     hf = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [self.family.architecture],
+        "model_type": self.model_type,
         "vocab_size": self.vocab_size,
         "hidden_size": self.hidden_size,
         "intermediate_size": self.intermediate_size,
@@ -165,16 +245,22 @@ class LlamaConfig:
         "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
         "max_position_embeddings": self.max_position_embeddings,
         "tie_word_embeddings": self.tie_word_embeddings,
-        "attention_bias": self.attention_bias,
         "attention_dropout": 0.0,
-        "mlp_bias": self.mlp_bias,
         "initializer_range": self.initializer_range,
         "bos_token_id": self.bos_token_id,
         "eos_token_id": self.eos_token_id,
-        "pretraining_tp": 1,
         "use_cache": True,
         "torch_dtype": torch_dtype or self.param_dtype,
     }
+    if self.model_type == "llama":
+      hf.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, pretraining_tp=1)
+    if self.model_type == "qwen3":
+      hf["attention_bias"] = self.attention_bias
+    if self.family.has_sliding_window:
+      # Only full attention is implemented (from_hf_dict refuses an active window).
+      hf["sliding_window"] = None
+    if self.model_type in ("qwen2", "qwen3"):
+      hf.update(use_sliding_window=False, max_window_layers=self.num_layers)
     if self.pad_token_id is not None:
       hf["pad_token_id"] = self.pad_token_id
     return hf
@@ -197,3 +283,21 @@ class LlamaConfig:
       return cls(**d)
     except (TypeError, ValueError) as e:
       raise ValueError(f"{source}: {e}") from None
+
+
+def _active_sliding_window(hf: Mapping[str, Any], family: Family) -> int | None:
+  """The attention window a transformers model built from `hf` would use, or None (full).
+
+  Mistral applies `sliding_window` whenever it is set; Qwen2/3 only with `use_sliding_window`
+  and then to layers >= max_window_layers (transformers' `layer_types`)."""
+  if not family.has_sliding_window or hf.get("sliding_window") is None:
+    return None
+  if family is not FAMILIES["mistral"]:
+    if not hf.get("use_sliding_window", False):
+      return None
+    layer_types = hf.get("layer_types")
+    if layer_types is not None and "sliding_attention" not in layer_types:
+      return None
+    if layer_types is None and hf.get("max_window_layers", 28) >= hf["num_hidden_layers"]:
+      return None
+  return int(hf["sliding_window"])

@@ -21,9 +21,9 @@ online softmax over blocks of `kv_block` slots. Under `jax.shard_map` over `sequ
 `cache_attention_fn` built by evaluation/sharded_cache.py; this module stays mesh-agnostic) each
 device writes only the slots it owns and attends the (all-gathered) new queries to them, and the
 per-device partial results are merged by log-sum-exp (pmax / psum), so the cache is never
-gathered. A prompt's first chunk may instead use the training ring attention (`ring_attention_fn`):
-its queries, keys and values stay sharded in the zigzag layout and the cache is empty, so
-self-attention over the chunk is the whole answer; later chunks and decoding use the cache path.
+gathered. Prefill chunks use the ring form of the same closure (`ring_cache_attention_fn`): the
+chunk's tokens stay split over `sequence` too, and its keys/values and then its queries travel
+around the ring, so no device holds a whole chunk or the whole cache.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ultralong_jax.modeling import attention as attention_lib
 from ultralong_jax.modeling import llama
@@ -99,12 +98,12 @@ def _write(cache, new, start):
 
 
 def update_and_attend(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg, start, *,
-                      kv_block: int = 512, attend: bool = True, axis: str | None = None):
+                      kv_block: int = 512, axis: str | None = None):
   """Writes k/v of T new tokens at slots [start, start+T) and attends q to the whole cache.
 
   q [B,T,N,H], k_new, v_new [B,T,K,H], q_seg [B,T]; cache_k, cache_v [B,S,K,H], cache_seg [B,S];
-  start: scalar slot of the first new token. Returns (out [B,T,N,H] or None if not `attend`,
-  cache_k, cache_v, cache_seg). `kv_block` must divide S.
+  start: scalar slot of the first new token. Returns (out [B,T,N,H], cache_k, cache_v,
+  cache_seg). `kv_block` must divide S.
 
   Called inside `jax.shard_map` with `axis` (the mesh axis the slots are split over), the cache
   arguments are this device's slots and the partial results of all devices are merged by
@@ -115,8 +114,6 @@ def update_and_attend(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg, start
   cache_k = _write(cache_k, k_new, start - offset)
   cache_v = _write(cache_v, v_new, start - offset)
   cache_seg = _write(cache_seg, q_seg, start - offset)
-  if not attend:
-    return None, cache_k, cache_v, cache_seg
   B, T, N, H = q.shape
   K = k_new.shape[2]
   q_slot = start + jnp.arange(T)
@@ -133,7 +130,7 @@ def update_and_attend(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg, start
 
 
 CacheAttentionFn = Callable[..., tuple]
-"""(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg, start, *, attend) -> as update_and_attend."""
+"""(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg, start) -> as update_and_attend."""
 
 
 # --- the cached forward ------------------------------------------------------------------------
@@ -141,41 +138,24 @@ CacheAttentionFn = Callable[..., tuple]
 def forward(config: LlamaConfig, params: dict, cache: KVCache, input_ids: jax.Array,
             positions: jax.Array, segment_ids: jax.Array, start, *,
             cache_attention_fn: CacheAttentionFn = update_and_attend,
-            ring_attention_fn: Callable[..., jax.Array] | None = None,
-            layout_perm: np.ndarray | None = None,
             constrain: Callable[[jax.Array, tuple], jax.Array] | None = None,
             ) -> tuple[jax.Array, KVCache]:
   """T new tokens through the model (llama.forward) with the cache: (final-normed hidden
   [B,T,D], new cache).
 
   params: `Llama.arrays()`. input_ids, positions, segment_ids [B,T] in natural order at slots
-  [start, start+T). `cache_attention_fn` is `update_and_attend` or its sharded form
+  [start, start+T). `cache_attention_fn` is `update_and_attend` or a sharded form of it
   (evaluation/sharded_cache.py); `constrain(x, logical_names)` hints activation shardings.
-  `ring_attention_fn` (first prompt chunk only, start = 0): the inputs arrive permuted by
-  `layout_perm` (parallel/layout.py) and attention is that self-attention; keys/values are put
-  back in natural order for the cache and the hidden states returned in natural order.
   """
-  ring = ring_attention_fn is not None
-  if ring:
-    input_ids, positions, segment_ids = (x[:, layout_perm] for x in
-                                         (input_ids, positions, segment_ids))
-    inverse = jnp.asarray(np.argsort(layout_perm))
 
   def attention(q, k, v, layer, state):
     cache_k, cache_v, cache_seg = state
-    seg = segment_ids
-    if ring:
-      out = ring_attention_fn(q, k, v, positions=positions, segment_ids=segment_ids, causal=True,
-                              scale=q.shape[-1] ** -0.5)
-      k, v, seg = (jnp.take(x, inverse, axis=1) for x in (k, v, segment_ids))
-    cached, k_l, v_l, cache_seg = cache_attention_fn(
-        q, k, v, seg, cache_k[layer], cache_v[layer], cache_seg, start, attend=not ring)
+    out, k_l, v_l, cache_seg = cache_attention_fn(
+        q, k, v, segment_ids, cache_k[layer], cache_v[layer], cache_seg, start)
     cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, k_l, layer, 0)
     cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, v_l, layer, 0)
-    return (out if ring else cached), (cache_k, cache_v, cache_seg)
+    return out, (cache_k, cache_v, cache_seg)
 
   hidden, state = llama.forward(config, params, input_ids, positions, attention, tuple(cache),
                                 constrain=constrain)
-  if ring:
-    hidden = jnp.take(hidden, inverse, axis=1)
   return hidden, KVCache(*state)

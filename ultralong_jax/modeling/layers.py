@@ -1,8 +1,9 @@
-"""The math of one Llama decoder layer, as pure functions of arrays.
+"""The math of one decoder layer (Llama, Mistral, Qwen2, Qwen3), as pure functions of arrays.
 
 Shapes: B batch, T length, D width, F MLP width, N query heads, K kv heads, H head dim.
 Parameters of one layer arrive as a dict (a slice of the stacked [L, ...] parameters).
-Formulas follow transformers' `modeling_llama` (LlamaRMSNorm, LlamaMLP, LlamaAttention).
+Formulas follow transformers' `modeling_llama` (LlamaRMSNorm, LlamaMLP, LlamaAttention) and
+`modeling_qwen3` for the q/k norms.
 """
 
 from __future__ import annotations
@@ -31,12 +32,17 @@ def _dense(x: jax.Array, w: jax.Array, spec: str, bias: jax.Array | None = None)
 
 
 def attention_qkv(
-    p: Mapping[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
+    p: Mapping[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array, eps: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """x [B,T,D] -> q [B,T,N,H], k, v [B,T,K,H]; q and k rotated by cos/sin [B,T,H]."""
+  """x [B,T,D] -> q [B,T,N,H], k, v [B,T,K,H]; q and k rotated by cos/sin [B,T,H].
+
+  Optional parameters select the family: bq/bk/bv (Qwen2), q_norm/k_norm [H] (Qwen3's per-head
+  RMSNorm before RoPE, `Qwen3Attention.forward`, with the layer's eps)."""
   q = _dense(x, p["wq"], "BTD,DNH->BTNH", p.get("bq"))
   k = _dense(x, p["wk"], "BTD,DKH->BTKH", p.get("bk"))
   v = _dense(x, p["wv"], "BTD,DKH->BTKH", p.get("bv"))
+  if "q_norm" in p:
+    q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
   q = checkpoint_name(rope.apply_rope(q, cos, sin), "query")
   k = checkpoint_name(rope.apply_rope(k, cos, sin), "key")
   return q, k, checkpoint_name(v, "value")
@@ -69,7 +75,7 @@ def decoder_layer(
   """The one Llama decoder layer (training, prefill and decoding): pre-norm residual blocks
   h + attn(norm(h)), then + mlp(norm(h)). h [B,T,D]; cos/sin [B,T,H] rotate q and k.
   Returns (h, the state `attention` returned)."""
-  q, k, v = attention_qkv(p, rms_norm(h, p["attn_norm"], eps), cos, sin)
+  q, k, v = attention_qkv(p, rms_norm(h, p["attn_norm"], eps), cos, sin, eps)
   out, state = attention(q, k, v)
   h = h + attention_output(p, out)
   return h + swiglu_mlp(p, rms_norm(h, p["mlp_norm"], eps)), state

@@ -1,11 +1,14 @@
-"""Flax NNX Llama (Llama 2/3/3.1/3.2 architecture) with stacked, scanned layers.
+"""Flax NNX Llama-architecture decoder with stacked, scanned layers: the families of
+`config.FAMILIES` (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3), which differ only in optional
+per-layer parameters (q/k/v biases, q/k norms).
 
 Shapes: B batch, T length, D width, F MLP width, V vocab, L layers, N query heads, K kv heads,
 H head dim. Parameters carry logical axis names (`out_sharding` metadata; the one table mapping
 them to mesh axes lives in `ultralong_jax.parallel.sharding`):
 
   embed        [V, D]        (vocab, embed)
-  layers.*     [L, ...]      (layers, ...)   e.g. wq [L, D, N, H] (layers, embed, heads, head_dim)
+  layers.*     [L, ...]      (layers, ...)   e.g. wq [L, D, N, H] (layers, embed, heads, head_dim);
+                                            bq [L, N, H], q_norm [L, H] where the family has them
   final_norm   [D]           (embed,)
   lm_head      [D, V]        (embed, vocab)  absent when embeddings are tied
 
@@ -47,12 +50,18 @@ def layer_param_shapes(config: LlamaConfig) -> dict[str, tuple[tuple[int, ...], 
       "w_up": ((D, F), ("embed", "mlp")),
       "w_down": ((F, D), ("mlp", "embed")),
   }
-  if config.attention_bias:
+  if config.qkv_bias:
     shapes.update({
         "bq": ((N, H), ("heads", "head_dim")),
         "bk": ((K, H), ("kv_heads", "head_dim")),
         "bv": ((K, H), ("kv_heads", "head_dim")),
-        "bo": ((D,), ("embed",)),
+    })
+  if config.attention_bias:
+    shapes["bo"] = ((D,), ("embed",))
+  if config.qk_norm:
+    shapes.update({
+        "q_norm": ((H,), ("head_dim",)),
+        "k_norm": ((H,), ("head_dim",)),
     })
   if config.mlp_bias:
     shapes.update({

@@ -1,7 +1,11 @@
-"""Model presets: Llama-3.1-8B (and its UltraLong 1M/2M/4M RoPE settings), Llama-3.2-1B, tiny.
+"""Model presets: Llama-3.1-8B and -70B (and their UltraLong 1M/2M/4M RoPE settings), Llama-3.2-1B,
+tiny.
 
 Shapes are those of the published Hugging Face config.json files; `get_preset(name)` returns a
 LlamaConfig, and keyword overrides change numerics (dtype, remat) without a new preset.
+
+Other families' 7B-class bases (Qwen2.5-7B, Qwen3-8B, Mistral-7B v0.3, Llama-2-7B) are presets at
+their native context and, as `<name>_1m`, extended to 1M by `extended`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ def llama31_8b(**overrides) -> LlamaConfig:
   return LlamaConfig(**kwargs)
 
 
+def llama31_70b(**overrides) -> LlamaConfig:
+  kwargs = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                rope_scaling=LLAMA31_ROPE, max_position_embeddings=131072,
+                tie_word_embeddings=False, bos_token_id=128000, eos_token_id=_LLAMA3_EOS)
+  kwargs.update(overrides)
+  return LlamaConfig(**kwargs)
+
+
 def llama32_1b(**overrides) -> LlamaConfig:
   kwargs = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
                 num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
@@ -45,6 +58,57 @@ def ultralong(base: LlamaConfig, length: str) -> LlamaConfig:
                       max_position_embeddings=8192 * factor)
 
 
+def qwen25_7b(**overrides) -> LlamaConfig:
+  """Qwen2.5-7B-Instruct: q/k/v biases, rope_theta 1e6, 32K native context."""
+  kwargs = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6,
+                rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False,
+                bos_token_id=151643, eos_token_id=151645)
+  kwargs.update(overrides)
+  return LlamaConfig(**kwargs)
+
+
+def qwen3_8b(**overrides) -> LlamaConfig:
+  """Qwen3-8B: q/k RMSNorm, no biases, 32K native (config.json says 40960 = 32K + 8K output)."""
+  kwargs = dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=False,
+                bos_token_id=151643, eos_token_id=151645)
+  kwargs.update(overrides)
+  return LlamaConfig(**kwargs)
+
+
+def mistral_7b(**overrides) -> LlamaConfig:
+  """Mistral-7B-Instruct-v0.3: Llama layout, rope_theta 1e6, 32K context, no sliding window."""
+  kwargs = dict(model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False,
+                bos_token_id=1, eos_token_id=2)
+  kwargs.update(overrides)
+  return LlamaConfig(**kwargs)
+
+
+def llama2_7b(**overrides) -> LlamaConfig:
+  """Llama-2-7B-chat: rope_theta 1e4, no GQA, 4K context."""
+  kwargs = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5,
+                rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
+                bos_token_id=1, eos_token_id=2)
+  kwargs.update(overrides)
+  return LlamaConfig(**kwargs)
+
+
+def extended(base: LlamaConfig, length: str, native: int | None = None) -> LlamaConfig:
+  """`base` extended to 1M / 2M / 4M tokens by `rope.long_context_rope_scaling` (llama3 by parts
+  for Llama 3.x, yarn α=1 β=4 otherwise); `native` overrides the context the factor is over."""
+  if length not in _ULTRALONG:
+    raise ValueError(f"UltraLong length {length!r}: use one of {sorted(_ULTRALONG)}.")
+  target = 8192 * _ULTRALONG[length]
+  scaling = rope.long_context_rope_scaling(base.rope_scaling, native or base.max_position_embeddings,
+                                           target)
+  return base.replace(rope_scaling=scaling, max_position_embeddings=target)
+
+
 def tiny(**overrides) -> LlamaConfig:
   """A few-hundred-K-parameter Llama for tests and the CPU demo (GQA 2, head_dim != D/N)."""
   kwargs = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -60,8 +124,20 @@ PRESETS = {
     "llama31_8b_1m": lambda **kw: ultralong(llama31_8b(**kw), "1m"),
     "llama31_8b_2m": lambda **kw: ultralong(llama31_8b(**kw), "2m"),
     "llama31_8b_4m": lambda **kw: ultralong(llama31_8b(**kw), "4m"),
+    "llama31_70b": llama31_70b,
+    "llama31_70b_1m": lambda **kw: ultralong(llama31_70b(**kw), "1m"),
+    "llama31_70b_2m": lambda **kw: ultralong(llama31_70b(**kw), "2m"),
+    "llama31_70b_4m": lambda **kw: ultralong(llama31_70b(**kw), "4m"),
     "llama32_1b": llama32_1b,
     "llama32_1b_1m": lambda **kw: ultralong(llama32_1b(**kw), "1m"),
+    "qwen25_7b": qwen25_7b,
+    "qwen25_7b_1m": lambda **kw: extended(qwen25_7b(**kw), "1m"),
+    "qwen3_8b": qwen3_8b,
+    "qwen3_8b_1m": lambda **kw: extended(qwen3_8b(**kw), "1m", native=32768),
+    "mistral_7b": mistral_7b,
+    "mistral_7b_1m": lambda **kw: extended(mistral_7b(**kw), "1m"),
+    "llama2_7b": llama2_7b,
+    "llama2_7b_1m": lambda **kw: extended(llama2_7b(**kw), "1m"),
     "tiny": tiny,
 }
 

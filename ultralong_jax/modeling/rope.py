@@ -56,6 +56,36 @@ def ultralong_rope_scaling(factor: int) -> dict[str, Any]:
   }
 
 
+def long_context_rope_scaling(rope_scaling: Mapping[str, Any] | None,
+                              max_position_embeddings: int, target_length: int) -> dict[str, Any]:
+  """The paper's RoPE extension of a base model to `target_length` tokens, for any family.
+
+  A model that uses llama3 RoPE (Llama 3.x) keeps it, by parts with α=1, β=4 and factor =
+  target / its original_max_position_embeddings (Llama-3.1 at 1M: 128 over 8K, exactly
+  `ultralong_rope_scaling(128)`). Any other model (Llama 2, Mistral, Qwen2/2.5, Qwen3) gets
+  `yarn` with the same ramp (beta_slow=α=1 and beta_fast=β=4 rotations over the original
+  context: dimensions turning fewer than once are interpolated by the factor, more than 4 times
+  kept) and factor = target / native context, where the native context is a yarn config's
+  original_max_position_embeddings, else max_position_embeddings. yarn also scales attention
+  logits by its temperature 0.1·ln(factor) + 1 (YaRN Sec. 3.4), which the llama3 rule lacks.
+  """
+  params = normalize_rope_scaling(rope_scaling) or {"rope_type": "default"}
+  if params["rope_type"] == "llama3":
+    original = params["original_max_position_embeddings"]
+    return {"rope_type": "llama3", "factor": target_length / original, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": original}
+  original = params.get("original_max_position_embeddings") or max_position_embeddings
+  if params["rope_type"] not in ("default", "yarn") and "factor" in params:
+    raise ValueError(
+        f"rope_scaling.rope_type={params['rope_type']!r}: the model is already extended by "
+        "another rule; give model.rope_scaling_json explicitly instead of a target length.")
+  if target_length <= original:
+    raise ValueError(f"target length {target_length} is not longer than the model's native "
+                     f"context {original}.")
+  return {"rope_type": "yarn", "factor": target_length / original, "beta_fast": 4.0,
+          "beta_slow": 1.0, "original_max_position_embeddings": original}
+
+
 def normalize_rope_scaling(rope_scaling: Mapping[str, Any] | None) -> dict[str, Any] | None:
   """Validates a HF `rope_scaling` / `rope_parameters` dict and returns it in canonical form.
 

@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from ultralong_jax.parallel import block_attention, layout as layout_lib, sharding
+from ultralong_jax.parallel import block_attention, chunked_attention, sharding
+from ultralong_jax.parallel import layout as layout_lib
 
 STRATEGIES = ("ring", "allgather")
 
@@ -67,16 +68,16 @@ def _blocks(plan: _Plan, step: int, i, j, length: int, pos, kv_pos, seg, kv_seg)
   `valid` is None (always computed) or a traced bool (computed under lax.cond). With masks from
   positions (pos, seg [B, T] of the local queries, kv_pos, kv_seg of the step's keys) every
   sub-block of the layout's split is listed, valid when some key may be visible to some query
-  (block_attention.sees).
+  (chunked_attention.sees).
   """
   if not plan.causal:
     return [(0, length, 0, length, False, None)]
   if plan.by_positions:
     parts = [(0, length)] if plan.layout == "contiguous" else [(0, length // 2),
                                                                 (length // 2, length // 2)]
-    return [(qs, ql, ks, kl, True, block_attention.sees(
-        block_attention.bounds(_slice(kv_pos, ks, kl), _slice(kv_seg, ks, kl), 1, last=False),
-        block_attention.bounds(_slice(pos, qs, ql), _slice(seg, qs, ql), 1, last=True))[0])
+    return [(qs, ql, ks, kl, True, chunked_attention.sees(
+        chunked_attention.bounds(_slice(kv_pos, ks, kl), _slice(kv_seg, ks, kl), 1, last=False),
+        chunked_attention.bounds(_slice(pos, qs, ql), _slice(seg, qs, ql), 1, last=True))[0])
             for qs, ql in parts for ks, kl in parts]
   if plan.layout == "contiguous":
     if step == 0:

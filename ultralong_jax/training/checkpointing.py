@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import importlib.util
 import logging
@@ -39,6 +40,7 @@ from typing import Any
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -68,8 +70,8 @@ class RunCheckpointer:
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "data_iter", "config"),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data_iter": grain.checkpoint.CheckpointHandler(),
+        item_handlers={"state": _reporting(ocp.StandardCheckpointHandler()),
+                       "data_iter": _reporting(grain.checkpoint.CheckpointHandler()),
                        "config": ocp.JsonCheckpointHandler()},
         options=options)
     self.retries, self.backoff_s, self._async = retries, backoff_s, async_save
@@ -154,11 +156,19 @@ class RunCheckpointer:
 
   def restore(self, step: int, abstract_state: Any, data_iter) -> Any:
     """Restores `step` into arrays shaped/sharded like `abstract_state`; the Grain iterator is
-    restored in place. Returns the state."""
+    restored in place. Returns the state.
+
+    With several processes, each reads its own shards and iterator file, so a damaged file can
+    fail the restore on some processes only. Every process then raises (the error names the
+    processes that failed), never only those: the others would go on with this step's state
+    while the failed ones tried an older step (`_agree`).
+    """
     with _loops_closed_when_idle():
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
           data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    failed = next((r.error for r in restored.values() if isinstance(r, _Failed)), None)
+    _agree(failed, os.path.join(self.directory, str(step)))
     return restored["state"]
 
   def restore_latest(self, abstract_state: Any, data_iter, *,
@@ -211,6 +221,9 @@ class RunCheckpointer:
           shutil.rmtree(target)
         shutil.move(os.path.join(self.directory, str(step)), target)
       logging.warning("moved the unreadable checkpoint of step %d to %s", step, target)
+    if jax.process_count() > 1:  # the others list the steps again only once it has moved
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f"ultralong_jax: checkpoint {step} quarantined")
     self.manager.reload()
 
   def wait(self) -> None:
@@ -232,6 +245,46 @@ class RunCheckpointer:
       logging.error("checkpoint write in %s failed: %s", self.directory, _short(e))
     finally:
       asyncio.set_event_loop_policy(self._previous_policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+  """What an item's restore returned instead of raising (see `_reporting`)."""
+  error: Exception
+
+
+def _reporting(handler):
+  """`handler` (Orbax's or Grain's, registered by class, so patched per instance) with a failed
+  restore returned as `_Failed` instead of raised: Orbax ends every restore with a barrier across
+  processes, which a process that raised before it would never reach (the others would wait
+  there until its timeout). Past the barrier, all processes compare their outcomes (`_agree`)."""
+  restore = handler.restore
+
+  def reporting_restore(*args, **kwargs):
+    try:
+      return restore(*args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except  # re-raised by _agree on every process
+      return _Failed(e)
+
+  handler.restore = reporting_restore
+  return handler
+
+
+def _agree(error: Exception | None, where: str) -> None:
+  """Raises on every process when the restore of `where` failed on any: this process's own
+  error, or one naming the processes that failed."""
+  failed = _processes_that_failed(error is not None) if jax.process_count() > 1 else []
+  if error is not None:
+    raise error
+  if failed:
+    raise CorruptCheckpointError(f"process(es) {failed} could not restore {where} (their logs "
+                                 "have the error); this process could")
+
+
+def _processes_that_failed(failed_here: bool) -> list[int]:
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  flags = multihost_utils.process_allgather(np.array([int(failed_here)], np.int32))
+  return [i for i, f in enumerate(np.asarray(flags).reshape(-1)) if f]
 
 
 def is_url(path: str) -> bool:
@@ -295,7 +348,16 @@ class _IdleClosingLoop(asyncio.SelectorEventLoop):
   those tasks run to their end first, so every TensorStore callback lands on an open loop; past
   _SETTLE_SECONDS they are cancelled (asyncio.run's own teardown; a cancelled TensorStore future
   runs its callback at once, on this thread).
+
+  A failed write or read also leaves tasks that ended with the same error after the gather that
+  reported it had returned; nobody retrieves their exceptions, and when they are garbage-collected
+  (any time later, e.g. after the run's own error line) asyncio would log a traceback for each.
+  The failure they share is reported by the checkpointer, so here they are one debug line.
   """
+
+  def __init__(self):
+    super().__init__()
+    self.set_exception_handler(_quiet_unretrieved)
 
   def close(self) -> None:
     if not self.is_closed() and not self.is_running() and not _loop_running_here():
@@ -308,6 +370,13 @@ class _IdleClosingLoop(asyncio.SelectorEventLoop):
           logging.warning("a failed checkpoint read still ran after %.0f s; cancelled it",
                           _SETTLE_SECONDS)
     super().close()
+
+
+def _quiet_unretrieved(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+  if context.get("message", "").startswith("Task exception was never retrieved"):
+    logging.debug("a checkpoint task also failed: %s", _short(context.get("exception")))
+  else:
+    loop.default_exception_handler(context)
 
 
 class _IdleClosingPolicy(asyncio.DefaultEventLoopPolicy):

@@ -20,7 +20,7 @@ from ultralong_jax.parallel import block_attention, splash
 from ultralong_jax.training.optimizer import SCHEDULES
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
-ULTRALONG_FACTORS = {"1m": 128, "2m": 256, "4m": 512}  # model.ultralong -> llama3 RoPE factor
+ULTRALONG_LENGTHS = {"1m": 1 << 20, "2m": 1 << 21, "4m": 1 << 22}  # model.ultralong -> tokens
 
 # Every key that takes one of a fixed set of values, and the values: checked first in validate(),
 # before any file is read or anything compiles (data.* enumerations: validate_data_config).
@@ -28,7 +28,7 @@ CHOICES = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.remat_policy": REMAT_POLICIES,
-    "model.ultralong": ("",) + tuple(ULTRALONG_FACTORS),
+    "model.ultralong": ("",) + tuple(ULTRALONG_LENGTHS),
     "init.mode": ("random", "hf", "checkpoint"),
     "attention.strategy": ("ring", "allgather"),
     "attention.layout": ("zigzag", "contiguous"),
@@ -88,7 +88,9 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
     random (hf / checkpoint take the shape from the checkpoint's config).
   model.dtype / model.param_dtype: compute and parameter dtypes (bf16 compute, fp32 master).
   model.remat_policy: none | full | dots | dots_no_batch | qkv_attention.
-  model.ultralong: "" or 1m | 2m | 4m: apply the paper's llama3 RoPE (factor 128/256/512 over 8K).
+  model.ultralong: "" or 1m | 2m | 4m: extend the model's RoPE to that length the paper's way
+    (rope.long_context_rope_scaling): llama3 by parts where the model uses it (Llama 3.x: factor
+    128/256/512 over 8K), else yarn α=1 β=4 with factor = length / native context.
   model.rope_scaling_json: "" or a HF rope_scaling dict as JSON (overrides the preset's; ablations
     such as yarn); max_position_embeddings then defaults to factor x original.
   model.max_position_embeddings: 0 = the preset's / as implied by the RoPE override.
@@ -193,17 +195,21 @@ def apply_rope_override(config: LlamaConfig, c: ml_collections.ConfigDict) -> Ll
   if m.ultralong and m.rope_scaling_json:
     raise ValueError("model.ultralong and model.rope_scaling_json both set; use one.")
   if m.ultralong:
-    if m.ultralong not in ULTRALONG_FACTORS:
-      raise ValueError(f"model.ultralong={m.ultralong!r}; use one of {sorted(ULTRALONG_FACTORS)} "
+    if m.ultralong not in ULTRALONG_LENGTHS:
+      raise ValueError(f"model.ultralong={m.ultralong!r}; use one of {sorted(ULTRALONG_LENGTHS)} "
                        "or ''.")
-    scaling = rope.ultralong_rope_scaling(ULTRALONG_FACTORS[m.ultralong])
+    try:
+      scaling = rope.long_context_rope_scaling(config.rope_scaling, config.max_position_embeddings,
+                                               ULTRALONG_LENGTHS[m.ultralong])
+    except ValueError as e:
+      raise ValueError(f"model.ultralong={m.ultralong!r}: {e}") from None
   elif m.rope_scaling_json:
     scaling = _json(m.rope_scaling_json, "model.rope_scaling_json")
   changes = {}
   if scaling is not None:
     changes["rope_scaling"] = scaling
     if "original_max_position_embeddings" in scaling and "factor" in scaling:
-      changes["max_position_embeddings"] = int(
+      changes["max_position_embeddings"] = round(
           scaling["factor"] * scaling["original_max_position_embeddings"])
   if m.max_position_embeddings:
     changes["max_position_embeddings"] = m.max_position_embeddings

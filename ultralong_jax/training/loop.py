@@ -88,16 +88,12 @@ class _Preemption:
 
 
 def _initial_params(c: ml_collections.ConfigDict, built: train_step.TrainStep) -> dict:
-  """Parameters placed by the step's shardings: random (created sharded inside a jit, never whole
-  on one host), or loaded from a HF directory / project checkpoint."""
+  """Parameters placed by the step's shardings: random (created sharded inside a jit), or loaded
+  from a HF directory / project checkpoint, each process reading only its devices' slices; never
+  whole on one host."""
   if c.init.mode == "random":
     return built.random_params(c.train.seed)
-  model_cfg = built.model_config
-  model = convert_api.from_pretrained(
-      c.init.path, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype,
-      remat_policy=model_cfg.remat_policy, rope_scaling=model_cfg.rope_scaling,
-      max_position_embeddings=model_cfg.max_position_embeddings)
-  return jax.device_put(convert_api.model_params(model), built.shardings["params"])
+  return convert_api.load_params(c.init.path, built.model_config, built.shardings["params"])
 
 
 def build_pipeline(c: ml_collections.ConfigDict):

@@ -1,0 +1,29 @@
+"""Stage 2: chat SFT of the stage-1 Llama-2-7b-chat-hf (1M) on short (< 8K) chats, LR 5e-6.
+
+The recipe of llama31_8b_stage2_sft.py with the base model's own chat format: data.chat.template
+"llama2": Llama 2's `[INST]` / `<<SYS>>` format; loss on assistant tokens only.
+The RoPE scaling stays that of the stage-1 checkpoint.
+
+  python -m ultralong_jax.train --config=configs/llama2_stage2_sft.py --workdir=runs/llama2_stage2 \
+      --config.init.path=runs/llama2_1m/final --config.data.chat_files='/data/sft/*.jsonl' \
+      --config.data.tokenizer=/models/Llama-2-7b-chat-hf/tokenizer.json
+"""
+
+from ultralong_jax.training.config import base_config
+
+
+def get_config():
+  c = base_config(stage=2)
+  c.model.preset = "llama2_7b"
+  c.model.ultralong = ""  # keep the checkpoint's (stage 1's) RoPE
+  c.init.mode, c.init.path = "checkpoint", ""  # set --config.init.path=<stage-1 workdir>/final
+  c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = 1, -1, 1, 8
+  c.data.seq_len, c.data.global_batch_size = 8192, 32
+  c.data.max_example_len = 8192
+  c.data.vocab_size = 32000
+  c.data.chat.template = "llama2"
+  c.model.remat_policy = "dots_no_batch"
+  c.train.steps = 600
+  c.optim.warmup_steps = 20
+  c.checkpoint.every_steps = 100
+  return c
