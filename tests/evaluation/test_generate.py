@@ -98,6 +98,9 @@ def test_sharded_prefill_and_decode_match_single_device(mesh_name, make_hf_llama
     assert np.abs(logits[1] - logits[0]).max() / scale < 1e-5
     np.testing.assert_allclose(caches[1][:, :, :34], caches[0][:, :, :34], atol=1e-5)
   assert sharded.generate(prompts, max_new_tokens=4) == ref.generate(prompts, max_new_tokens=4)
+  # Sampling in the compiled loop on the mesh draws what the single-device host loop draws.
+  sampled = dict(max_new_tokens=4, temperature=1.0, top_p=0.9, seed=1)
+  assert sharded.generate(prompts, **sampled) == ref.generate(prompts, loop="host", **sampled)
 
 
 # data x fsdp = 2, 8, 4: batches of 1, 3 and 5 prompts divide none of them, so generate pads the
@@ -118,6 +121,42 @@ def test_batches_not_dividing_the_data_axes_are_padded(mesh_name, make_hf_llama)
   sharded = gen.CachedModel(model, mesh_lib.make_mesh(DATA_MESHES[mesh_name]), kv_block=8)
   for n in (1, 3, 5):
     assert sharded.generate(prompts[:n], max_new_tokens=3) == expected[:n]
+
+
+def test_device_loop_samples_as_the_host_loop(make_hf_llama):
+  # The on-device loop splits the key and samples exactly as the per-token host loop, so a seed
+  # gives the same tokens; a stop token drawn mid-way ends its row in both.
+  _, path = make_hf_llama()
+  model = gen.CachedModel(ultralong_jax.from_pretrained(path), kv_block=8)
+  prompts = _prompts(seed=4)
+  options = dict(max_new_tokens=NEW_TOKENS, temperature=0.8, top_p=0.9, seed=7)
+  host = model.generate(prompts, loop="host", **options)
+  assert host != model.generate(prompts, loop="host", max_new_tokens=NEW_TOKENS)  # not greedy
+  assert model.generate(prompts, **options) == host
+  stop = host[1][3]
+  host_stopped = model.generate(prompts, loop="host", stop_tokens=[stop], **options)
+  assert len(host_stopped[1]) <= 4 and host_stopped[1][-1] == stop
+  assert model.generate(prompts, stop_tokens=[stop], **options) == host_stopped
+
+
+def test_device_loop_ends_when_unfinished_rows_are_done(make_hf_llama):
+  # Rows that start done (the mesh's padding rows) never hold the loop open: row 0 draws the stop
+  # token 7 at once, row 1 (greedy token 9, never a stop at step 0) stops the loop only if counted.
+  _, path = make_hf_llama()
+  model = gen.CachedModel(ultralong_jax.from_pretrained(path), kv_block=8)
+  logits = jnp.zeros((2, 256)).at[0, 7].set(1.0).at[1, 9].set(1.0)
+  loop = model.decode_loop(6, 0.0, 1.0)
+
+  def run(done):
+    tokens, counts, steps, _ = loop(model.params, model.new_cache(2, 8), logits,
+                                    jnp.array([1, 1]), jnp.array(done), jnp.array([7]),
+                                    jax.random.PRNGKey(0), jnp.int32(2))
+    return np.asarray(tokens), np.asarray(counts).tolist(), int(steps)
+
+  tokens, counts, steps = run([False, True])
+  assert (steps, counts, tokens[0, 0]) == (1, [1, 0], 7)
+  tokens, counts, steps = run([False, False])
+  assert steps >= 2 and counts[0] == 1 and counts[1] == steps and tokens[1, 0] == 9
 
 
 def test_top_p_filter_hand_computed():
@@ -164,5 +203,7 @@ def test_bad_arguments_are_named(make_hf_llama):
     model.generate([[1, 2]], max_new_tokens=0)
   with pytest.raises(ValueError, match="top_p"):
     model.generate([[1, 2]], max_new_tokens=2, top_p=0.0)
+  with pytest.raises(ValueError, match="loop"):
+    model.generate([[1, 2]], max_new_tokens=2, loop="python")
   with pytest.raises(ValueError, match="at least one token"):
     model.generate([[1, 2], []], max_new_tokens=2)

@@ -1,4 +1,5 @@
-"""Text generation with a KV cache: chunked (sequence-sharded) prefill, then one token per step.
+"""Text generation with a KV cache: chunked (sequence-sharded) prefill, then every new token in
+one compiled loop.
 
 Batched prompts of different lengths are LEFT-padded to a common length P (a multiple of the
 prefill chunk), so every row's prompt ends at slot P - 1 and decoding writes one shared slot per
@@ -15,6 +16,12 @@ over data x fsdp, so a batch that does not divide by it gets copies of its last 
 rows (`CachedModel.pad_rows`): they do the work of a real row, change no other row, and are never
 returned. Sampling: greedy (temperature 0) or temperature + top-p (nucleus) sampling; stop tokens
 end a row (the stop token is kept, as transformers does; later steps are not returned).
+
+Decoding after the prefill is one jitted `lax.while_loop` (`CachedModel.decode_loop`): sampling,
+the PRNG split per step, the [B, max_new_tokens] token buffer and the per-row done flags all stay
+on the device, and the loop ends when every row is done, so the host waits once per call instead
+of once per token. `generate(loop="host")` runs the same steps from Python, one jitted step per
+token (the benchmark's baseline; same tokens for the same seed).
 """
 
 from __future__ import annotations
@@ -57,6 +64,10 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) 
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   filtered = top_p_filter(logits.astype(jnp.float32) / temperature, top_p)
   return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+# One compiled call per token in the host loop (eagerly, each of top-p's ops compiles on its own).
+_sample = jax.jit(sample, static_argnums=(2, 3))
 
 
 def _round_up(x: int, m: int) -> int:
@@ -217,11 +228,16 @@ class CachedModel:
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                temperature: float = 0.0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
                seed: int = 0, prefill_chunk: int = 8192, pad_id: int = 0,
-               prompt_slots: int = 0) -> list[list[int]]:
+               prompt_slots: int = 0, loop: str = "device") -> list[list[int]]:
     """New tokens for each prompt (token id lists), at most `max_new_tokens` each.
 
     Prompts are left-padded to at least `prompt_slots` slots: callers running many batches pass a
-    bucket length, so that batches of different longest prompts share compiled shapes."""
+    bucket length, so that batches of different longest prompts share compiled shapes. `loop`:
+    "device" decodes all new tokens in one compiled loop (`decode_loop`); "host" runs one jitted
+    step per token from Python (the baseline of `python -m ultralong_jax.bench.decode`); both give
+    the same tokens for the same seed."""
+    if loop not in ("device", "host"):
+      raise ValueError(f'generate: loop must be "device" or "host", got {loop!r}.')
     if max_new_tokens < 1:
       raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}.")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -241,21 +257,88 @@ class CachedModel:
                       P + max_new_tokens, self.config.max_position_embeddings)
     cache = self.new_cache(B, P + max_new_tokens)
     logits, cache = self.prefill(batch, cache, chunk)
-    key = jax.random.PRNGKey(seed)
-    stops = np.asarray(list(stop_tokens), np.int32)
-    positions = batch.lengths.copy()
+    stops = np.asarray(list(stop_tokens) or [-1], np.int32)  # -1: no token id, never a stop
     done = np.arange(B) >= len(prompts)  # padding rows: never collected, never wait for a stop
-    out = [[] for _ in prompts]
-    ones = np.ones((B, 1), np.int32)
+    if loop == "host":
+      return self._decode_on_host(logits, cache, batch.lengths, done, stops, P, seed,
+                                  max_new_tokens, temperature, top_p)[:len(prompts)]
+    fn = self.decode_loop(max_new_tokens, temperature, top_p)
+    tokens, counts, _, _ = fn(self.params, cache, logits, jnp.asarray(batch.lengths),
+                              jnp.asarray(done), jnp.asarray(stops), jax.random.PRNGKey(seed),
+                              jnp.asarray(P, jnp.int32))
+    tokens, counts = np.asarray(tokens), np.asarray(counts)
+    return [tokens[b, :counts[b]].tolist() for b in range(len(prompts))]
+
+  def decode_loop(self, max_new_tokens: int, temperature: float, top_p: float):
+    """The whole decode after prefill as one jitted `lax.while_loop` (compiled once per shape):
+
+      fn(params, cache, logits [B,V], positions [B], done [B] bool, stops [n] int32, key, start)
+        -> (tokens [B, max_new_tokens] int32, counts [B] int32, steps, cache)
+
+    `logits`: the prompts' last-token logits; `positions`: each row's first new RoPE position (its
+    prompt length); `done`: rows that start finished (padding rows); `start`: the slot of the first
+    new token. Each step splits `key` (as the host loop does), samples, writes the tokens into
+    column `step`, counts them for rows not yet done, marks rows that drew a stop token as done,
+    and feeds the tokens back through the cache unless every row is done or the buffer is full.
+    Row b's tokens are tokens[b, :counts[b]] (a stop token included); `steps` counts the columns
+    written. The cache is donated and returned.
+    """
+    key = ("decode_loop", max_new_tokens, temperature, top_p)
+    if key in self._compiled:
+      return self._compiled[key]
+    forward = functools.partial(decode.forward, self.config,
+                                cache_attention_fn=self._cache_attention, constrain=self._constrain)
+
+    def run(params, cache, logits, positions, done, stops, rng, start):
+      B = logits.shape[0]
+      ones = jnp.ones((B, 1), jnp.int32)
+
+      def pick(logits, rng, step, tokens, counts, done):
+        rng, sub = jax.random.split(rng)
+        new = sample(logits, sub, temperature, top_p)
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, new, step, axis=1)
+        counts = counts + (~done).astype(jnp.int32)
+        return new, rng, tokens, counts, done | jnp.isin(new, stops)
+
+      tokens = jnp.zeros((B, max_new_tokens), jnp.int32)
+      last, rng, tokens, counts, done = pick(logits, rng, 0, tokens, jnp.zeros((B,), jnp.int32),
+                                             done)
+
+      def body(state):
+        step, last, rng, cache, positions, tokens, counts, done = state
+        hidden, cache = forward(params, cache, last[:, None], positions[:, None], ones,
+                                start + step - 1)
+        logits = llama.logits(params["lm_head"], hidden)[:, 0]
+        last, rng, tokens, counts, done = pick(logits, rng, step, tokens, counts, done)
+        return step + 1, last, rng, cache, positions + 1, tokens, counts, done
+
+      def cond(state):
+        return (state[0] < max_new_tokens) & ~jnp.all(state[-1])
+
+      steps, _, _, cache, _, tokens, counts, _ = jax.lax.while_loop(
+          cond, body, (jnp.int32(1), last, rng, cache, positions, tokens, counts, done))
+      return tokens, counts, steps, cache
+
+    self._compiled[key] = jax.jit(run, donate_argnums=(1,))
+    return self._compiled[key]
+
+  def _decode_on_host(self, logits, cache, positions, done, stops, start: int, seed: int,
+                      max_new_tokens: int, temperature: float, top_p: float) -> list[list[int]]:
+    """`decode_loop`'s tokens by one `step` per token from Python, stop tokens checked on the
+    host: rows [B] of new tokens (padding rows' stay empty)."""
+    key = jax.random.PRNGKey(seed)
+    positions, done = positions.copy(), done.copy()
+    out = [[] for _ in done]
+    ones = np.ones((len(done), 1), np.int32)
     for step in range(max_new_tokens):
       key, sub = jax.random.split(key)
-      tokens = np.asarray(sample(logits, sub, temperature, top_p))
+      tokens = np.asarray(_sample(logits, sub, temperature, top_p))
       for b in np.flatnonzero(~done):
         out[b].append(int(tokens[b]))
       done |= np.isin(tokens, stops)
       if done.all() or step == max_new_tokens - 1:
         break
-      logits, cache = self.step(cache, tokens[:, None], positions[:, None], ones, P + step)
+      logits, cache = self.step(cache, tokens[:, None], positions[:, None], ones, start + step)
       positions += 1
     return out
 
