@@ -118,6 +118,29 @@ def check_model_flags(args: argparse.Namespace) -> ModelFlags:
   return ModelFlags(config, tokenizer, mesh)
 
 
+LLAMA3_PROMPT_TOKENS = ("<|begin_of_text|>",)
+LLAMA3_CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def check_llama3_prompts(flags: ModelFlags, args: argparse.Namespace, *, chat: bool) -> None:
+  """The needle and RULER prompts are Llama 3's (its BOS; with chat, its chat headers): a
+  tokenizer without those tokens (another family's) is refused naming --tokenizer, before any
+  weights load, instead of failing at the first prompt."""
+  missing = []
+  for token in LLAMA3_PROMPT_TOKENS + (LLAMA3_CHAT_TOKENS if chat else ()):
+    try:
+      flags.tokenizer.token_id(token)
+    except KeyError:
+      missing.append(token)
+  if missing:
+    raise ValueError(
+        f"--tokenizer {args.tokenizer}: these prompts are built with Llama 3's special tokens and "
+        f"the tokenizer lacks {missing} (--ckpt is a {flags.config.model_type!r} model). Prompt "
+        "formats of the other families are not supported by this command yet; evaluate such a "
+        "model through the lm-evaluation-harness backend (python -m "
+        "ultralong_jax.evaluation.lm_eval_backend, without --apply_chat_template).")
+
+
 def _named(flag: str, load, path: str):
   """load(path), with a FileNotFoundError / ValueError re-raised naming the flag and the path."""
   try:

@@ -225,6 +225,7 @@ def main(argv=None) -> NiahResults:
       raise ValueError(f"--depths must be percentages in [0, 100], got {args.depths}.")
     text = hay.load_text_files(args.haystack) if args.haystack else None
     flags = loading.check_model_flags(args)
+    loading.check_llama3_prompts(flags, args, chat=not args.no_chat)
     if lengths is None:
       max_length = args.max_length or flags.config.max_position_embeddings
       if args.min_length is not None and args.min_length > max_length:

@@ -231,6 +231,7 @@ def main(argv=None) -> dict:
     qa = {t: ruler_qa.load(t, path) for t, path in qa_files.items() if path}
     text = hay.load_text_files(args.haystack) if args.haystack else None
     flags = loading.check_model_flags(args)
+    loading.check_llama3_prompts(flags, args, chat=not args.no_chat)
     essay = essay_haystack(flags.tokenizer, text or hay.filler_text(2000))
     try:  # the shortest length must hold each task's template, needles and answer
       check_lengths(flags.tokenizer, essay, tasks, lengths, chat=not args.no_chat,
