@@ -86,6 +86,26 @@ def test_sigterm_in_a_subprocess_saves_the_last_step_and_exits_zero(tiny_config,
   assert _complete_steps(workdir)[-1] == summary["end_step"] == max(_rows(workdir))
 
 
+def test_sigterm_during_a_steps_unforced_save_is_answered_at_the_next_step(
+    tiny_config, six_steps, tmp_path, monkeypatch):
+  """SIGTERM lands inside step 2's (unforced, so empty) save call: the run must not stop there
+  without a checkpoint of its last step; it trains step 3, saves it and stops."""
+  c = six_steps(tiny_config)
+  c.checkpoint.every_steps = 0
+  real_save = checkpointing.RunCheckpointer.save
+
+  def save(self, step, *args, **kwargs):
+    started = real_save(self, step, *args, **kwargs)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)  # the handler of loop._Preemption runs here
+    return started
+  monkeypatch.setattr(checkpointing.RunCheckpointer, "save", save)
+  workdir = str(tmp_path / "run")
+  summary = loop.run(c, workdir, progress=False)
+  assert summary["preempted"] and summary["end_step"] == 3
+  assert _complete_steps(workdir)[-1] == 3 == max(_rows(workdir))
+
+
 def _truncate_largest_state_file(step_dir):
   files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs]
   victim = max(files, key=os.path.getsize)

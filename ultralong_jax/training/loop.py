@@ -217,17 +217,19 @@ def train(c: ml_collections.ConfigDict, built: Run, step_fn: Callable, ckpt, wri
           if log.due(step, end_step):
             guard.check(log.write(step, step_metrics))  # after the write: the bad row is logged
           log.advance()
-          preemption.check(step)
-          if guard.stop and (preemption.requested or ckpt.manager.should_save(step)):
+          # Read once per step: a SIGTERM landing later in this step is answered after the next
+          # one (answering it here would stop without the save this step did not force).
+          stop = preemption.check(step)
+          if guard.stop and (stop or ckpt.manager.should_save(step)):
             guard.before_save(step_metrics)  # never checkpoint past a non-finite step
           dog.beat(step)
           with account.timed("checkpoint"):
             dog.slow_section()
-            if ckpt.save(step, state, data_iter, c, force=preemption.requested):
+            if ckpt.save(step, state, data_iter, c, force=stop):
               saved_step = step
           dog.beat(step, step_time=False)
           account.step_done(step)
-          if preemption.requested:
+          if stop:
             preempted = True
             logging.warning("SIGTERM: saved step %d, exiting", step)
             break
