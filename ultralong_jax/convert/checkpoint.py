@@ -8,6 +8,7 @@ Layout of a checkpoint directory C:
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -47,17 +48,25 @@ def read_config(path: str, **overrides) -> LlamaConfig:
     return LlamaConfig.from_json(f.read(), source=config_path, **overrides)
 
 
-def load_params(path: str, abstract_params: dict, dtype=None) -> dict:
-  """Restores the parameter tree; `abstract_params` (ShapeDtypeStructs, shardings allowed) says
-  the shapes, and where it carries shardings, the placement. Arrays are cast to `dtype` if given."""
+def _stored_params(path: str, abstract_params: dict) -> tuple[str, Any]:
+  """(the parameters' directory, the stored tree's metadata), after checking the stored shapes
+  against `abstract_params`."""
   params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
   if not os.path.isdir(params_dir):
     raise FileNotFoundError(f"{params_dir} not found: the checkpoint is incomplete.")
   with ocp.StandardCheckpointer() as checkpointer:
     stored = checkpointer.metadata(params_dir)
-    stored_tree = getattr(stored, "item_metadata", stored)
-    stored_tree = getattr(stored_tree, "tree", stored_tree)
-    _check_shapes(params_dir, stored_tree, abstract_params)
+  stored_tree = getattr(stored, "item_metadata", stored)
+  stored_tree = getattr(stored_tree, "tree", stored_tree)
+  _check_shapes(params_dir, stored_tree, abstract_params)
+  return params_dir, stored_tree
+
+
+def load_params(path: str, abstract_params: dict, dtype=None) -> dict:
+  """Restores the parameter tree; `abstract_params` (ShapeDtypeStructs, shardings allowed) says
+  the shapes, and where it carries shardings, the placement. Arrays are cast to `dtype` if given."""
+  params_dir, stored_tree = _stored_params(path, abstract_params)
+  with ocp.StandardCheckpointer() as checkpointer:
     # Restore in the stored dtype (no silent cast inside Orbax), then cast here. Without a
     # sharding an array goes to this process's first device: the one the checkpoint was written
     # from may not exist here (another process count or mesh).
@@ -77,14 +86,7 @@ def param_getter(path: str, abstract_params: dict):
   `path` (Orbax partial restore onto this process's first device), for `hf.iter_hf_tensors`:
   an export holds one stacked parameter at a time, never the whole tree, whatever process
   count wrote the checkpoint."""
-  params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
-  if not os.path.isdir(params_dir):
-    raise FileNotFoundError(f"{params_dir} not found: the checkpoint is incomplete.")
-  with ocp.StandardCheckpointer() as checkpointer:
-    stored = checkpointer.metadata(params_dir)
-  stored_tree = getattr(stored, "item_metadata", stored)
-  stored_tree = getattr(stored_tree, "tree", stored_tree)
-  _check_shapes(params_dir, stored_tree, abstract_params)
+  params_dir, stored_tree = _stored_params(path, abstract_params)
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
   def get(tree_path: tuple) -> np.ndarray:
