@@ -10,6 +10,8 @@ their native context and, as `<name>_1m`, extended to 1M by `extended`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from ultralong_jax.modeling import rope
 from ultralong_jax.modeling.config import LlamaConfig
 
@@ -22,31 +24,36 @@ LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 _ULTRALONG = {"1m": 128, "2m": 256, "4m": 512}
 
 
-def llama31_8b(**overrides) -> LlamaConfig:
-  kwargs = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-                rope_scaling=LLAMA31_ROPE, max_position_embeddings=131072,
-                tie_word_embeddings=False, bos_token_id=128000, eos_token_id=_LLAMA3_EOS)
-  kwargs.update(overrides)
-  return LlamaConfig(**kwargs)
+def _preset(doc: str, **fields) -> Callable[..., LlamaConfig]:
+  """A preset: `fields` (a published config.json's shape) with keyword overrides on top."""
+  def make(**overrides) -> LlamaConfig:
+    return LlamaConfig(**{**fields, **overrides})
+  make.__doc__ = doc
+  return make
 
 
-def llama31_70b(**overrides) -> LlamaConfig:
-  kwargs = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
-                num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-                rope_scaling=LLAMA31_ROPE, max_position_embeddings=131072,
-                tie_word_embeddings=False, bos_token_id=128000, eos_token_id=_LLAMA3_EOS)
-  kwargs.update(overrides)
-  return LlamaConfig(**kwargs)
+llama31_8b = _preset(
+    "Llama-3.1-8B(-Instruct): 128K context by Llama 3.1's own llama3 RoPE (factor 8 over 8K).",
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+    num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+    rope_scaling=LLAMA31_ROPE, max_position_embeddings=131072,
+    tie_word_embeddings=False, bos_token_id=128000, eos_token_id=_LLAMA3_EOS)
 
 
-def llama32_1b(**overrides) -> LlamaConfig:
-  kwargs = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
-                num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
-                rope_scaling={**LLAMA31_ROPE, "factor": 32.0}, max_position_embeddings=131072,
-                tie_word_embeddings=True, bos_token_id=128000, eos_token_id=_LLAMA3_EOS)
-  kwargs.update(overrides)
-  return LlamaConfig(**kwargs)
+llama31_70b = _preset(
+    "Llama-3.1-70B(-Instruct): the 8B's RoPE and vocabulary at 80 layers of width 8192.",
+    vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+    num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+    rope_scaling=LLAMA31_ROPE, max_position_embeddings=131072,
+    tie_word_embeddings=False, bos_token_id=128000, eos_token_id=_LLAMA3_EOS)
+
+
+llama32_1b = _preset(
+    "Llama-3.2-1B(-Instruct): tied embeddings, llama3 RoPE factor 32.",
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+    num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
+    rope_scaling={**LLAMA31_ROPE, "factor": 32.0}, max_position_embeddings=131072,
+    tie_word_embeddings=True, bos_token_id=128000, eos_token_id=_LLAMA3_EOS)
 
 
 def ultralong(base: LlamaConfig, length: str) -> LlamaConfig:
@@ -58,44 +65,36 @@ def ultralong(base: LlamaConfig, length: str) -> LlamaConfig:
                       max_position_embeddings=8192 * factor)
 
 
-def qwen25_7b(**overrides) -> LlamaConfig:
-  """Qwen2.5-7B-Instruct: q/k/v biases, rope_theta 1e6, 32K native context."""
-  kwargs = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6,
-                rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False,
-                bos_token_id=151643, eos_token_id=151645)
-  kwargs.update(overrides)
-  return LlamaConfig(**kwargs)
+qwen25_7b = _preset(
+    "Qwen2.5-7B-Instruct: q/k/v biases, rope_theta 1e6, 32K native context.",
+    model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+    num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6,
+    rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False,
+    bos_token_id=151643, eos_token_id=151645)
 
 
-def qwen3_8b(**overrides) -> LlamaConfig:
-  """Qwen3-8B: q/k RMSNorm, no biases, 32K native (config.json says 40960 = 32K + 8K output)."""
-  kwargs = dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-                num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
-                rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=False,
-                bos_token_id=151643, eos_token_id=151645)
-  kwargs.update(overrides)
-  return LlamaConfig(**kwargs)
+qwen3_8b = _preset(
+    "Qwen3-8B: q/k RMSNorm, no biases, 32K native (config.json says 40960 = 32K + 8K output).",
+    model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+    num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
+    rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=False,
+    bos_token_id=151643, eos_token_id=151645)
 
 
-def mistral_7b(**overrides) -> LlamaConfig:
-  """Mistral-7B-Instruct-v0.3: Llama layout, rope_theta 1e6, 32K context, no sliding window."""
-  kwargs = dict(model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
-                num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False,
-                bos_token_id=1, eos_token_id=2)
-  kwargs.update(overrides)
-  return LlamaConfig(**kwargs)
+mistral_7b = _preset(
+    "Mistral-7B-Instruct-v0.3: Llama layout, rope_theta 1e6, 32K context, no sliding window.",
+    model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+    num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+    rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2)
 
 
-def llama2_7b(**overrides) -> LlamaConfig:
-  """Llama-2-7B-chat: rope_theta 1e4, no GQA, 4K context."""
-  kwargs = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-                num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5,
-                rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
-                bos_token_id=1, eos_token_id=2)
-  kwargs.update(overrides)
-  return LlamaConfig(**kwargs)
+llama2_7b = _preset(
+    "Llama-2-7B-chat: rope_theta 1e4, no GQA, 4K context.",
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+    num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5,
+    rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2)
 
 
 def extended(base: LlamaConfig, length: str, native: int | None = None) -> LlamaConfig:
@@ -109,14 +108,12 @@ def extended(base: LlamaConfig, length: str, native: int | None = None) -> Llama
   return base.replace(rope_scaling=scaling, max_position_embeddings=target)
 
 
-def tiny(**overrides) -> LlamaConfig:
-  """A few-hundred-K-parameter Llama for tests and the CPU demo (GQA 2, head_dim != D/N)."""
-  kwargs = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
-                max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
-                eos_token_id=2)
-  kwargs.update(overrides)
-  return LlamaConfig(**kwargs)
+tiny = _preset(
+    "A few-hundred-K-parameter Llama for tests and the CPU demo (GQA 2, head_dim != D/N).",
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+    max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
+    eos_token_id=2)
 
 
 PRESETS = {
