@@ -217,8 +217,8 @@ def train(c: ml_collections.ConfigDict, built: Run, step_fn: Callable, ckpt, wri
           if log.due(step, end_step):
             guard.check(log.write(step, step_metrics))  # after the write: the bad row is logged
           log.advance()
-          # Read once per step: a SIGTERM landing later in this step is answered after the next
-          # one (answering it here would stop without the save this step did not force).
+          # The save is forced by the flag as read here; a SIGTERM landing later in this step
+          # stops the run now only if this step was saved anyway, else after the next step.
           stop = preemption.check(step)
           if guard.stop and (stop or ckpt.manager.should_save(step)):
             guard.before_save(step_metrics)  # never checkpoint past a non-finite step
@@ -229,7 +229,7 @@ def train(c: ml_collections.ConfigDict, built: Run, step_fn: Callable, ckpt, wri
               saved_step = step
           dog.beat(step, step_time=False)
           account.step_done(step)
-          if stop:
+          if stop or (preemption.requested and saved_step == step):
             preempted = True
             logging.warning("SIGTERM: saved step %d, exiting", step)
             break
