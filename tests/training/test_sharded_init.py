@@ -25,7 +25,7 @@ def test_initial_params_are_sharded_and_equal_the_written_weights(mode, tiny_con
     checkpoint.save_params(path, model_cfg, params)
   c.init.mode, c.init.path = mode, path
   built = train_step.from_config(c, config_lib.model_config(c))
-  got = loop._initial_params(c, built)  # pylint: disable=protected-access
+  got = loop.initial_params(c, built)
   for (key, want), array, sharding in zip(jax.tree_util.tree_leaves_with_path(params),
                                           jax.tree.leaves(got),
                                           jax.tree.leaves(built.shardings["params"])):

@@ -12,7 +12,7 @@ the *current* mesh's shardings, so a run may resume on a different mesh shape.
 A complete but damaged checkpoint (a truncated file, a bad disk) fails to restore: `restore_latest`
 raises CorruptCheckpointError naming the step directory, or, when asked to fall back, moves it to
 `checkpoints_corrupt/` and resumes from the newest older step that restores. Either way the
-failed restore's reads are finished before the error is reported (`_loops_closed_when_idle`), so
+failed restore's reads are finished before the error is reported (`event_loops.loops_closed_when_idle`), so
 nothing prints after it from a background thread.
 
 A write that fails (a full disk or bucket quota, a lost permission) is retried `retries` times,
@@ -26,7 +26,6 @@ a write still in flight) and raises or retries there, one step after the failure
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import importlib.util
@@ -43,6 +42,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from ultralong_jax.training import event_loops
 
 
 class CorruptCheckpointError(ValueError):
@@ -76,9 +77,9 @@ class RunCheckpointer:
         options=options)
     self.retries, self.backoff_s, self._async = retries, backoff_s, async_save
     # A failed write ends its background event loop the way a failed restore does (see
-    # _IdleClosingLoop); for the checkpointer's life every new loop lets its tasks end first.
+    # event_loops.IdleClosingLoop); for the checkpointer's life every new loop lets its tasks end first.
     self._previous_policy = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(_IdleClosingPolicy())
+    asyncio.set_event_loop_policy(event_loops.IdleClosingPolicy())
     self._in_flight: int | None = None  # the step of an async write not yet known complete
     self._failures = 0  # failed writes since the last one that completed
 
@@ -163,7 +164,7 @@ class RunCheckpointer:
     processes that failed), never only those: the others would go on with this step's state
     while the failed ones tried an older step (`_agree`).
     """
-    with _loops_closed_when_idle():
+    with event_loops.loops_closed_when_idle():
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
           data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
@@ -328,77 +329,3 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `tree` placed by `shardings` (restore targets for any mesh)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
-
-
-# How long a failed restore's remaining reads may run on before they are cancelled: reads of a
-# local checkpoint end in milliseconds; a large one on an object store may need a while.
-_SETTLE_SECONDS = 60.0
-
-
-class _IdleClosingLoop(asyncio.SelectorEventLoop):
-  """An event loop that lets the tasks still pending on it end before it closes.
-
-  Orbax runs a restore as one asyncio.gather of TensorStore reads (one per array) on a fresh
-  loop, which it closes as soon as the gather returns, pending tasks or not
-  (orbax.checkpoint asyncio_utils._run_sync_via_new_loop). When one read fails the gather raises
-  at once, with the other reads still in flight in TensorStore's threads; as each completes,
-  TensorStore's done-callback calls loop.call_soon_threadsafe on the closed loop and reports the
-  `RuntimeError: Event loop is closed` through sys.unraisablehook, i.e. a traceback on stderr per
-  array, from a thread, at any moment, even in the middle of the run's own error line. Here
-  those tasks run to their end first, so every TensorStore callback lands on an open loop; past
-  _SETTLE_SECONDS they are cancelled (asyncio.run's own teardown; a cancelled TensorStore future
-  runs its callback at once, on this thread).
-
-  A failed write or read also leaves tasks that ended with the same error after the gather that
-  reported it had returned; nobody retrieves their exceptions, and when they are garbage-collected
-  (any time later, e.g. after the run's own error line) asyncio would log a traceback for each.
-  The failure they share is reported by the checkpointer, so here they are one debug line.
-  """
-
-  def __init__(self):
-    super().__init__()
-    self.set_exception_handler(_quiet_unretrieved)
-
-  def close(self) -> None:
-    if not self.is_closed() and not self.is_running() and not _loop_running_here():
-      pending = asyncio.all_tasks(self)
-      if pending:
-        try:
-          self.run_until_complete(asyncio.wait_for(
-              asyncio.gather(*pending, return_exceptions=True), _SETTLE_SECONDS))
-        except TimeoutError:
-          logging.warning("a failed checkpoint read still ran after %.0f s; cancelled it",
-                          _SETTLE_SECONDS)
-    super().close()
-
-
-def _quiet_unretrieved(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-  if context.get("message", "").startswith("Task exception was never retrieved"):
-    logging.debug("a checkpoint task also failed: %s", _short(context.get("exception")))
-  else:
-    loop.default_exception_handler(context)
-
-
-class _IdleClosingPolicy(asyncio.DefaultEventLoopPolicy):
-
-  def new_event_loop(self) -> asyncio.AbstractEventLoop:
-    return _IdleClosingLoop()
-
-
-def _loop_running_here() -> bool:
-  try:
-    asyncio.get_running_loop()
-  except RuntimeError:
-    return False
-  return True
-
-
-@contextlib.contextmanager
-def _loops_closed_when_idle():
-  """Event loops created inside (Orbax creates one per restore) close only once idle."""
-  previous = asyncio.get_event_loop_policy()
-  asyncio.set_event_loop_policy(_IdleClosingPolicy())
-  try:
-    yield
-  finally:
-    asyncio.set_event_loop_policy(previous)

@@ -87,7 +87,7 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _initial_params(c: ml_collections.ConfigDict, built: train_step.TrainStep) -> dict:
+def initial_params(c: ml_collections.ConfigDict, built: train_step.TrainStep) -> dict:
   """Parameters placed by the step's shardings: random (created sharded inside a jit), or loaded
   from a HF directory / project checkpoint, each process reading only its devices' slices; never
   whole on one host."""
@@ -259,7 +259,7 @@ def _resume(c, built: train_step.TrainStep, ckpt, data_iter,
     if step is not None:
       return step, state
   with account.timed("startup"):
-    return 0, built.init_state(_initial_params(c, built))
+    return 0, built.init_state(initial_params(c, built))
 
 
 def _note_replay(account: goodput.TimeAccount, metrics_path: str, start_step: int) -> None:
