@@ -276,16 +276,16 @@ CHATS = {
 }
 
 
-def _train(path, pre_tokenizer, decoder, special_tokens):
+def _train(path, pre_tokenizer, decoder, special_tokens, vocab_size=600):
   tok = Tokenizer(models.BPE(unk_token=special_tokens[0] if special_tokens[0] == "<unk>" else None))
   tok.pre_tokenizer, tok.decoder = pre_tokenizer, decoder
   texts = training_texts() + [m["content"] for chat in CHATS.values() for m in chat] + [
       "[INST]", "<<SYS>>", "<</SYS>>", QWEN25_DEFAULT]
   alphabet = (pre_tokenizers.ByteLevel.alphabet()
-              if isinstance(pre_tokenizer, pre_tokenizers.ByteLevel)
+              if isinstance(decoder, decoders.ByteLevel)
               else sorted(set("".join(texts)) | {"\u2581"}))  # every character: no <unk>
-  trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=special_tokens, show_progress=False,
-                                initial_alphabet=alphabet)
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                show_progress=False, initial_alphabet=alphabet)
   tok.train_from_iterator(texts, trainer)
   tok.save(path)
   return path

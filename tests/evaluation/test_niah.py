@@ -180,23 +180,3 @@ def test_cli_bad_inputs_name_the_flag(tiny_model_dir, tokenizer_path, tmp_path, 
                       (["--needle", "The key is under the mat."], "--needle")]:
     message = flag_error(niah.main, base + flags)
     assert message.startswith(name), message
-
-
-def test_cli_refuses_a_tokenizer_without_llama3_prompt_tokens(tiny_model_dir, tmp_path,
-                                                              flag_error):
-  """Another family's tokenizer (here ChatML specials, as Qwen's) is refused before any weights
-  load, naming --tokenizer and the way to evaluate such a model."""
-  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.train_from_iterator([hay.filler_text(200)], trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-  path = str(tmp_path / "qwen_like.json")
-  tok.save(path)
-  for chat_flags, missing in (([], "'<|begin_of_text|>', '<|start_header_id|>'"),
-                              (["--no-chat"], "['<|begin_of_text|>']")):
-    message = flag_error(niah.main, ["--ckpt", tiny_model_dir, "--tokenizer", path, "--out",
-                                     str(tmp_path / "out")] + chat_flags)
-    assert message.startswith(f"--tokenizer {path}: these prompts are built with Llama 3"), message
-    assert missing in message and "lm_eval_backend" in message, message

@@ -48,6 +48,8 @@ class Llama31ChatTemplate:
   tokenizer: tok_lib.Tokenizer
   date_preamble: bool = True
   date_string: str = "26 Jul 2024"
+  bos_token = "<|begin_of_text|>"
+  stop_tokens = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
 
   def __post_init__(self):
     t = self.tokenizer
@@ -117,6 +119,10 @@ def _check_alternation(turns, template: str) -> None:
                             f"is {m['role']!r}")
 
 
+def _text(pieces: Sequence[tuple[str, bool]]) -> str:
+  return "".join(piece for piece, _ in pieces)
+
+
 def _encode_pieces(tokenizer, pieces: Sequence[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
   """Tokenizes the concatenated text once, as `apply_chat_template` does (so merges across piece
   boundaries and a SentencePiece tokenizer's leading-space handling are exactly the reference's);
@@ -145,7 +151,17 @@ class ChatMLTemplate:
   tokenizer: tok_lib.Tokenizer
   default_system: str | None = QWEN25_DEFAULT_SYSTEM
 
+  bos_token = None  # prompts start with the first block, no BOS
+  stop_tokens = ("<|im_end|>", "<|endoftext|>")
+
   def render(self, messages: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    return _encode_pieces(self.tokenizer, self._pieces(messages))
+
+  def generation_text(self, messages: Sequence[dict[str, Any]]) -> str:
+    """The prompt text of `apply_chat_template(messages, add_generation_prompt=True)`."""
+    return _text(self._pieces(messages)) + "<|im_start|>assistant\n"
+
+  def _pieces(self, messages):
     _check_messages(messages)
     system, rest = _split_system(messages)
     if system is None:
@@ -155,7 +171,7 @@ class ChatMLTemplate:
       pieces.append((f"<|im_start|>{m['role']}\n", False))
       assistant = m["role"] == "assistant"
       pieces += [(m["content"] + "<|im_end|>", assistant), ("\n", False)]
-    return _encode_pieces(self.tokenizer, pieces)
+    return pieces
 
 
 @dataclasses.dataclass
@@ -166,8 +182,21 @@ class Qwen3Template:
   hold its reasoning as `<think>...</think>` in its content. Trained: everything after each
   `<|im_start|>assistant\n` up to and including `<|im_end|>` (think block included)."""
   tokenizer: tok_lib.Tokenizer
+  bos_token = None
+  stop_tokens = ("<|im_end|>", "<|endoftext|>")
 
   def render(self, messages: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    return _encode_pieces(self.tokenizer, self._pieces(messages))
+
+  def generation_text(self, messages: Sequence[dict[str, Any]], *,
+                      enable_thinking: bool = True) -> str:
+    """The prompt text of `apply_chat_template(messages, add_generation_prompt=True,
+    enable_thinking=...)`: enable_thinking=False opens the reply with an empty think block (the
+    model answers directly)."""
+    empty_think = "" if enable_thinking else "<think>\n\n</think>\n\n"
+    return _text(self._pieces(messages)) + "<|im_start|>assistant\n" + empty_think
+
+  def _pieces(self, messages):
     _check_messages(messages)
     last_query = len(messages) - 1
     for i in range(len(messages) - 1, -1, -1):
@@ -192,7 +221,7 @@ class Qwen3Template:
       else:
         body = content
       pieces += [("<|im_start|>assistant\n", False), (body + "<|im_end|>", True), ("\n", False)]
-    return _encode_pieces(self.tokenizer, pieces)
+    return pieces
 
 
 @dataclasses.dataclass
@@ -205,7 +234,17 @@ class MistralTemplate:
   bos_token: str = "<s>"
   eos_token: str = "</s>"
 
+  stop_tokens = ("</s>",)
+
   def render(self, messages: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    return _encode_pieces(self.tokenizer, self._pieces(messages))
+
+  def generation_text(self, messages: Sequence[dict[str, Any]]) -> str:
+    """The prompt text of `apply_chat_template(messages, add_generation_prompt=True)` (the
+    template has no generation header: a chat ending with a user turn ends with `[/INST]`)."""
+    return _text(self._pieces(messages))
+
+  def _pieces(self, messages):
     _check_messages(messages)
     system, turns = _split_system(messages)
     _check_alternation(turns, "mistral")
@@ -218,7 +257,7 @@ class MistralTemplate:
           pieces.append((f"[INST] {m['content']}[/INST]", False))
       else:
         pieces += [(" ", False), (m["content"].strip() + self.eos_token, True)]
-    return _encode_pieces(self.tokenizer, pieces)
+    return pieces
 
 
 @dataclasses.dataclass
@@ -230,7 +269,17 @@ class Llama2Template:
   bos_token: str = "<s>"
   eos_token: str = "</s>"
 
+  stop_tokens = ("</s>",)
+
   def render(self, messages: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    return _encode_pieces(self.tokenizer, self._pieces(messages))
+
+  def generation_text(self, messages: Sequence[dict[str, Any]]) -> str:
+    """The prompt text of `apply_chat_template(messages, add_generation_prompt=True)` (ends with
+    `[/INST]` after a user turn, as the official template)."""
+    return _text(self._pieces(messages))
+
+  def _pieces(self, messages):
     _check_messages(messages)
     system, turns = _split_system(messages)
     _check_alternation(turns, "llama2")
@@ -243,7 +292,7 @@ class Llama2Template:
         pieces.append((f"{self.bos_token}[INST] {content.strip()} [/INST]", False))
       else:
         pieces += [(" ", False), (f"{content.strip()} {self.eos_token}", True)]
-    return _encode_pieces(self.tokenizer, pieces)
+    return pieces
 
 
 CHAT_TEMPLATES = {"llama31": Llama31ChatTemplate, "chatml": ChatMLTemplate,

@@ -17,6 +17,9 @@ import os
 import random
 from typing import Sequence
 
+from ultralong_jax.evaluation import prompt_style
+from ultralong_jax.evaluation.prompt_style import PromptStyle
+
 _SUBJECTS = ("The river", "A small company", "The old library", "Every good essay", "The city",
              "A careful reader", "The mountain road", "Our garden", "The committee", "A young painter",
              "The harbor", "Most startups", "The orchestra", "A quiet village", "The museum")
@@ -155,24 +158,19 @@ def build_prompt(haystack: Haystack, needle_ids: Sequence[int], prefix: Sequence
   return Prompt(ids=ids, needle_start=len(prefix) + cut, depth_actual=cut / n)
 
 
-def prompt_parts(tokenizer, question: str, *, chat: bool = True,
+def prompt_parts(tokenizer, question: str, *, chat: bool | PromptStyle = True,
                  intro: str = "Read the document below and answer the question after it.",
                  answer_prefix: str = "") -> tuple[list[int], list[int]]:
   """Token ids before and after the context.
 
-  chat=True: the Llama 3.1 chat template (as `apply_chat_template(..., add_generation_prompt=True)`
-  would render the user turn  intro \\n\\n context \\n\\n question), the text runs tokenized
-  separately at the context boundaries; chat=False: BOS + plain text for base models.
+  chat: a `prompt_style.PromptStyle` (a family's chat template, or its plain prompt), or True /
+  False for Llama 3.1's: the chat template's user turn  intro \\n\\n context \\n\\n question
+  (as `apply_chat_template(..., add_generation_prompt=True)` renders it, the text runs tokenized
+  separately at the context boundaries), or for base models BOS + the same text + "\\nAnswer:".
   """
-  if not chat:
-    prefix = [tokenizer.token_id("<|begin_of_text|>"), *tokenizer.encode(intro + "\n\n")]
-    return prefix, tokenizer.encode("\n\n" + question + "\nAnswer:" + answer_prefix)
-  before, after = chat_turn(tokenizer)
-  prefix = before + tokenizer.encode("\n\n" + intro + "\n\n")
-  suffix = tokenizer.encode("\n\n" + question) + after
-  if answer_prefix:
-    suffix += tokenizer.encode(answer_prefix)
-  return prefix, suffix
+  style = prompt_style.as_style(chat)
+  tail = "\n\n" + question + ("" if style.chat else "\nAnswer:")
+  return style.wrap(tokenizer, intro + "\n\n", tail, answer_prefix)
 
 
 def chat_turn(tokenizer) -> tuple[list[int], list[int]]:

@@ -118,27 +118,32 @@ def check_model_flags(args: argparse.Namespace) -> ModelFlags:
   return ModelFlags(config, tokenizer, mesh)
 
 
-LLAMA3_PROMPT_TOKENS = ("<|begin_of_text|>",)
-LLAMA3_CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+def add_prompt_flags(p: argparse.ArgumentParser) -> None:
+  """--chat-template (the needle / RULER commands; with --no-chat the family's plain prompt)."""
+  from ultralong_jax.evaluation import prompt_style  # pylint: disable=g-import-not-at-top
+  p.add_argument("--chat-template", default="auto",
+                 choices=("auto",) + prompt_style.TEMPLATES,
+                 help="the prompts' chat template (auto: Llama 3.1's for a Llama 3 tokenizer, "
+                      "else by the checkpoint's model_type: qwen3, qwen2 -> chatml, mistral, "
+                      "llama -> llama2); with --no-chat, whose BOS starts plain prompts")
 
 
-def check_llama3_prompts(flags: ModelFlags, args: argparse.Namespace, *, chat: bool) -> None:
-  """The needle and RULER prompts are Llama 3's (its BOS; with chat, its chat headers): a
-  tokenizer without those tokens (another family's) is refused naming --tokenizer, before any
-  weights load, instead of failing at the first prompt."""
-  missing = []
-  for token in LLAMA3_PROMPT_TOKENS + (LLAMA3_CHAT_TOKENS if chat else ()):
-    try:
-      flags.tokenizer.token_id(token)
-    except KeyError:
-      missing.append(token)
+def prompt_style_for(flags: ModelFlags, args: argparse.Namespace):
+  """The PromptStyle of --chat-template / --no-chat for the model of --ckpt; a tokenizer without
+  the template's special tokens is refused naming --tokenizer, before any weights load."""
+  from ultralong_jax.evaluation import prompt_style  # pylint: disable=g-import-not-at-top
+  template = args.chat_template
+  if template == "auto":
+    template = prompt_style.detect_template(flags.config.model_type, flags.tokenizer)
+  style = prompt_style.PromptStyle(template, chat=not args.no_chat)
+  missing = style.missing_tokens(flags.tokenizer)
   if missing:
-    raise ValueError(
-        f"--tokenizer {args.tokenizer}: these prompts are built with Llama 3's special tokens and "
-        f"the tokenizer lacks {missing} (--ckpt is a {flags.config.model_type!r} model). Prompt "
-        "formats of the other families are not supported by this command yet; evaluate such a "
-        "model through the lm-evaluation-harness backend (python -m "
-        "ultralong_jax.evaluation.lm_eval_backend, without --apply_chat_template).")
+    how = ("chosen by --chat-template" if args.chat_template != "auto" else
+           f"detected for the {flags.config.model_type!r} model in --ckpt")
+    raise ValueError(f"--tokenizer {args.tokenizer}: the {template!r} prompts ({how}) need the "
+                     f"special tokens {missing}, which the tokenizer lacks; give the model's own "
+                     "tokenizer or the right --chat-template.")
+  return style
 
 
 def _named(flag: str, load, path: str):

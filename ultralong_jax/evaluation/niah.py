@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from ultralong_jax.evaluation import generate as gen_lib, haystack as hay, plots, scoring
+from ultralong_jax.evaluation.prompt_style import PromptStyle, as_style
 
 CSV_FIELDS = ("length", "depth", "depth_actual", "prompt_tokens", "needle_start", "kind",
               "expected", "answer", "score")
@@ -51,7 +52,7 @@ class Cell:
 
 
 def make_cells(tokenizer, haystack: hay.Haystack, lengths: Sequence[int], depths: Sequence[float],
-               *, needle: hay.Needle | str = "passkey", chat: bool = True,
+               *, needle: hay.Needle | str = "passkey", chat: bool | PromptStyle = True,
                seed: int = 0) -> list[Cell]:
   """Every (length, depth) prompt. needle: a Needle, "passkey" (a new number per cell, seeded),
   "sentence" (hay.SENTENCE_NEEDLE), or a callable seed -> Needle (a new needle per cell)."""
@@ -103,7 +104,7 @@ class NiahResults:
 
 def run_niah(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], out_dir: str,
              mesh=None, needle: hay.Needle | str = "passkey", haystack_text: str | None = None,
-             chat: bool = True, max_new_tokens: int = 32, batch_size: int = 1,
+             chat: bool | PromptStyle = True, max_new_tokens: int = 32, batch_size: int = 1,
              training_length: int | None = None, prefill_chunk: int = 8192, kv_block: int = 512,
              seed: int = 0, progress: bool = True, title: str = "Needle in a haystack",
              cached_model: gen_lib.CachedModel | None = None) -> NiahResults:
@@ -120,7 +121,7 @@ def run_niah(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[float
   cells = make_cells(tokenizer, hay.Haystack(tokenizer, text), lengths, depths, needle=needle,
                      chat=chat, seed=seed)
   runner = cached_model or gen_lib.CachedModel(model, mesh, kv_block=kv_block)
-  stops = gen_lib.stop_ids(tokenizer)
+  stops = as_style(chat).stop_ids(tokenizer)
   rows = []
   bar = tqdm(total=len(cells), desc="needle cells", disable=not progress, file=sys.stderr)
   for start in range(0, len(cells), len(depths)):
@@ -141,7 +142,9 @@ def run_niah(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[float
       bar.set_postfix(length=group[0].length)
   bar.close()
   scores = np.array([r["score"] for r in rows]).reshape(len(lengths), len(depths)).T
-  settings = {"lengths": list(lengths), "depths": list(depths), "chat": chat,
+  style = as_style(chat)
+  settings = {"lengths": list(lengths), "depths": list(depths), "chat": style.chat,
+              "chat_template": style.template,
               "needle": dataclasses.asdict(cells[0].needle) if not isinstance(needle, str)
               else needle, "max_new_tokens": max_new_tokens, "training_length": training_length,
               "mesh": dict(mesh.shape) if mesh is not None else None}
@@ -197,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--question")
   p.add_argument("--answer")
   p.add_argument("--no-chat", action="store_true", help="plain prompt (base models)")
+  loading.add_prompt_flags(p)
   p.add_argument("--training-length", type=int, help="draw this length as a dashed line")
   p.add_argument("--max-new-tokens", type=int, default=32)
   p.add_argument("--batch-size", type=int, default=1)
@@ -225,7 +229,7 @@ def main(argv=None) -> NiahResults:
       raise ValueError(f"--depths must be percentages in [0, 100], got {args.depths}.")
     text = hay.load_text_files(args.haystack) if args.haystack else None
     flags = loading.check_model_flags(args)
-    loading.check_llama3_prompts(flags, args, chat=not args.no_chat)
+    style = loading.prompt_style_for(flags, args)
     if lengths is None:
       max_length = args.max_length or flags.config.max_position_embeddings
       if args.min_length is not None and args.min_length > max_length:
@@ -234,13 +238,13 @@ def main(argv=None) -> NiahResults:
       lengths = default_lengths(max_length, args.num_lengths, args.min_length)
     try:  # the shortest cell must leave room for haystack after instructions, needle, question
       make_cells(flags.tokenizer, hay.Haystack(flags.tokenizer, hay.filler_text(200)),
-                 [min(lengths)], [0.0], needle=needle, chat=not args.no_chat)
+                 [min(lengths)], [0.0], needle=needle, chat=style)
     except ValueError as e:
       raise ValueError(f"{'--lengths' if args.lengths else '--min-length'}: {e}") from None
   with loading.flag_errors(parser):
     model = loading.load_model(args)
   results = run_niah(model, flags.tokenizer, lengths=lengths, depths=depths, out_dir=args.out,
-                     mesh=flags.mesh, needle=needle, haystack_text=text, chat=not args.no_chat,
+                     mesh=flags.mesh, needle=needle, haystack_text=text, chat=style,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                      training_length=args.training_length, prefill_chunk=args.prefill_chunk,
                      kv_block=args.kv_block, seed=args.seed)

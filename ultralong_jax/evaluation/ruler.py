@@ -29,6 +29,7 @@ import numpy as np
 
 from ultralong_jax.evaluation import generate as gen_lib, haystack as hay, plots, scoring
 from ultralong_jax.evaluation import ruler_qa, ruler_synthetic, ruler_tasks
+from ultralong_jax.evaluation.prompt_style import PromptStyle, as_style
 
 TASKS = ruler_tasks.SYNTHETIC + ruler_tasks.QA
 # Names of the RULER-style tasks this module had before it ran RULER's own definitions.
@@ -48,7 +49,7 @@ def resolve_tasks(names: Sequence[str]) -> list[str]:
 
 
 def make_sample(task: str, tokenizer, haystack: hay.Haystack, length: int, seed: int, *,
-                chat: bool = True, new_tokens: int | None = None,
+                chat: bool | PromptStyle = True, new_tokens: int | None = None,
                 qa: ruler_qa.QAData | None = None) -> dict:
   """{"task", "length", "ids", "answers", "metric", "new_tokens"} for one sample of `task`
   (`haystack`: the essay haystack; `qa`: the loaded file of a QA task)."""
@@ -67,7 +68,8 @@ def essay_haystack(tokenizer, text: str) -> hay.Haystack:
 
 
 def check_lengths(tokenizer, haystack: hay.Haystack, tasks: Sequence[str],
-                  lengths: Sequence[int], *, chat: bool, new_tokens: int | None, qa: dict) -> None:
+                  lengths: Sequence[int], *, chat: bool | PromptStyle, new_tokens: int | None,
+                  qa: dict) -> None:
   """Raises ValueError, naming the task and length, when a length cannot hold a sample of one of
   `tasks` (its template, needles and answer budget). A sample needs the most room at the shortest
   length, and for cwe also at the shortest length >= 4096 (its word counts step up there)."""
@@ -88,7 +90,8 @@ def qa_skips(tasks: Sequence[str], qa_files: dict[str, str]) -> dict[str, str]:
 
 
 def run_ruler(model, tokenizer, *, lengths: Sequence[int], out_dir: str,
-              tasks: Sequence[str] = TASKS, samples: int = 4, mesh=None, chat: bool = True,
+              tasks: Sequence[str] = TASKS, samples: int = 4, mesh=None,
+              chat: bool | PromptStyle = True,
               haystack_text: str | None = None, max_new_tokens: int | None = None,
               batch_size: int = 1, prefill_chunk: int = 8192, kv_block: int = 512, seed: int = 0,
               progress: bool = True, cached_model: gen_lib.CachedModel | None = None,
@@ -113,7 +116,7 @@ def run_ruler(model, tokenizer, *, lengths: Sequence[int], out_dir: str,
   haystack = essay_haystack(tokenizer, haystack_text or hay.filler_text(20_000, seed))
   check_lengths(tokenizer, haystack, tasks, lengths, chat=chat, new_tokens=max_new_tokens, qa=qa)
   runner = cached_model or gen_lib.CachedModel(model, mesh, kv_block=kv_block)
-  stops = gen_lib.stop_ids(tokenizer)
+  stops = as_style(chat).stop_ids(tokenizer)
   # Samples are built batch by batch (a 1M-token prompt is ~1M Python ints); a batch shares one
   # length (prompts are left-padded to the longest) and one generation budget.
   new_tokens = {t: ruler_tasks.TASKS[t].new_tokens if max_new_tokens is None else max_new_tokens
@@ -201,7 +204,8 @@ def main(argv=None) -> dict:
   p.add_argument("--hotpotqa", default="",
                  help="HotpotQA JSON (e.g. hotpot_dev_distractor_v1.json) for qa_2")
   p.add_argument("--no-chat", action="store_true",
-                 help="bare templates (RULER's 'base') instead of the Llama 3.1 chat template")
+                 help="bare templates (RULER's 'base') instead of the model's chat template")
+  loading.add_prompt_flags(p)
   p.add_argument("--max-new-tokens", type=int, default=None,
                  help="tokens generated per answer for every task (default: RULER's per task: "
                       "niah 128, vt 30, cwe 120, fwe 50, qa 32)")
@@ -231,17 +235,17 @@ def main(argv=None) -> dict:
     qa = {t: ruler_qa.load(t, path) for t, path in qa_files.items() if path}
     text = hay.load_text_files(args.haystack) if args.haystack else None
     flags = loading.check_model_flags(args)
-    loading.check_llama3_prompts(flags, args, chat=not args.no_chat)
+    style = loading.prompt_style_for(flags, args)
     essay = essay_haystack(flags.tokenizer, text or hay.filler_text(2000))
     try:  # the shortest length must hold each task's template, needles and answer
-      check_lengths(flags.tokenizer, essay, tasks, lengths, chat=not args.no_chat,
+      check_lengths(flags.tokenizer, essay, tasks, lengths, chat=style,
                     new_tokens=args.max_new_tokens, qa=qa)
     except ValueError as e:
       raise ValueError(f"--lengths: {e}") from None
   with loading.flag_errors(p):
     model = loading.load_model(args)
   res = run_ruler(model, flags.tokenizer, lengths=lengths, out_dir=args.out, tasks=tasks,
-                  samples=args.samples, mesh=flags.mesh, chat=not args.no_chat, haystack_text=text,
+                  samples=args.samples, mesh=flags.mesh, chat=style, haystack_text=text,
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                   prefill_chunk=args.prefill_chunk, kv_block=args.kv_block, seed=args.seed,
                   qa_files=qa_files)

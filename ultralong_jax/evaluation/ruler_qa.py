@@ -19,6 +19,7 @@ import os
 import random
 
 from ultralong_jax.evaluation import ruler_tasks as rt
+from ultralong_jax.evaluation.prompt_style import PromptStyle
 
 FLAGS = {"qa_1": "--squad", "qa_2": "--hotpotqa"}
 
@@ -83,8 +84,8 @@ def _hotpotqa(data) -> QAData:
   return QAData(questions, docs)
 
 
-def make(task: str, data: QAData, tokenizer, length: int, seed: int, *, chat: bool = True,
-         new_tokens: int | None = None) -> dict:
+def make(task: str, data: QAData, tokenizer, length: int, seed: int, *,
+         chat: bool | PromptStyle = True, new_tokens: int | None = None) -> dict:
   """Sample for question `seed` (mod the file's count) at `length` tokens, as `make` of
   ruler_synthetic: a prompt of at most length - new_tokens tokens."""
   spec = rt.TASKS[task]

@@ -19,6 +19,7 @@ import numpy as np
 
 from ultralong_jax.data import tokenizer as tok_lib
 from ultralong_jax.evaluation import haystack as hay, ruler_tasks as rt, ruler_words as rw
+from ultralong_jax.evaluation.prompt_style import PromptStyle
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
@@ -26,8 +27,8 @@ NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 DEPTHS = [int(d) for d in np.round(np.linspace(0, 100, num=40, endpoint=True))]
 
 
-def make(task: str, tokenizer, length: int, seed: int, *, essay: hay.Haystack, chat: bool = True,
-         new_tokens: int | None = None) -> dict:
+def make(task: str, tokenizer, length: int, seed: int, *, essay: hay.Haystack,
+         chat: bool | PromptStyle = True, new_tokens: int | None = None) -> dict:
   """One sample of synthetic task `task` for a model context of `length` tokens: a prompt of at
   most length - new_tokens tokens (new_tokens: RULER's generation budget unless given)."""
   spec = rt.TASKS[task]

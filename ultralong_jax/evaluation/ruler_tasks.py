@@ -7,10 +7,11 @@ metrics). A sample is assembled from token ids:
 
   prompt = frame prefix | context | frame suffix      (the answer prefix ends the suffix)
 
-The frame is the task's template split at {context}, inside the Llama 3.1 chat template (RULER's
-`meta-llama3` model template; ours adds the system block with the date preamble, as the official
-template does) or, with chat=False, BOS + the bare template (RULER's `base`). RULER appends the
-answer prefix after the model template, so the model continues from it. A sample of length L
+The frame is the task's template split at {context}, inside the model's chat template
+(`prompt_style.PromptStyle`; for Llama 3.1 RULER's `meta-llama3` model template, ours adding the
+system block with the date preamble, as the official template does) or, with chat=False, BOS +
+the bare template (RULER's `base`). RULER appends the answer prefix after the model template, so
+the model continues from it. A sample of length L
 holds at most L - new_tokens prompt tokens (RULER's `max_seq_length` counts the generated tokens
 too), and the context fills that budget to the token: the context is built from separately
 tokenized pieces whose token counts add up.
@@ -21,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from ultralong_jax.evaluation import haystack as hay
+from ultralong_jax.evaluation import prompt_style
+from ultralong_jax.evaluation.prompt_style import PromptStyle
 
 NIAH_TEMPLATE = (
     "Some special magic {type_needle_v} are hidden within the following text. Make sure to "
@@ -122,8 +124,8 @@ class Frame:
   budget: int
 
 
-def frame(tokenizer, template: str, answer_prefix: str, prompt_budget: int, *, chat: bool,
-          what: str, strip_head: bool = False) -> Frame:
+def frame(tokenizer, template: str, answer_prefix: str, prompt_budget: int, *,
+          chat: bool | PromptStyle, what: str, strip_head: bool = False) -> Frame:
   """The template (with every field but {context} filled) split at {context}, wrapped as the
   module docstring says; raises ValueError when it leaves no room for a context.
 
@@ -132,13 +134,7 @@ def frame(tokenizer, template: str, answer_prefix: str, prompt_budget: int, *, c
   head, tail = template.split("{context}")
   if strip_head:
     head = head.rstrip(" ")
-  if chat:
-    before, after = hay.chat_turn(tokenizer)
-    prefix = before + tokenizer.encode("\n\n" + head)
-    suffix = tokenizer.encode(tail) + after + tokenizer.encode(answer_prefix)
-  else:
-    prefix = [tokenizer.token_id("<|begin_of_text|>"), *tokenizer.encode(head)]
-    suffix = tokenizer.encode(tail + answer_prefix)
+  prefix, suffix = prompt_style.as_style(chat).wrap(tokenizer, head, tail, answer_prefix)
   budget = prompt_budget - len(prefix) - len(suffix)
   if budget < 1:
     raise ValueError(f"{what}: the template takes {len(prefix) + len(suffix)} tokens, more than "
