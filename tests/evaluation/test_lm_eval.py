@@ -171,6 +171,57 @@ def test_chat_template_generation_matches_hf_backend(hf_dir, task_dir):
   assert any(t for doc in _responses(ours)["tiny_gen"] for t in doc)
 
 
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+  """A tiny random transformers Qwen2 with a ChatML tokenizer (no BOS) and Qwen2.5's official
+  chat template."""
+  import torch
+  import transformers
+  from tokenizers import Regex, decoders, pre_tokenizers
+  from ..data import test_chat_template_families as fam
+  from .test_prompt_style import QWEN_SPLIT
+  out = tmp_path_factory.mktemp("hf_qwen")
+  path = fam._train(str(out / "tokenizer.json"), pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), decoders.ByteLevel(),
+      ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], vocab_size=500)
+  hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=path, eos_token="<|im_end|>",
+                                                pad_token="<|endoftext|>")
+  hf_tok.chat_template = fam.QWEN25_TEMPLATE
+  hf_tok.save_pretrained(out)
+  config = transformers.Qwen2Config(
+      vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+      rope_theta=10000.0, eos_token_id=hf_tok.convert_tokens_to_ids("<|im_end|>"),
+      tie_word_embeddings=False)
+  torch.manual_seed(0)
+  model = transformers.Qwen2ForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.mul_(4.0) if not name.endswith("norm.weight") else p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(out)
+  return str(out)
+
+
+def test_qwen_chat_template_generation_matches_hf_backend(qwen_dir, task_dir):
+  """--apply_chat_template on a Qwen2 checkpoint: chat_template auto picks ChatML, and the
+  prompts and generations equal lm_eval's hf backend (transformers' apply_chat_template)."""
+  from ultralong_jax.evaluation.lm_eval_backend import UltraLongLM
+  kwargs = dict(tasks=["tiny_gen"], apply_chat_template=True)
+  ref = _evaluate("hf", task_dir, model_args=f"pretrained={qwen_dir},dtype=float32,"
+                  f"max_length={MAX_LENGTH * 4}", batch_size=1, device="cpu", **kwargs)
+  ours = _evaluate(UltraLongLM(ckpt=qwen_dir, dtype="float32", max_length=MAX_LENGTH * 4,
+                               batch_size=3, min_bucket=128), task_dir, **kwargs)
+  prompts = [[s["arguments"][0][0]
+              for s in sorted(r["samples"]["tiny_gen"], key=lambda s: s["doc_id"])]
+             for r in (ours, ref)]
+  assert prompts[0] == prompts[1] and prompts[0][0].startswith("<|im_start|>system\n")
+  assert _responses(ours)["tiny_gen"] == _responses(ref)["tiny_gen"]
+  assert any(t for doc in _responses(ours)["tiny_gen"] for t in doc)
+  with pytest.raises(ValueError, match="chat_template='vicuna'"):
+    UltraLongLM(ckpt=qwen_dir, chat_template="vicuna")
+
+
 def test_score_matches_transformers(hf_dir):
   """CachedModel.score: log p(target) and argmax flags equal a transformers forward (rows ending
   in the model's own greedy tokens, so the flags are not all False)."""

@@ -60,6 +60,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models import utils as model_utils
 import numpy as np
 
+from ultralong_jax.data import chat_template
 from ultralong_jax.data.tokenizer import load_tokenizer
 from ultralong_jax.evaluation import generate as gen_lib, loading
 
@@ -78,6 +79,7 @@ def bucket(length: int, min_bucket: int) -> int:
 def _model_arg_error(e: Exception) -> Exception:
   """A flag-check error restated for model_args (the checks name the CLI flags of loading.py)."""
   return type(e)(f"{NAME} model_args: {e}".replace("--prefill-chunk", "prefill_chunk")
+                 .replace("--chat-template", "chat_template")
                  .replace("--kv-block", "kv_block").replace("--", ""))
 
 
@@ -102,7 +104,8 @@ class UltraLongLM(TemplateLM):
                max_length: int | None = None, max_gen_toks: int = 256,
                prefill_chunk: int = 8192, kv_block: int = 512,
                add_bos_token: bool | None = None, min_bucket: int = 16, seed: int = 0,
-               device: str | None = None, max_batch_size: int | None = None):
+               chat_template: str = "auto", device: str | None = None,
+               max_batch_size: int | None = None):
     super().__init__()
     # Every argument is checked before the weights load; errors name the model_args key.
     if device is not None:  # lm_eval's command line always passes one (default cuda:0)
@@ -138,6 +141,11 @@ class UltraLongLM(TemplateLM):
           tokenizer = load_tokenizer(args.tokenizer)
       if isinstance(mesh, str):
         mesh = loading.parse_mesh(mesh_text)
+      model_type = flags.config.model_type if model is None else model.config.model_type
+      self._chat_style = loading.prompt_style_for(
+          loading.ModelFlags(None, tokenizer, None), argparse.Namespace(
+              chat_template=chat_template, no_chat=False, tokenizer=args.tokenizer),
+          model_type=model_type)
     except (ValueError, FileNotFoundError) as e:
       raise _model_arg_error(e) from None
     self._bos = self._bos_text = None
@@ -311,13 +319,18 @@ class UltraLongLM(TemplateLM):
 
   def apply_chat_template(self, chat_history: list[dict[str, str]],
                           add_generation_prompt: bool = True) -> str:
-    """The messages in Llama 3.1's chat format (`generate.chat_prompt`: BOS, the date preamble,
-    each turn, the assistant header) as text; lm_eval tokenizes it with `tok_encode`."""
+    """The messages in the model's chat format (model_args chat_template, default auto: as the
+    needle / RULER commands pick it) as text, with the generation prompt; lm_eval tokenizes it
+    with `tok_encode`. Llama 3.1: `generate.chat_prompt` (BOS, the date preamble, each turn, the
+    assistant header); the others: `data.chat_template`'s rendering of the official template."""
     if not add_generation_prompt:
       raise NotImplementedError(
           f"{NAME}: chat prompts that continue a final assistant message (lm_eval asks for them "
           "for multiple-choice / loglikelihood tasks with --apply_chat_template) are not "
           "supported; run those tasks without --apply_chat_template.")
+    if self._chat_style.template != "llama31":
+      return chat_template.make_chat_template(self._chat_style.template, self.tokenizer
+                                              ).generation_text(chat_history)
     return self.tok_decode(gen_lib.chat_prompt(self.tokenizer, chat_history),
                            skip_special_tokens=False)
 
