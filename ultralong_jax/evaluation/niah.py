@@ -121,7 +121,8 @@ def run_niah(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[float
   cells = make_cells(tokenizer, hay.Haystack(tokenizer, text), lengths, depths, needle=needle,
                      chat=chat, seed=seed)
   runner = cached_model or gen_lib.CachedModel(model, mesh, kv_block=kv_block)
-  stops = as_style(chat).stop_ids(tokenizer)
+  style = as_style(chat)
+  stops = style.stop_ids(tokenizer)
   rows = []
   bar = tqdm(total=len(cells), desc="needle cells", disable=not progress, file=sys.stderr)
   for start in range(0, len(cells), len(depths)):
@@ -142,7 +143,6 @@ def run_niah(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[float
       bar.set_postfix(length=group[0].length)
   bar.close()
   scores = np.array([r["score"] for r in rows]).reshape(len(lengths), len(depths)).T
-  style = as_style(chat)
   settings = {"lengths": list(lengths), "depths": list(depths), "chat": style.chat,
               "chat_template": style.template,
               "needle": dataclasses.asdict(cells[0].needle) if not isinstance(needle, str)
