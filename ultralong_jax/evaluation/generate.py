@@ -130,8 +130,12 @@ class CachedModel:
     self._warned_past = 0  # the longest prompt + new tokens warned about (past max positions)
     self.params = sharded_cache.place_params(model, mesh)
     if unrolled_decode is None:
-      unrolled_decode = jax.tree.leaves(self.params)[0].devices().pop().platform == "cpu"
-    self.decode_params = llama.unstack_layers(self.params) if unrolled_decode else self.params
+      unrolled_decode = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+                         ).platform == "cpu"
+    # Jitted: eager indexing of mesh-sharded arrays left JAX 0.12's device_put of a later
+    # single-device array to another mesh failing (an assertion in dispatch.py).
+    self.decode_params = (jax.jit(llama.unstack_layers)(self.params) if unrolled_decode
+                          else self.params)
     self.n = sharded_cache.sequence_size(mesh)
     self.rows = sharded_cache.batch_size(mesh)
     self.kv_block = kv_block
