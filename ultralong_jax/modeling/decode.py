@@ -16,9 +16,12 @@ while `positions` (for RoPE) count each row's own tokens. A query at slot t sees
 <= t with its own segment id (attention.mask with slots as the order): tokens see tokens, padding
 sees padding (never an empty row).
 
-Attention to the cache is `update_and_attend`: write the new keys/values, then attend with an
-online softmax over blocks of `kv_block` slots. Under `jax.shard_map` over `sequence` (the
-`cache_attention_fn` built by evaluation/sharded_cache.py; this module stays mesh-agnostic) each
+Attention to the cache: a prefill chunk (T > 1) goes through `update_and_attend` (write the new
+keys/values, then attend with an online softmax over blocks of `kv_block` slots); a decode step
+(T = 1) through `attend_token` in every layer (read only: the cached slots in place, plus the
+token itself) and one `write_tokens` after the last layer, so the cache is updated in place.
+Under `jax.shard_map` over `sequence` (the `cache_attention_fn` and `token_fns` built by
+evaluation/sharded_cache.py; this module stays mesh-agnostic) each
 device writes only the slots it owns and attends the (all-gathered) new queries to them, and the
 per-device partial results are merged by log-sum-exp (pmax / psum), so the cache is never
 gathered. Prefill chunks use the ring form of the same closure (`ring_cache_attention_fn`): the
