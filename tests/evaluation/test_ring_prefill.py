@@ -81,6 +81,6 @@ def test_chunk_not_splitting_over_the_sequence_axis_is_refused():
   fn = sharded_cache.ring_cache_attention_fn(mesh, kv_block=8)
   q = np.zeros((1, 6, 4, 16), np.float32)
   kv = np.zeros((1, 6, 2, 16), np.float32)
-  cache = np.zeros((1, 16, 2, 16), np.float32)
+  cache = np.zeros((1, 1, 16, 2, 16), np.float32)  # [L,B,S,K,H]
   with pytest.raises(ValueError, match="does not split over the sequence axis of size 4"):
-    fn(q, kv, kv, np.ones((1, 6), np.int32), cache, cache, np.zeros((1, 16), np.int32), 0)
+    fn(q, kv, kv, np.ones((1, 6), np.int32), cache, cache, np.zeros((1, 16), np.int32), 0, 0)

@@ -3,8 +3,10 @@
 `modeling/decode.py` is mesh-agnostic; this module gives it the sharded pieces:
   cache_attention_fn(mesh)  `decode.update_and_attend` under `jax.shard_map` over `sequence`:
                             new queries/keys arrive whole on every sequence device (all-gathered
-                            by GSPMD: used for decode steps, one token), each device writes and
-                            attends to its own slots, partial results merge by pmax/psum.
+                            by GSPMD: prefill with ring=False), each device writes and attends to
+                            its own slots, partial results merge by pmax/psum.
+  token_fns(mesh)           the same for a decode step (one token; decode.attend_token and
+                            decode.write_tokens): every layer reads, one write per step.
   ring_cache_attention_fn(mesh)  the same result for a prefill chunk whose tokens stay split over
                             `sequence` (device i holds the chunk's i-th contiguous T/n tokens):
                             nothing of length T or S is gathered on any device (see _ring_local).
@@ -50,21 +52,59 @@ def cache_attention_fn(mesh, *, kv_block: int = 512) -> decode.CacheAttentionFn:
   spec = lambda *names: sharding.logical_to_spec(names, mesh)  # noqa: E731
   q_spec = spec("batch", None, "heads", "head_dim")
   new_spec = spec("batch", None, "kv_heads", "head_dim")
-  cache_spec = spec("batch", "length", "kv_heads", "head_dim")
+  cache_spec = spec(*decode.CACHE_AXES)
   seg_spec = spec("batch", "length")
 
-  def fn(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg, start):
+  def fn(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg, start, layer):
     local = functools.partial(decode.update_and_attend, kv_block=kv_block, axis=axis)
     in_specs = (q_spec, new_spec, new_spec, spec("batch", None), cache_spec, cache_spec,
-                seg_spec, PartitionSpec())
+                seg_spec, PartitionSpec(), PartitionSpec())
     # check_vma off: the psum'd output is the same on all sequence devices, which VMA typing
     # cannot infer through pmax/psum of the exp-weights.
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs,
                          out_specs=(q_spec, cache_spec, cache_spec, seg_spec),
                          check_vma=False)(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg,
-                                          jnp.asarray(start, jnp.int32))
+                                          jnp.asarray(start, jnp.int32),
+                                          jnp.asarray(layer, jnp.int32))
 
   return fn
+
+
+def token_fns(mesh, *, kv_block: int = 512) -> decode.TokenFns:
+  """`decode.attend_token` and `decode.write_tokens` for a cache whose slots are split over the
+  sequence axis: the new token's q/k/v arrive whole on every sequence device, each device reads
+  (and the owner of the slot writes) only its own slots."""
+  if sequence_size(mesh) == 1:
+    return decode.TokenFns(functools.partial(decode.attend_token, kv_block=kv_block),
+                           decode.write_tokens)
+  axis = sharding.mesh_axes_of("length", mesh)[0]
+  spec = lambda *names: sharding.logical_to_spec(names, mesh)  # noqa: E731
+  q_spec = spec("batch", None, "heads", "head_dim")
+  new_spec = spec("batch", None, "kv_heads", "head_dim")
+  layers_new_spec = spec("layers", "batch", None, "kv_heads", "head_dim")
+  cache_spec = spec(*decode.CACHE_AXES)
+  seg_spec = spec("batch", "length")
+  scalar = PartitionSpec()
+
+  def attend(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg, start, layer):
+    local = functools.partial(decode.attend_token, kv_block=kv_block, axis=axis)
+    # check_vma off, as in cache_attention_fn.
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(q_spec, new_spec, new_spec, spec("batch", None), cache_spec,
+                                    cache_spec, seg_spec, scalar, scalar),
+        out_specs=q_spec, check_vma=False)(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg,
+                                           jnp.asarray(start, jnp.int32),
+                                           jnp.asarray(layer, jnp.int32))
+
+  def write(cache_k, cache_v, cache_seg, k_new, v_new, q_seg, start):
+    local = functools.partial(decode.write_tokens, axis=axis)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(cache_spec, cache_spec, seg_spec, layers_new_spec,
+                                    layers_new_spec, spec("batch", None), scalar),
+        out_specs=(cache_spec, cache_spec, seg_spec), check_vma=False)(
+            cache_k, cache_v, cache_seg, k_new, v_new, q_seg, jnp.asarray(start, jnp.int32))
+
+  return decode.TokenFns(attend, write)
 
 
 def _ring_local(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg, start, *, axis: str,
@@ -131,22 +171,28 @@ def ring_cache_attention_fn(mesh, *, kv_block: int = 512) -> decode.CacheAttenti
   spec = lambda *names: sharding.logical_to_spec(names, mesh)  # noqa: E731
   q_spec = spec("batch", "length", "heads", "head_dim")
   new_spec = spec("batch", "length", "kv_heads", "head_dim")
-  cache_spec = spec("batch", "length", "kv_heads", "head_dim")
+  cache_spec = spec(*decode.CACHE_AXES)
   seg_spec = spec("batch", "length")
 
-  def fn(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg, start):
+  def local(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg, start, layer):
+    out, k_l, v_l, cache_seg = _ring_local(q, k_new, v_new, q_seg, cache_k[layer],
+                                           cache_v[layer], cache_seg, start, axis=axis, n=n,
+                                           kv_block=kv_block)
+    return (out, jax.lax.dynamic_update_index_in_dim(cache_k, k_l, layer, 0),
+            jax.lax.dynamic_update_index_in_dim(cache_v, v_l, layer, 0), cache_seg)
+
+  def fn(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg, start, layer):
     if q.shape[1] % n:
       raise ValueError(f"ring prefill: a chunk of {q.shape[1]} tokens does not split over the "
                        f"sequence axis of size {n}")
-    local = functools.partial(_ring_local, axis=axis, n=n, kv_block=kv_block)
     # check_vma off: lax.cond's skipped branch returns the accumulators as they came, whose
     # varying-axes type the computed branch's does not match.
     return jax.shard_map(
         local, mesh=mesh, in_specs=(q_spec, new_spec, new_spec, seg_spec, cache_spec, cache_spec,
-                                    seg_spec, PartitionSpec()),
+                                    seg_spec, PartitionSpec(), PartitionSpec()),
         out_specs=(q_spec, cache_spec, cache_spec, seg_spec),
         check_vma=False)(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg,
-                         jnp.asarray(start, jnp.int32))
+                         jnp.asarray(start, jnp.int32), jnp.asarray(layer, jnp.int32))
 
   return fn
 

@@ -98,7 +98,8 @@ def forward(config: LlamaConfig, params: Mapping[str, Any], input_ids: jax.Array
             positions: jax.Array, attention: StackAttention, state: Any = None, *,
             constrain: Callable[[jax.Array, tuple], jax.Array] | None = None,
             ) -> tuple[jax.Array, Any]:
-  """The model without its head, as a pure function of `params` (`Llama.arrays()`).
+  """The model without its head, as a pure function of `params` (`Llama.arrays()`, or
+  `unstack_layers` of it).
 
   input_ids, positions [B,T] -> (final-normed hidden states [B,T,D] in the compute dtype, state).
   Every layer runs layers.decoder_layer with `attention` bound to its index and to the state the
@@ -122,8 +123,25 @@ def forward(config: LlamaConfig, params: Mapping[str, Any], input_ids: jax.Array
     # prevent_cse=False is safe (and faster) inside scan, per the jax.checkpoint docs.
     body = jax.checkpoint(body, policy=policy, prevent_cse=False)
   carry = (constrain(h, residual), state, jnp.int32(0))
-  (h, state, _), _ = jax.lax.scan(body, carry, params["layers"])
+  if isinstance(params["layers"], (list, tuple)):
+    # One dict per layer (`unstack_layers`): a Python loop, so every matmul reads its layer's
+    # weights where they are; XLA on CPU copies a layer's slice of the stacked arrays before
+    # each matmul (measured in docs/evaluation.md#decoding-speed).
+    for p in params["layers"]:
+      carry, _ = body(carry, p)
+  else:
+    carry, _ = jax.lax.scan(body, carry, params["layers"])
+  h, state, _ = carry
   return layers.rms_norm(h, params["final_norm"], eps), state
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """`params` (as `Llama.arrays()`) with the stacked [L, ...] layer arrays split into a tuple of
+  L per-layer dicts, which `forward` runs as an unrolled loop (a copy of the layer weights)."""
+  stacked = params["layers"]
+  L = len(next(iter(stacked.values())))
+  return {**params, "layers": tuple({name: x[i] for name, x in stacked.items()}
+                                    for i in range(L))}
 
 
 def logits(lm_head: jax.Array, hidden: jax.Array) -> jax.Array:
