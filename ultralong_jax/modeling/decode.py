@@ -170,7 +170,10 @@ def attend_token(q, k_new, v_new, q_seg, cache_k, cache_v, cache_seg, start, lay
               for c in (cache_k, cache_v))
     segb = jax.lax.dynamic_slice(cache_seg, (0, first), (B, kv_block))
     s = jnp.sum(q[:, None] * kb[:, :, :, None].astype(jnp.float32), axis=-1)  # [B,S,K,G]
-    visible = (offset + first + jnp.arange(kv_block) < start)[None] & (segb == q_seg[:, None])
+    # Slots before the token's own (start - 1 and earlier), within its segment.
+    visible = attention_lib.mask(jnp.reshape(start - 1, (1, 1)),
+                                 (offset + first + jnp.arange(kv_block))[None], q_seg[:, None],
+                                 segb, causal=True)[:, 0, 0, 0]
     s = jnp.where(visible[:, :, None, None], s, attention_lib.NEG_INF)
     m_new = jnp.maximum(m, s.max(1))
     p = jnp.exp(s - m_new[:, None])
