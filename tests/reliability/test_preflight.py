@@ -9,6 +9,7 @@ import ml_collections
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
+from ultralong_jax.parallel import mesh as mesh_lib
 from ultralong_jax.training import config as config_lib
 from ultralong_jax.training import loop, preflight
 
@@ -22,7 +23,7 @@ def _config(mesh, devices_seq_len, batch, micro, heads, chunk):
   c.model.preset, c.model.ultralong, c.model.max_position_embeddings = "tiny", "", MAX_POS
   c.model.overrides_json = json.dumps({"num_heads": heads[0], "num_kv_heads": heads[1]})
   c.init.mode = "random"
-  for axis, size in zip(config_lib.MESH_AXES, mesh):
+  for axis, size in zip(mesh_lib.MESH_AXES, mesh):
     c.mesh[axis] = size
   c.data.vocab_size, c.data.separator_id, c.data.bos_id = 512, 2, -1
   c.data.domains = ml_collections.ConfigDict({"web": {"path": "/unused", "weight": 1.0}})
@@ -32,7 +33,7 @@ def _config(mesh, devices_seq_len, batch, micro, heads, chunk):
 
 def _expected_keys(c, num_devices, heads):
   """An independent oracle: the keys whose constraint this config breaks."""
-  sizes = [c.mesh[a] for a in config_lib.MESH_AXES]
+  sizes = [c.mesh[a] for a in mesh_lib.MESH_AXES]
   fixed = 1
   for s in sizes:
     fixed *= s if s != -1 else 1

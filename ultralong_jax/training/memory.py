@@ -44,7 +44,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from ultralong_jax.modeling.config import LlamaConfig
-from ultralong_jax.parallel import block_attention, sharding
+from ultralong_jax.parallel import block_attention, chunked_attention, sharding
 from ultralong_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes
 from ultralong_jax.training import config as config_lib
 
@@ -84,7 +84,7 @@ class StepShape:
   # Memory class of the attention: flash (cuDNN: O(c)), chunked ([chunk, chunk] tiles), xla (the
   # ring's reference kernel: [2c, c] scores a step) or plain (mesh.sequence == 1: [T, T] scores).
   kernel: str = "flash"
-  kernel_chunk: int = 1024     # attention.chunk_size: the chunked kernel's query/key tile
+  kernel_chunk: int = chunked_attention.CHUNK_SIZE  # attention.chunk_size: the chunked tile
   loss_chunk: int = 4096
   layout: str = "zigzag"
   segment_ids: bool = False    # document masking / SFT packing (one more int32 input)
@@ -237,19 +237,17 @@ TOLERANCE = 0.2
 
 
 def kernel_class(kernel: str, platform: str, has_segment_ids: bool, seq_len: int, sequence: int,
-                 layout: str = "zigzag", chunk: int = 1024) -> str:
-  """The memory class (flash | chunked | xla | plain) of `attention.kernel` on `platform`: the
-  kernel block_attention.select_kernel picks for a block of T / 2n tokens under zigzag (T / n
-  contiguous), and, as ring_attention.make_attention_fn does, the plain attention where one
-  sequence shard would get the XLA kernel."""
-  if kernel == "plain":
-    return kernel
+                 layout: str = "zigzag", chunk: int = chunked_attention.CHUNK_SIZE) -> str:
+  """The memory class (flash | chunked | xla | plain, StepShape.kernel) of `attention.kernel` on
+  `platform`: the BlockKernel.memory of the kernel block_attention.select_kernel picks for a
+  block of T / 2n tokens under zigzag (T / n contiguous), and, as ring_attention.make_attention_fn
+  does, the plain attention where one sequence shard would get a kernel that materializes the
+  scores."""
   block = seq_len // (2 * sequence) if sequence > 1 and layout == "zigzag" else seq_len // sequence
   kernel = block_attention.select_kernel(kernel, has_segment_ids=has_segment_ids,
                                          platform=platform, block_length=block, chunk_size=chunk)
-  kernel = {"cudnn": "flash", "cudnn_packed": "flash", "splash": "flash", "dpa_xla": "xla",
-            "dpa_xla_packed": "xla"}.get(kernel, kernel)
-  return "plain" if kernel == "xla" and sequence == 1 else kernel
+  memory_class = block_attention.get_kernel(kernel, chunk_size=chunk).memory
+  return "plain" if memory_class == "xla" and sequence == 1 else memory_class
 
 
 def shape_from_config(c, model: LlamaConfig, num_devices: int, platform: str) -> StepShape:
