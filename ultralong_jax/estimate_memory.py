@@ -167,21 +167,22 @@ def main(argv) -> int:
     return 0
   if _CONFIG.value is None:
     raise app.UsageError("--config is required (or --recipes).")
+  from ultralong_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from ultralong_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
   c = _estimable(_CONFIG.value)
   n = _DEVICES.value
   if n is None:
-    sizes = [c.mesh[a] for a in ("data", "fsdp", "sequence", "tensor")]
+    sizes = [c.mesh[a] for a in mesh_lib.MESH_AXES]
     if -1 in sizes:
       raise app.UsageError("the config's mesh has a -1 axis: pass --devices=N.")
     n = math.prod(sizes)
   try:
-    model = config_lib.validate(c, num_devices=n, data=False)
+    run = config_lib.resolve(c, num_devices=n, data=False)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  platform = memory.DEVICES[_DEVICE.value][0]
-  shape = memory.shape_from_config(c, model, n, platform)
+  model = run.model
+  shape = memory.shape_from_config(run, memory.DEVICES[_DEVICE.value][0])
   print(f"{model.num_params / 1e9:.2f}B parameters, T={shape.seq_len:,}, global batch "
         f"{shape.global_batch}, {n} devices, mesh {memory.mesh_label(shape.mesh)}, remat "
         f"{shape.remat}, attention kernel {shape.kernel} ({_DEVICE.value})")

@@ -175,8 +175,9 @@ def test_sharded_train_step_exports_for_tpu():
   and dk/dv Mosaic kernels are in the module (not their interpret-mode loops), inside the sharded
   ring."""
   c = _splash_config()
-  model_cfg = config_lib.validate(c, 8, data=False)
-  built = train_step.from_config(c, model_cfg)
+  run = config_lib.resolve(c, 8, data=False)
+  model_cfg = run.model
+  built = train_step.from_config(run)
   with jax.set_mesh(built.mesh):
     exported = jax.export.export(built.step, platforms=("tpu",))(built.abstract_state(),
                                                                  built.abstract_batch())

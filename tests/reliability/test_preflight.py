@@ -123,7 +123,7 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tiny_config):
   c = tiny_config()  # a 512-token tokenizer
   c.model.overrides_json, c.data.vocab_size = '{"vocab_size": 256}', 256
   with pytest.raises(ValueError, match=r"data.tokenizer has 512 tokens .*vocab_size is 256"):
-    preflight.check(c, config_lib.validate(c, num_devices=8))
+    preflight.check(config_lib.resolve(c, num_devices=8))
 
 
 def _shipped(spec):
@@ -134,17 +134,19 @@ def _shipped(spec):
 
 def test_memory_estimate_says_what_to_try():
   c = _shipped("llama31_8b_stage1.py:1m")  # TP 8 x CP 4, full remat, on 64 devices
-  model = config_lib.validate(c, num_devices=64)
-  est = preflight.estimate_bytes_per_device(c, model, 64, platform="gpu")
+  run = config_lib.resolve(c, num_devices=64)
+  model = run.model
+  est = preflight.estimate_bytes_per_device(run, platform="gpu")
   # By hand: 8.03e9 params over tensor 8 -> 4.0 GB fp32 params, 8.0 GB moments, 4.0 GB grads;
   # full remat saves each layer's input, split over tensor 8 (sequence parallelism):
   # 1 row x 262,144 tokens x 4096 / 8 x 2 bytes x 32 layers.
   assert est["checkpoints"] == 262_144 * 4096 / 8 * 2 * 32
   assert abs(est["params"] - model.num_params * 4 / 8) < 1e6  # norms are not split over tensor
   with pytest.raises(ValueError, match=r"will not fit: .*try mesh.sequence=8 \(CP\)"):
-    preflight.check_memory(c, model, available=20 * 2**30, num_devices=64, platform="gpu")
-  preflight.check_memory(c, model, available=80 * 2**30, num_devices=64, platform="gpu")  # fits
+    preflight.check_memory(run, available=20 * 2**30, platform="gpu")
+  preflight.check_memory(run, available=80 * 2**30, platform="gpu")  # fits
   c.model.remat_policy = "dots"
+  run = config_lib.resolve(c, num_devices=64)
   with pytest.raises(ValueError, match=r"model.remat_policy=full"):
-    preflight.check_memory(c, model, available=80 * 2**30, num_devices=64, platform="gpu")
-  preflight.check_memory(c, model, available=None, num_devices=64)  # unknown (CPU): no check
+    preflight.check_memory(run, available=80 * 2**30, platform="gpu")
+  preflight.check_memory(run, available=None)  # unknown (CPU): no check

@@ -250,6 +250,12 @@ def _block_length(t: int, n: int, causal: bool, layout: str) -> int:
   return t // n // (2 if causal and layout == "zigzag" else 1)
 
 
+def training_block_length(t: int, n: int, layout: str) -> int:
+  """The block the kernel of make_attention_fn's causal attention sees for T tokens over n
+  sequence shards: T / 2n under zigzag, T / n contiguous, T with one shard (a one-block ring)."""
+  return _block_length(t, n, True, layout if n > 1 else "contiguous")
+
+
 def _check_arguments(q, k, v, strategy: str, **masks):
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
     raise ValueError(f"expected q [B,T,N,H], k and v [B,S,K,H]; got {q.shape}, {k.shape}, {v.shape}")

@@ -33,6 +33,7 @@ from ultralong_jax.parallel import block_attention, chunked_attention, mesh as m
 from ultralong_jax.parallel.ring_attention import make_attention_fn, ring_attention
 from ultralong_jax.training import train_step
 from ultralong_jax.training.config import base_config
+from ultralong_jax.training.run_config import OptimConfig
 
 STANDIN = "standin"  # Setup.kernel naming STANDIN_KERNEL: a flash kernel's memory without its math
 
@@ -129,8 +130,9 @@ def build(setup: Setup, devices=None) -> train_step.TrainStep:
   batch = setup.batch or sizes["data"] * sizes["fsdp"]
   options = train_step.StepOptions(loss_chunk_size=min(setup.loss_chunk, setup.seq_len),
                                    microbatches=setup.microbatches)
-  return train_step.build(config, mesh, base_config(1).optim, 1000, seq_len=setup.seq_len,
-                          batch_size=batch, options=options, attention_fn=attention_fn)
+  return train_step.build(config, mesh, OptimConfig.of(base_config(1)), 1000,
+                          seq_len=setup.seq_len, batch_size=batch, options=options,
+                          attention_fn=attention_fn)
 
 
 def compile_abstract(built: train_step.TrainStep):

@@ -16,8 +16,9 @@ import ml_collections
 from ultralong_jax.data.config import default_data_config, validate_data_config
 from ultralong_jax.modeling import presets, rope
 from ultralong_jax.modeling.config import DTYPES, REMAT_POLICIES, LlamaConfig
-from ultralong_jax.parallel import block_attention, chunked_attention, splash
+from ultralong_jax.parallel import block_attention, chunked_attention, ring_attention, splash
 from ultralong_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes
+from ultralong_jax.training import run_config
 from ultralong_jax.training.optimizer import SCHEDULES
 
 # Every key that takes one of a fixed set of values, and the values: checked first in validate(),
@@ -38,17 +39,6 @@ CHOICES = {
 }
 
 
-def uses_segment_ids(c: ml_collections.ConfigDict) -> bool:
-  """Whether attention is restricted by segment ids: stage 2's packed chats always, stage 1's
-  packed documents only with the data.document_mask ablation."""
-  return c.stage == 2 or bool(c.data.document_mask)
-
-
-def run_name(c: ml_collections.ConfigDict) -> str:
-  """The run's label on progress bars and plots: train.run_name, else "stage N"."""
-  return c.train.run_name or f"stage {c.stage}"
-
-
 def check_choices(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first enumerated key (CHOICES) whose value is not allowed."""
   for key, allowed in CHOICES.items():
@@ -58,7 +48,8 @@ def check_choices(c: ml_collections.ConfigDict) -> None:
       shown = ", ".join(repr(a) for a in allowed)
       raise ValueError(f"{key}={value!r} is not one of {shown}; e.g. --config.{key}={allowed[0]!r}.")
   kernel = c.attention.kernel
-  if uses_segment_ids(c) and kernel != "auto" and not block_attention.KERNELS[kernel].segment_ids:
+  segments = run_config.uses_segment_ids(c.stage, c.data)
+  if segments and kernel != "auto" and not block_attention.KERNELS[kernel].segment_ids:
     takes = sorted(k for k, v in block_attention.KERNELS.items() if v.segment_ids)
     why = "stage 2 packs chats" if c.stage == 2 else "data.document_mask is on"
     raise ValueError(f"attention.kernel={kernel!r} cannot mask by segment ids, which this run needs "
@@ -229,6 +220,13 @@ def _json(text: str, key: str) -> dict:
   return value
 
 
+def resolve(c: ml_collections.ConfigDict, num_devices: int, process_count: int = 1, *,
+            data: bool = True) -> run_config.RunConfig:
+  """`c` validated (`validate`) and turned into the typed pieces the modules below take."""
+  model = validate(c, num_devices, process_count, data=data)
+  return run_config.RunConfig.of(c, model, num_devices)
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int = 1, *,
              data: bool = True) -> LlamaConfig:
   """Checks the whole config against the device count before anything compiles.
@@ -237,6 +235,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   data.vocab_size): what the memory estimate validates. Raises ValueError naming the key and what
   would work. Returns the model config.
   """
+  run_config.check_keys(c)
   if c.stage not in (1, 2) or c.data.stage != c.stage:
     raise ValueError(f"stage={c.stage} and data.stage={c.data.stage} must agree and be 1 or 2.")
   check_choices(c)
@@ -269,9 +268,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     raise ValueError(f"attention.chunk_size={c.attention.chunk_size}: use a positive number of "
                      "tokens (e.g. 1024).")
   if c.attention.kernel == "splash":
-    # The ring block the kernel sees (ring_attention: T / 2n under zigzag, T / n contiguous; the
-    # whole sequence with one shard): splash tiles it in multiples of 128 tokens.
-    block = L // n // (2 if n > 1 and c.attention.layout == "zigzag" else 1)
+    # Splash tiles the ring block its kernel sees in multiples of 128 tokens.
+    block = ring_attention.training_block_length(L, n, c.attention.layout)
     splash.check_lengths(block, c.attention.chunk_size)
   t = sizes["tensor"]
   for key, value in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads)):
