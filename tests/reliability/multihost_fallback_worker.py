@@ -43,7 +43,8 @@ def main() -> None:
   import ml_collections  # pylint: disable=import-outside-toplevel
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  from ultralong_jax.training import checkpointing, config as config_lib, run_config  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from ultralong_jax.training import checkpointing, config as config_lib, run_config
 
   sharding = NamedSharding(mesh_lib.make_mesh({"fsdp": -1}), P("fsdp"))
 

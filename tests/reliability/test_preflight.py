@@ -9,6 +9,7 @@ import ml_collections
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
+from ultralong_jax.data import config as data_config
 from ultralong_jax.parallel import mesh as mesh_lib
 from ultralong_jax.training import config as config_lib
 from ultralong_jax.training import loop, preflight
@@ -105,18 +106,18 @@ def test_missing_or_unreadable_data_names_the_key(tiny_config, tmp_path):
   c = tiny_config(stage=2)
   c.data.chat_files = str(tmp_path / "*.jsonl")
   with pytest.raises(ValueError, match=r"data.chat_files: .*matches no file"):
-    preflight.check_paths(c.data)
+    preflight.check_paths(data_config.data_piece(c.data))
   c = tiny_config(stage=2)
   c.data.tokenizer = str(tmp_path / "tok.json")
   with pytest.raises(ValueError, match="data.tokenizer: .*does not exist"):
-    preflight.check_paths(c.data)
+    preflight.check_paths(data_config.data_piece(c.data))
   if os.getuid() != 0:  # root reads everything
     os.makedirs(tmp_path / "locked")
     os.chmod(tmp_path / "locked", 0)
     c = tiny_config()
     c.data.domains.synthetic.path = str(tmp_path / "locked")
     with pytest.raises(ValueError, match="not readable"):
-      preflight.check_paths(c.data)
+      preflight.check_paths(data_config.data_piece(c.data))
 
 
 def test_tokenizer_larger_than_the_embedding_is_refused(tiny_config):

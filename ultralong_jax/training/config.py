@@ -13,11 +13,11 @@ import os
 
 import ml_collections
 
-from ultralong_jax.data.config import default_data_config, validate_data_config
+from ultralong_jax.data.config import data_piece, default_data_config, validate_data_config
 from ultralong_jax.modeling import presets, rope
 from ultralong_jax.modeling.config import DTYPES, REMAT_POLICIES, LlamaConfig
 from ultralong_jax.parallel import block_attention, chunked_attention, ring_attention, splash
-from ultralong_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes
+from ultralong_jax.parallel.mesh import MESH_AXES
 from ultralong_jax.training import run_config
 from ultralong_jax.training.optimizer import SCHEDULES
 
@@ -48,7 +48,7 @@ def check_choices(c: ml_collections.ConfigDict) -> None:
       shown = ", ".join(repr(a) for a in allowed)
       raise ValueError(f"{key}={value!r} is not one of {shown}; e.g. --config.{key}={allowed[0]!r}.")
   kernel = c.attention.kernel
-  segments = run_config.uses_segment_ids(c.stage, c.data)
+  segments = data_piece(c.data).uses_segment_ids
   if segments and kernel != "auto" and not block_attention.KERNELS[kernel].segment_ids:
     takes = sorted(k for k, v in block_attention.KERNELS.items() if v.segment_ids)
     why = "stage 2 packs chats" if c.stage == 2 else "data.document_mask is on"
@@ -245,11 +245,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     raise ValueError(f"init.mode={c.init.mode} needs init.path (a directory).")
   model = model_config(c)
   try:
-    sizes = resolve_axis_sizes({a: c.mesh[a] for a in MESH_AXES}, num_devices)
+    mesh = run_config.MeshConfig.of(c, num_devices)
   except ValueError as e:
     raise ValueError(f"mesh.{{{','.join(MESH_AXES)}}}: {e}") from None
+  sizes = mesh.sizes
   L, B = c.data.seq_len, c.data.global_batch_size
-  batch_shards = sizes["data"] * sizes["fsdp"]
+  batch_shards = mesh.batch_shards
   if B % (batch_shards * c.train.microbatches):
     raise ValueError(
         f"data.global_batch_size={B} must be divisible by mesh.data x mesh.fsdp "

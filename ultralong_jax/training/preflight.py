@@ -16,8 +16,8 @@ import logging
 import os
 
 import jax
-import ml_collections
 
+from ultralong_jax.data.config import PretrainData, SftData
 from ultralong_jax.data.tokenizer import load_tokenizer
 from ultralong_jax.modeling.config import LlamaConfig
 from ultralong_jax.training import memory
@@ -39,14 +39,14 @@ def _readable_file(key: str, path: str) -> None:
     raise ValueError(f"{key}: {path} is not readable by this user.")
 
 
-def check_paths(data: ml_collections.ConfigDict) -> None:
+def check_paths(data: PretrainData | SftData) -> None:
   """Stage 1: every domain's prepared directory holds files; stage 2: every chat glob matches a
   readable file; both: the tokenizer (where set) and every TFDS data_dir exist."""
   if data.tokenizer:
     _readable_file("data.tokenizer", data.tokenizer)
   if data.stage == 1:
     for name, dom in data.domains.items():
-      if "tfds" in dom:  # the dataset itself is opened (and checked) when the pipeline builds
+      if dom.tfds:  # the dataset itself is opened (and checked) when the pipeline builds
         _readable_file(f"data.domains.{name}.data_dir", dom.data_dir)
         continue
       key = f"data.domains.{name}.path"
@@ -65,7 +65,7 @@ def check_paths(data: ml_collections.ConfigDict) -> None:
         _readable_file("data.chat_files", path)
 
 
-def check_tokenizer_vocab(data: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> None:
+def check_tokenizer_vocab(data: PretrainData | SftData, model_cfg: LlamaConfig) -> None:
   """A token id the embedding cannot index would be a silent gather of garbage on accelerators
   (XLA clamps out-of-range indices); refuse a tokenizer larger than the model's vocabulary."""
   if not data.tokenizer:

@@ -5,9 +5,9 @@ take, each only the piece it needs.
   run.model        modeling.config.LlamaConfig (preset or checkpoint, RoPE and numerics applied)
   run.mesh         MeshConfig: axis sizes resolved for the devices (no -1 left)
   run.attention    AttentionConfig     run.optim   OptimConfig     run.train  TrainConfig
-  run.checkpoint   CheckpointConfig    run.init    InitConfig      run.data   the data section
+  run.checkpoint   CheckpointConfig    run.init    InitConfig      run.data   data piece
   run.preflight, run.export, run.metrics; run.raw: the ConfigDict itself, only to be saved (the
-  config JSON next to checkpoints)
+  config JSON next to checkpoints); run.data is data.config's PretrainData / SftData
 
 The fields carry no defaults: they are read from the ConfigDict by name, so
 training.config.base_config (and data.config.default_data_config) stay the one place a default
@@ -21,6 +21,8 @@ from typing import ClassVar
 
 import ml_collections
 
+from ultralong_jax.data import config as data_config
+from ultralong_jax.data.config import PretrainData, SftData
 from ultralong_jax.modeling.config import LlamaConfig
 from ultralong_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes
 
@@ -76,7 +78,7 @@ class MeshConfig:
 
   @classmethod
   def of(cls, c: ml_collections.ConfigDict, num_devices: int) -> MeshConfig:
-    """mesh.{data,fsdp,sequence,tensor} of `c` on `num_devices` (parallel.mesh.resolve_axis_sizes)."""
+    """mesh.{data,fsdp,sequence,tensor} of `c` on `num_devices` (mesh.resolve_axis_sizes)."""
     check_keys_of(c, "mesh", MESH_AXES)
     sizes = resolve_axis_sizes({a: c.mesh[a] for a in MESH_AXES}, num_devices)
     return cls(**sizes)
@@ -97,7 +99,7 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig(_Section):
-  """attention.*: the sequence-parallel strategy, the batch layout, the block kernel and its tile."""
+  """attention.*: sequence-parallel strategy, batch layout, block kernel and its tile."""
   SECTION: ClassVar[str] = "attention"
   strategy: str
   layout: str
@@ -107,7 +109,7 @@ class AttentionConfig(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig(_Section):
-  """optim.*: AdamW, its learning-rate schedule, clipping and state dtype (training/optimizer.py)."""
+  """optim.*: AdamW, its learning-rate schedule, clipping, state dtype (training/optimizer.py)."""
   SECTION: ClassVar[str] = "optim"
   learning_rate: float
   warmup_steps: int
@@ -184,12 +186,6 @@ def check_keys(c: ml_collections.ConfigDict) -> None:
     piece.of(c)
 
 
-def uses_segment_ids(stage: int, data: ml_collections.ConfigDict) -> bool:
-  """Whether attention is restricted by segment ids: stage 2's packed chats always, stage 1's
-  packed documents only with the data.document_mask ablation (a stage-1 key)."""
-  return stage == 2 or bool(data.document_mask)
-
-
 def run_name(stage: int, train: TrainConfig) -> str:
   """The run's label on progress bars and plots: train.run_name, else "stage N"."""
   return train.run_name or f"stage {stage}"
@@ -203,7 +199,7 @@ class RunConfig:
   init: InitConfig
   mesh: MeshConfig
   attention: AttentionConfig
-  data: ml_collections.ConfigDict
+  data: PretrainData | SftData
   optim: OptimConfig
   train: TrainConfig
   checkpoint: CheckpointConfig
@@ -215,12 +211,15 @@ class RunConfig:
   @classmethod
   def of(cls, c: ml_collections.ConfigDict, model: LlamaConfig, num_devices: int) -> RunConfig:
     """The pieces of `c` (validated by training.config.validate into `model`)."""
-    return cls(stage=c.stage, model=model, mesh=MeshConfig.of(c, num_devices), data=c.data,
+    return cls(stage=c.stage, model=model, mesh=MeshConfig.of(c, num_devices),
+               data=data_config.data_piece(c.data),
                raw=c, **{piece.SECTION: piece.of(c) for piece in PIECES})
 
   @property
   def uses_segment_ids(self) -> bool:
-    return uses_segment_ids(self.stage, self.data)
+    """Whether attention is restricted by segment ids (the data piece says: stage 2's packed
+    chats always, stage 1's documents with data.document_mask)."""
+    return self.data.uses_segment_ids
 
   @property
   def run_name(self) -> str:
