@@ -106,11 +106,9 @@ def report(est: dict, device: str) -> str:
 def xla_plan(model, shape) -> dict:
   """XLA's compiled per-device plan of this config's train step (training/compile_plan.py)."""
   from ultralong_jax.training import compile_plan  # pylint: disable=import-outside-toplevel
-  # flash: the memory stand-in kernel (no GPU kernel compiles on CPU); plain: what "auto" gives
-  # with mesh.sequence == 1.
-  kernel = {"flash": compile_plan.STANDIN, "plain": "auto"}.get(shape.kernel, shape.kernel)
   setup = compile_plan.Setup(model=model, seq_len=shape.seq_len, mesh=tuple(shape.mesh.items()),
-                             remat=shape.remat, kernel=kernel, batch=shape.global_batch,
+                             remat=shape.remat, kernel=compile_plan.KERNEL_OF_CLASS[shape.kernel],
+                             batch=shape.global_batch,
                              loss_chunk=shape.loss_chunk, dtype=shape.dtype,
                              microbatches=shape.microbatches, chunk_size=shape.kernel_chunk)
   return compile_plan.plan(setup)
@@ -118,7 +116,7 @@ def xla_plan(model, shape) -> dict:
 
 # The recipe table: (T, hardware, devices). H100 rows use the configs' layout (2 replicas as in
 # the paper's global batch of 2, TP 8 inside a node, CP the rest); TPU rows the best mesh found.
-RECIPES = [(t, hw, n) for t in (1024 * K, 2048 * K, 4096 * K)
+RECIPES = [(length, hw, n) for length in ("1m", "2m", "4m")  # presets.ULTRALONG_LENGTHS
            for hw, n in (("h100", 64), ("h100", 128), ("h100", 256),
                          ("v5p", 64), ("v5p", 128), ("v5p", 256),
                          ("v6e", 64), ("v6e", 128), ("v6e", 256))]
@@ -130,15 +128,15 @@ def recipes() -> list[dict]:
   """The 8B stage-1 mesh table at 1M/2M/4M on 64/128/256 H100s and TPU v5p / v6e chips."""
   from ultralong_jax.modeling import presets  # pylint: disable=import-outside-toplevel
   from ultralong_jax.training import memory  # pylint: disable=import-outside-toplevel
-  name = {1024 * K: "1m", 2048 * K: "2m", 4096 * K: "4m"}
   rows = []
   print("| T | hardware | devices | mesh | kernel | weights: params+Adam+grads+copies | "
         "checkpoints | working set "
         "+ attention | total GiB/device | of HBM |")
   print("|---|---|---|---|---|---|---|---|---|---|")
-  for t, hw, n in RECIPES:
+  for length, hw, n in RECIPES:
+    t = presets.ULTRALONG_LENGTHS[length]
     platform = memory.DEVICES[hw][0]
-    model = presets.get_preset(f"llama31_8b_{name[t]}", remat_policy="full")
+    model = presets.get_preset(f"llama31_8b_{length}", remat_policy="full")
     base = memory.StepShape(model=model, mesh={"data": 2, "tensor": 8, "sequence": -1},
                             num_devices=n, seq_len=t, global_batch=2,
                             kernel="flash" if platform == "gpu" else "chunked")
@@ -169,21 +167,22 @@ def main(argv) -> int:
     return 0
   if _CONFIG.value is None:
     raise app.UsageError("--config is required (or --recipes).")
+  from ultralong_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from ultralong_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
   c = _estimable(_CONFIG.value)
   n = _DEVICES.value
   if n is None:
-    sizes = [c.mesh[a] for a in ("data", "fsdp", "sequence", "tensor")]
+    sizes = [c.mesh[a] for a in mesh_lib.MESH_AXES]
     if -1 in sizes:
       raise app.UsageError("the config's mesh has a -1 axis: pass --devices=N.")
     n = math.prod(sizes)
   try:
-    model = config_lib.validate(c, num_devices=n, data=False)
+    run = config_lib.resolve(c, num_devices=n, data=False)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  platform = memory.DEVICES[_DEVICE.value][0]
-  shape = memory.shape_from_config(c, model, n, platform)
+  model = run.model
+  shape = memory.shape_from_config(run, memory.DEVICES[_DEVICE.value][0])
   print(f"{model.num_params / 1e9:.2f}B parameters, T={shape.seq_len:,}, global batch "
         f"{shape.global_batch}, {n} devices, mesh {memory.mesh_label(shape.mesh)}, remat "
         f"{shape.remat}, attention kernel {shape.kernel} ({_DEVICE.value})")

@@ -21,6 +21,11 @@ SEP = 1
 VOCAB = 1000
 
 
+def _pretrain_pipeline(cfg, **kwargs):
+  """build_pretrain_pipeline of a data ConfigDict, validated and resolved into its piece."""
+  return pretrain.build_pretrain_pipeline(config_lib.resolve_data_config(cfg), **kwargs)
+
+
 def write_prepared(path: str, docs: list[np.ndarray], domain: str, num_shards: int = 2) -> None:
   """Writes documents in the format prepare produces (document k -> shard k % num_shards)."""
   from array_record.python import array_record_module as arm
@@ -111,7 +116,7 @@ def corpus(tmp_path_factory):
 def test_every_token_kept_once_and_separators_between_documents(corpus):
   path, docs = corpus
   cfg = make_cfg({"web": path}, num_epochs=1, global_batch_size=1)
-  pipe = pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1)
+  pipe = _pretrain_pipeline(cfg, process_index=0, process_count=1)
   batches, it = all_batches(pipe)
   assert all(b["inputs"].shape == (1, 64) for b in batches)
   stream = np.concatenate(rows_of(batches))
@@ -132,7 +137,7 @@ def test_fit_packing_keeps_every_document_whole_in_one_row(corpus, packing):
   path, docs = corpus
   cfg = make_cfg({"web": path}, seq_len=128, num_epochs=1, global_batch_size=1, packing=packing,
                  num_packing_bins=4)
-  batches, _ = all_batches(pretrain.build_pretrain_pipeline(cfg, process_index=0,
+  batches, _ = all_batches(_pretrain_pipeline(cfg, process_index=0,
                                                             process_count=1))
   whole = []
   for b in batches:
@@ -150,7 +155,7 @@ def test_fit_packing_keeps_every_document_whole_in_one_row(corpus, packing):
   longest = max(map(len, docs))
   with pytest.raises(ValueError, match=rf"data.packing='{packing}': \d+ document.*longest has "
                      rf"{longest} tokens.*packing='concat'"):
-    pretrain.build_pretrain_pipeline(too_short, process_index=0, process_count=1)
+    _pretrain_pipeline(too_short, process_index=0, process_count=1)
 
 
 def test_features_cross_document_hand_case():
@@ -177,7 +182,7 @@ def test_features_cross_document_hand_case():
 def test_document_mask_positions_restart_after_separator(corpus):
   path, _ = corpus
   cfg = make_cfg({"web": path}, document_mask=True)
-  b = next(pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1).iterator())
+  b = next(_pretrain_pipeline(cfg, process_index=0, process_count=1).iterator())
   for i in range(2):
     inputs, pos, seg = b["inputs"][i], b["positions"][i], b["segment_ids"][i]
     starts = np.flatnonzero(np.diff(seg) != 0) + 1
@@ -185,7 +190,7 @@ def test_document_mask_positions_restart_after_separator(corpus):
     assert (pos[starts] == 0).all() and pos[0] == 0
     assert (np.diff(pos)[np.diff(seg) == 0] == 1).all()
   cross = make_cfg({"web": path})
-  b = next(pretrain.build_pretrain_pipeline(cross, process_index=0, process_count=1).iterator())
+  b = next(_pretrain_pipeline(cross, process_index=0, process_count=1).iterator())
   assert (b["positions"] == np.arange(64)).all() and (b["segment_ids"] == 1).all()
   assert (b["loss_mask"] == 1).all()
 
@@ -197,12 +202,12 @@ def test_resampling_copies_match_plan(tmp_path):
   cfg = make_cfg({"web": path}, num_epochs=1, global_batch_size=1)
   cfg.resample = ml_collections.ConfigDict(dict(short_threshold=10, short_rate=0.5,
                                                 long_threshold=25, long_rate=2.0))
-  batches, _ = all_batches(pretrain.build_pretrain_pipeline(cfg, process_index=0,
+  batches, _ = all_batches(_pretrain_pipeline(cfg, process_index=0,
                                                             process_count=1))
   got = collections.Counter(split_docs(np.concatenate(rows_of(batches))))
   ordered = stored_order(docs)
   plan = resample.plan_domain("web", np.array([len(d) for d in ordered]),
-                              pretrain.rates_for(cfg, cfg.domains.web), cfg.seed)
+                              config_lib.resolve_data_config(cfg).domains["web"].resample, cfg.seed)
   expected = collections.Counter()
   for d, c in zip(ordered, plan.copies):
     if c:
@@ -218,7 +223,7 @@ def test_same_seed_same_batches_and_other_seed_differs(corpus):
   path, _ = corpus
 
   def take(seed, n=4):
-    it = pretrain.build_pretrain_pipeline(make_cfg({"web": path}, seed=seed), process_index=0,
+    it = _pretrain_pipeline(make_cfg({"web": path}, seed=seed), process_index=0,
                                           process_count=1).iterator()
     return [next(it)["inputs"] for _ in range(n)]
 
@@ -230,13 +235,13 @@ def test_same_seed_same_batches_and_other_seed_differs(corpus):
 def test_resume_from_iterator_state_gives_next_batches(corpus):
   path, _ = corpus
   cfg = make_cfg({"web": path}, seq_len=48)
-  pipe = pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1)
+  pipe = _pretrain_pipeline(cfg, process_index=0, process_count=1)
   it = pipe.iterator()
   for _ in range(5):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(4)]
-  fresh = pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1).iterator()
+  fresh = _pretrain_pipeline(cfg, process_index=0, process_count=1).iterator()
   fresh.set_state(json.loads(json.dumps(state)))  # the state must survive JSON (Orbax) as is
   for want in expected:
     got = next(fresh)
@@ -247,7 +252,7 @@ def test_orbax_checkpoint_round_trip(corpus, tmp_path):
   import orbax.checkpoint as ocp
   path, _ = corpus
   cfg = make_cfg({"web": path}, seq_len=48)
-  it = pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1).iterator()
+  it = _pretrain_pipeline(cfg, process_index=0, process_count=1).iterator()
   for _ in range(3):
     next(it)
   mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"), item_names=("data_iter",),
@@ -255,7 +260,7 @@ def test_orbax_checkpoint_round_trip(corpus, tmp_path):
   mngr.save(3, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
   mngr.wait_until_finished()
   want = next(it)
-  fresh = pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1).iterator()
+  fresh = _pretrain_pipeline(cfg, process_index=0, process_count=1).iterator()
   mngr.restore(3, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
   mngr.close()
   assert (next(fresh)["inputs"] == want["inputs"]).all()
@@ -266,7 +271,7 @@ def test_processes_partition_documents(corpus):
   seen = []
   for p in range(2):
     cfg = make_cfg({"web": path}, num_epochs=1, global_batch_size=2)
-    batches, _ = all_batches(pretrain.build_pretrain_pipeline(cfg, process_index=p,
+    batches, _ = all_batches(_pretrain_pipeline(cfg, process_index=p,
                                                               process_count=2))
     assert all(b["inputs"].shape == (1, 64) for b in batches)  # 2 rows over 2 processes
     seen.append(set(split_docs(np.concatenate(rows_of(batches)))))
@@ -281,7 +286,7 @@ def test_domain_mix_follows_token_weights(tmp_path):
   write_prepared(str(tmp_path / "b"), long_docs, "b")
   cfg = make_cfg({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, seq_len=256)
   cfg.domains.a.weight, cfg.domains.b.weight = 3.0, 1.0
-  pipe = pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1)
+  pipe = _pretrain_pipeline(cfg, process_index=0, process_count=1)
   it = pipe.iterator()
   for _ in range(40):
     next(it)
@@ -300,14 +305,14 @@ def test_vocab_mismatch_is_a_config_error(corpus):
   path, _ = corpus
   cfg = make_cfg({"web": path}, vocab_size=50)
   with pytest.raises(ValueError, match=r"data.domains.web.path"):
-    pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1)
+    _pretrain_pipeline(cfg, process_index=0, process_count=1)
 
 
 def test_workers_resume_and_count(corpus):
   """mp_prefetch workers: deterministic, resumable, counters summed over workers."""
   path, docs = corpus
   cfg = make_cfg({"web": path}, seq_len=48, num_workers=2)
-  pipe = pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1)
+  pipe = _pretrain_pipeline(cfg, process_index=0, process_count=1)
   it = pipe.iterator()
   first = [next(it) for _ in range(3)]
   state = it.get_state()
@@ -339,7 +344,7 @@ def test_corrupt_document_counted_or_fatal_with_shard_and_record(tmp_path):
   with open(manifest_path, "w") as f:
     json.dump(manifest, f)
   cfg = make_cfg({"web": path}, num_epochs=1, global_batch_size=1, seq_len=16)
-  pipe = pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1)
+  pipe = _pretrain_pipeline(cfg, process_index=0, process_count=1)
   batches, it = all_batches(pipe)
   got = split_docs(np.concatenate(rows_of(batches)))
   assert sorted(got) == sorted(tuple(d) + (SEP,) for i, d in enumerate(docs) if i != 3)
@@ -347,4 +352,4 @@ def test_corrupt_document_counted_or_fatal_with_shard_and_record(tmp_path):
   cfg.strict = True
   # Document 3 is record 1 of shard 1 (document k -> shard k % 2).
   with pytest.raises(Exception, match=r"docs-00001-of-00002.arrayrecord:1: token_out_of_vocab"):
-    all_batches(pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1))
+    all_batches(_pretrain_pipeline(cfg, process_index=0, process_count=1))

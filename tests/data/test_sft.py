@@ -15,6 +15,11 @@ from ultralong_jax.data import sft
 from ultralong_jax.data import tokenizer as tok_lib
 
 
+def _sft_pipeline(cfg, **kwargs):
+  """build_sft_pipeline of a data ConfigDict, validated and resolved into its piece."""
+  return sft.build_sft_pipeline(config_lib.resolve_data_config(cfg), **kwargs)
+
+
 def chats(n: int, seed: int = 0) -> list[dict]:
   rng = np.random.default_rng(seed)
   words = "the cat sat on a mat long context rivers numbers 12 345".split()
@@ -69,7 +74,7 @@ def chat_file(tmp_path_factory, jsonl_writer):
 def test_packing_keeps_every_example_once_with_assistant_only_loss(chat_file, hf_tokenizer_path):
   path, data = chat_file
   cfg = make_cfg(path, hf_tokenizer_path)
-  pipe = sft.build_sft_pipeline(cfg, process_index=0, process_count=1)
+  pipe = _sft_pipeline(cfg, process_index=0, process_count=1)
   batches = list(pipe.iterator())
   template = chat_template.Llama31ChatTemplate(tok_lib.load_tokenizer(hf_tokenizer_path))
   expected = {}
@@ -91,7 +96,7 @@ def test_packing_keeps_every_example_once_with_assistant_only_loss(chat_file, hf
 def test_best_fit_also_conserves(chat_file, hf_tokenizer_path):
   path, data = chat_file
   cfg = make_cfg(path, hf_tokenizer_path, packing="best_fit", global_batch_size=1)
-  got = unpack(sft.build_sft_pipeline(cfg, process_index=0, process_count=1).iterator())
+  got = unpack(_sft_pipeline(cfg, process_index=0, process_count=1).iterator())
   assert len({ids for ids, _ in got}) == len(got) == len(data)
 
 
@@ -101,7 +106,7 @@ def test_over_limit_examples_dropped_or_truncated_and_counted(policy, tmp, hf_to
                             {"role": "assistant", "content": "the cat " * 200}]}
   path = jsonl_writer(os.path.join(tmp, "c.jsonl"), chats(5) + [long_chat])
   cfg = make_cfg(path, hf_tokenizer_path, over_limit=policy, global_batch_size=1)
-  pipe = sft.build_sft_pipeline(cfg, process_index=0, process_count=1)
+  pipe = _sft_pipeline(cfg, process_index=0, process_count=1)
   it = pipe.iterator()
   got = unpack(list(it))
   counts = pipe.stats(it)["sft"]
@@ -120,7 +125,7 @@ def test_bad_lines_are_counted_by_kind(tmp, hf_tokenizer_path, jsonl_writer):
   path = jsonl_writer(os.path.join(tmp, "c.jsonl"), lines)
   empty = jsonl_writer(os.path.join(tmp, "empty.jsonl"), [])
   cfg = make_cfg(f"{path},{empty}", hf_tokenizer_path, global_batch_size=1, num_packing_bins=1)
-  pipe = sft.build_sft_pipeline(cfg, process_index=0, process_count=1)
+  pipe = _sft_pipeline(cfg, process_index=0, process_count=1)
   it = pipe.iterator()
   assert len(unpack(list(it))) == 3
   # Direct check of the per-record decisions (the packer's state may lag at the very end).
@@ -141,7 +146,7 @@ def test_strict_mode_names_file_and_line(tmp, hf_tokenizer_path, jsonl_writer):
   path = jsonl_writer(os.path.join(tmp, "c.jsonl"), chats(2) + ["{oops"])
   cfg = make_cfg(path, hf_tokenizer_path, strict=True, global_batch_size=1)
   with pytest.raises(Exception, match=r"c\.jsonl:3: malformed_json"):
-    list(sft.build_sft_pipeline(cfg, process_index=0, process_count=1).iterator())
+    list(_sft_pipeline(cfg, process_index=0, process_count=1).iterator())
 
 
 def test_out_of_vocab_ids_dropped(chat_file, hf_tokenizer_path):
@@ -157,7 +162,7 @@ def test_deterministic_resumable_and_sharded(chat_file, hf_tokenizer_path):
   cfg = make_cfg(path, hf_tokenizer_path, global_batch_size=1, num_epochs=0)
 
   def build(p=0, n=1, c=cfg):
-    return sft.build_sft_pipeline(c, process_index=p, process_count=n).iterator()
+    return _sft_pipeline(c, process_index=p, process_count=n).iterator()
 
   a, b = build(), build()
   first = [next(a) for _ in range(3)]

@@ -34,6 +34,16 @@ BAD_CHATS = {  # index -> messages: an unsupported role, no assistant turn, no m
     123: []}
 
 
+def _pretrain_pipeline(cfg, **kwargs):
+  """build_pretrain_pipeline of a data ConfigDict, validated and resolved into its piece."""
+  return pretrain.build_pretrain_pipeline(config_lib.resolve_data_config(cfg), **kwargs)
+
+
+def _sft_pipeline(cfg, **kwargs):
+  """build_sft_pipeline of a data ConfigDict, validated and resolved into its piece."""
+  return sft.build_sft_pipeline(config_lib.resolve_data_config(cfg), **kwargs)
+
+
 def _records(path: str, bad: dict) -> list[dict]:
   with open(path) as f:
     records = [json.loads(line) for line in f]
@@ -140,7 +150,7 @@ def test_stage1_tfds_domain_gives_the_jsonl_batches(corpus, tmp_path):
   on_the_fly = dict(tfds="tiny_docs:train", data_dir=corpus["data_dir"])
   domains = {"jsonl": dict(path=f"{d}/jsonl"), "prepared": dict(path=f"{d}/tfds"),
              "tfds": on_the_fly}
-  pipes = {name: pretrain.build_pretrain_pipeline(stage1_cfg(corpus, dom), process_index=0,
+  pipes = {name: _pretrain_pipeline(stage1_cfg(corpus, dom), process_index=0,
                                                   process_count=1, cache_dir=f"{d}/cache")
            for name, dom in domains.items()}
   plan = pipes["jsonl"].build_stats["domains"]["docs"]
@@ -157,7 +167,7 @@ def test_stage1_tfds_domain_gives_the_jsonl_batches(corpus, tmp_path):
   # In a Grain worker process: the pickled reader reopens the dataset and tokenizes there.
   cfg = stage1_cfg(corpus, on_the_fly)
   cfg.num_workers = 1
-  it = pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1,
+  it = _pretrain_pipeline(cfg, process_index=0, process_count=1,
                                         cache_dir=f"{d}/cache").iterator()
   got, _ = take(None, 6, it)
   assert_same_batches(got, want)
@@ -167,7 +177,7 @@ def test_stage1_tfds_domain_gives_the_jsonl_batches(corpus, tmp_path):
 def test_stage1_tfds_domain_resumes_caches_and_pickles(corpus, tmp_path):
   d = str(tmp_path)
   cfg = stage1_cfg(corpus, dict(tfds="tiny_docs:train", data_dir=corpus["data_dir"]))
-  pipe = pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1, cache_dir=d)
+  pipe = _pretrain_pipeline(cfg, process_index=0, process_count=1, cache_dir=d)
   _, it = take(pipe, 3)
   state = it.get_state()
   want, _ = take(pipe, 3, it)
@@ -193,11 +203,11 @@ def test_stage1_tfds_domain_resumes_caches_and_pickles(corpus, tmp_path):
 
 
 def test_stage2_tfds_chats_give_the_jsonl_batches_and_counts(corpus):
-  jsonl = sft.build_sft_pipeline(stage2_cfg(corpus, chat_files=corpus["chats"]),
+  jsonl = _sft_pipeline(stage2_cfg(corpus, chat_files=corpus["chats"]),
                                  process_index=0, process_count=1)
   tfds_cfg = stage2_cfg(corpus, chat_tfds="tiny_chats:train",
                         chat_tfds_data_dir=corpus["data_dir"])
-  pipe = sft.build_sft_pipeline(tfds_cfg, process_index=0, process_count=1)
+  pipe = _sft_pipeline(tfds_cfg, process_index=0, process_count=1)
   jsonl_it = jsonl.iterator()
   want = list(jsonl_it)
   it = pipe.iterator()
@@ -212,7 +222,7 @@ def test_stage2_tfds_chats_give_the_jsonl_batches_and_counts(corpus):
   # Resume mid-epoch from the iterator state.
   two = stage2_cfg(corpus, chat_tfds="tiny_chats:train", chat_tfds_data_dir=corpus["data_dir"])
   two.num_epochs = 0
-  pipe = sft.build_sft_pipeline(two, process_index=0, process_count=1)
+  pipe = _sft_pipeline(two, process_index=0, process_count=1)
   _, it = take(pipe, 2)
   state = it.get_state()
   want, _ = take(pipe, 2, it)
@@ -244,7 +254,7 @@ def test_strict_mode_names_the_tfds_record(corpus, tmp_path):
   cfg.strict = True
   with pytest.raises(bi.BadInputError, match=rf"tfds:tiny_docs/train:{min(BAD_DOCS)}: "
                                              "empty_document"):
-    pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1,
+    _pretrain_pipeline(cfg, process_index=0, process_count=1,
                                      cache_dir=str(tmp_path))
 
 
@@ -261,11 +271,11 @@ def test_config_and_dataset_errors_name_the_key_and_the_fix(corpus, tmp_path, mo
   cfg = stage1_cfg(corpus, dict(tfds="nope:train", data_dir=corpus["data_dir"]))
   with pytest.raises(FileNotFoundError, match=r"data.domains.docs.tfds: no TFDS dataset 'nope'.*"
                                               "tfds.builder\\('nope'.*array_record"):
-    pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1,
+    _pretrain_pipeline(cfg, process_index=0, process_count=1,
                                      cache_dir=str(tmp_path))
   cfg = stage2_cfg(corpus, chat_tfds="tiny_chats:test", chat_tfds_data_dir=corpus["data_dir"])
   with pytest.raises(ValueError, match=r"data.chat_tfds: 'tiny_chats:test': .*split"):
-    sft.build_sft_pipeline(cfg, process_index=0, process_count=1)
+    _sft_pipeline(cfg, process_index=0, process_count=1)
 
   # A dataset stored as TFRecord only: the error gives the conversion command.
   data_dir = str(tmp_path / "tfrecord")
@@ -282,7 +292,7 @@ def test_config_and_dataset_errors_name_the_key_and_the_fix(corpus, tmp_path, mo
   convert = ("tfds convert_format --dataset_version_dir=" + version_dir +
              " --out_file_format=array_record")
   with pytest.raises(ValueError, match="data.chat_tfds: .*tfrecord.*") as e:
-    sft.build_sft_pipeline(cfg, process_index=0, process_count=1)
+    _sft_pipeline(cfg, process_index=0, process_count=1)
   assert convert in str(e.value)
   if "tensorflow" not in sys.modules and not _has_tensorflow():
     with pytest.raises(ValueError, match="--tfds_name: .*tensorflow-cpu") as e:

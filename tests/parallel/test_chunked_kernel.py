@@ -22,6 +22,7 @@ from jax.sharding import AxisType
 import numpy as np
 import pytest
 
+from ultralong_jax.modeling import attention
 from ultralong_jax.parallel import block_attention, layout
 from ultralong_jax.parallel.ring_attention import ring_attention
 
@@ -88,10 +89,10 @@ def test_matches_xla_kernel(t, s, chunk, causal, with_segments, dtype):
   assert all(g.dtype == jnp.float32 for g in grads_c)
   assert bool(jnp.isfinite(lse_c).all()) and bool(jnp.isfinite(out_c).all())
 
-  blind = lse_x <= block_attention.NEG_INF  # rows that see no key of the block
+  blind = lse_x <= attention.NEG_INF  # rows that see no key of the block
   if with_segments:
     assert bool(blind.any()), "the segment ids should leave some rows without a visible key"
-    np.testing.assert_array_equal(lse_c <= block_attention.NEG_INF, blind)
+    np.testing.assert_array_equal(lse_c <= attention.NEG_INF, blind)
     seen = ~blind.transpose(0, 3, 1, 2)[..., None]
     assert not bool(jnp.where(seen, 0.0, jnp.abs(out_c)).any()), "a blind row's output is 0"
   # lse: absolute error (a log of O(1) values; observed <= 5e-7); NEG_INF rows are equal exactly.
@@ -116,7 +117,7 @@ def test_fully_masked_rows_and_padding_are_finite():
   kv_seg = jnp.full((2, 20), 2, jnp.int32)
   out, lse, grads = _run("chunked", False, 8)(q, k, v, q_seg, kv_seg, dout, other_lse, delta)
   assert not bool(out.any())
-  assert bool((lse == block_attention.NEG_INF).all())
+  assert bool((lse == attention.NEG_INF).all())
   assert not any(bool(g.any()) for g in grads)
   merged, merged_lse = block_attention.merge(jnp.zeros_like(out), jnp.full_like(lse, -3.0),
                                              out, lse)

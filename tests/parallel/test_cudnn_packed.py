@@ -132,10 +132,10 @@ def test_packed_twin_equals_xla_kernel(case):
   want_out, want_lse, want_grads = _run("xla", causal)(*args)
   out, lse, grads = _run("dpa_xla_packed", causal)(*args)
   assert _rel(out, want_out) <= 1e-5
-  seen = want_lse > block_attention.NEG_INF / 2
+  seen = want_lse > attention.NEG_INF / 2
   if ids == "other":
     assert not bool(seen.all())    # some rows see no key of this block
-  np.testing.assert_array_equal(lse <= block_attention.NEG_INF / 2, ~seen)
+  np.testing.assert_array_equal(lse <= attention.NEG_INF / 2, ~seen)
   assert _rel(jnp.where(seen, lse, 0), jnp.where(seen, want_lse, 0)) <= 1e-5
   for got, want in zip(grads, want_grads):
     assert _rel(got, want) <= 1e-5

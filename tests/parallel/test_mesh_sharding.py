@@ -47,8 +47,8 @@ def test_split_dcn_puts_data_across_hosts():
     mesh_lib.split_dcn({"data": 1, "fsdp": 1, "sequence": 1, "tensor": 3}, 2)
 
 
-def test_mesh_from_config_section():
-  mesh = mesh_lib.mesh_from_config({"data": 1, "fsdp": -1, "sequence": 4, "tensor": 1})
+def test_make_mesh_resolves_the_rest():
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "sequence": 4, "tensor": 1})
   assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "sequence": 4, "tensor": 1}
 
 

@@ -21,6 +21,7 @@ from jax.sharding import AxisType
 import numpy as np
 import pytest
 
+from ultralong_jax.modeling import attention
 from ultralong_jax.parallel import block_attention, layout, splash
 from ultralong_jax.parallel.ring_attention import ring_attention
 from ultralong_jax.training import config as config_lib, train_step
@@ -83,12 +84,12 @@ def test_block_matches_xla_kernel(causal, with_segments, kv_heads, group):
   assert out_s.dtype == lse_s.dtype == jnp.float32
   assert all(g.dtype == jnp.float32 and g.shape == x.shape
              for g, x in zip(grads_s, inputs[:3]))
-  blind = lse_x <= block_attention.NEG_INF  # rows that see no key of the block
+  blind = lse_x <= attention.NEG_INF  # rows that see no key of the block
   if with_segments and not causal:
     assert bool(blind.any()), "the segment ids should leave some rows without a visible key"
     seen = ~blind.transpose(0, 3, 1, 2)[..., None]
     assert not bool(jnp.where(seen, 0.0, jnp.abs(out_s)).any()), "a blind row's output is 0"
-  np.testing.assert_array_equal(lse_s <= block_attention.NEG_INF, blind)
+  np.testing.assert_array_equal(lse_s <= attention.NEG_INF, blind)
   np.testing.assert_allclose(lse_s, lse_x, rtol=0, atol=TOL)
   errors = {"out": _rel_err(out_s, out_x)}
   errors.update({f"d{x}": _rel_err(s, r) for x, s, r in zip("qkv", grads_s, grads_x)})
@@ -174,8 +175,9 @@ def test_sharded_train_step_exports_for_tpu():
   and dk/dv Mosaic kernels are in the module (not their interpret-mode loops), inside the sharded
   ring."""
   c = _splash_config()
-  model_cfg = config_lib.validate(c, 8, data=False)
-  built = train_step.from_config(c, model_cfg)
+  run = config_lib.resolve(c, 8, data=False)
+  model_cfg = run.model
+  built = train_step.from_config(run)
   with jax.set_mesh(built.mesh):
     exported = jax.export.export(built.step, platforms=("tpu",))(built.abstract_state(),
                                                                  built.abstract_batch())

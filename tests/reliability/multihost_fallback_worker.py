@@ -6,6 +6,7 @@ fallback (every process must resume from step 1). Writes what it saw to RESULT.<
 """
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -42,7 +43,8 @@ def main() -> None:
   import ml_collections  # pylint: disable=import-outside-toplevel
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  from ultralong_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from ultralong_jax.training import checkpointing, config as config_lib, run_config
 
   sharding = NamedSharding(mesh_lib.make_mesh({"fsdp": -1}), P("fsdp"))
 
@@ -52,7 +54,9 @@ def main() -> None:
 
   config = ml_collections.ConfigDict({"note": "fallback test"})
   iterator = _Iterator()
-  ckpt = checkpointing.RunCheckpointer(args.workdir, every_steps=1, keep=5, async_save=False)
+  checkpoint = dataclasses.replace(run_config.CheckpointConfig.of(config_lib.base_config(1)),
+                                   every_steps=1, keep=5, async_save=False)
+  ckpt = checkpointing.RunCheckpointer(args.workdir, checkpoint)
   for step in (1, 2):
     iterator.position = step
     ckpt.save(step, state_at(step), iterator, config, force=True)

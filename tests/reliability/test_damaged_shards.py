@@ -13,11 +13,17 @@ import sys
 import numpy as np
 import pytest
 
+from ultralong_jax.data import config as data_config
 from ultralong_jax.data import pretrain, shards
 
 FAULTS = os.path.join(os.path.dirname(__file__), "_faults.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARD = shards.shard_name(0, 2)
+
+
+def _pretrain_pipeline(cfg, **kwargs):
+  """build_pretrain_pipeline of a data ConfigDict, validated and resolved into its piece."""
+  return pretrain.build_pretrain_pipeline(data_config.resolve_data_config(cfg), **kwargs)
 
 
 def _copy(corpus, tmp_path):
@@ -99,9 +105,9 @@ def test_truncated_shard_fails_at_build_or_is_skipped_and_counted(corpus, tiny_c
   with pytest.raises(shards.DamagedShardError,
                      match=rf"{shard} has {size * 2 // 3} bytes, but .*manifest.json says "
                            rf"{size}.*damaged_records=skip"):
-    pretrain.build_pretrain_pipeline(_data_config(tiny_config, prepared).data)
+    _pretrain_pipeline(_data_config(tiny_config, prepared).data)
   # skip: shard 0's documents are dropped and counted; rows come from shard 1 alone.
-  pipe = pretrain.build_pretrain_pipeline(_data_config(tiny_config, prepared, "skip").data)
+  pipe = _pretrain_pipeline(_data_config(tiny_config, prepared, "skip").data)
   it = pipe.iterator()
   batches = [next(it) for _ in range(20)]  # counts are as of the packer's checkpointable state
   counts = pipe.stats(it)["mix"]
@@ -135,7 +141,7 @@ def _records_read_first(c, steps):
     return real_call(self, index)
   shards.DocumentReader.__call__ = spy
   try:
-    it = pretrain.build_pretrain_pipeline(c.data).iterator()
+    it = _pretrain_pipeline(c.data).iterator()
     for _ in range(steps):
       next(it)
   finally:

@@ -11,7 +11,7 @@ from flax import nnx
 from ultralong_jax.modeling import llama
 from ultralong_jax.parallel import mesh as mesh_lib
 from ultralong_jax.training import config as config_lib
-from ultralong_jax.training import loop, train_step
+from ultralong_jax.training import loop, run_config, train_step
 
 
 def _batch(rng, nan=False):
@@ -29,7 +29,8 @@ def test_nonfinite_step_keeps_params_and_optimizer_state_and_counts(tiny_config)
   model_cfg = config_lib.model_config(c)
   mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
   params = nnx.to_pure_dict(nnx.state(llama.init_model(model_cfg, seed=0), nnx.Param))
-  built = train_step.build(model_cfg, mesh, c.optim, c.train.steps, seq_len=64, batch_size=2,
+  built = train_step.build(model_cfg, mesh, run_config.OptimConfig.of(c), c.train.steps,
+                           seq_len=64, batch_size=2,
                            options=train_step.StepOptions(loss_chunk_size=32))
   step = built.step
   rng = np.random.RandomState(0)

@@ -9,6 +9,8 @@ import ml_collections
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
+from ultralong_jax.data import config as data_config
+from ultralong_jax.parallel import mesh as mesh_lib
 from ultralong_jax.training import config as config_lib
 from ultralong_jax.training import loop, preflight
 
@@ -22,7 +24,7 @@ def _config(mesh, devices_seq_len, batch, micro, heads, chunk):
   c.model.preset, c.model.ultralong, c.model.max_position_embeddings = "tiny", "", MAX_POS
   c.model.overrides_json = json.dumps({"num_heads": heads[0], "num_kv_heads": heads[1]})
   c.init.mode = "random"
-  for axis, size in zip(config_lib.MESH_AXES, mesh):
+  for axis, size in zip(mesh_lib.MESH_AXES, mesh):
     c.mesh[axis] = size
   c.data.vocab_size, c.data.separator_id, c.data.bos_id = 512, 2, -1
   c.data.domains = ml_collections.ConfigDict({"web": {"path": "/unused", "weight": 1.0}})
@@ -32,7 +34,7 @@ def _config(mesh, devices_seq_len, batch, micro, heads, chunk):
 
 def _expected_keys(c, num_devices, heads):
   """An independent oracle: the keys whose constraint this config breaks."""
-  sizes = [c.mesh[a] for a in config_lib.MESH_AXES]
+  sizes = [c.mesh[a] for a in mesh_lib.MESH_AXES]
   fixed = 1
   for s in sizes:
     fixed *= s if s != -1 else 1
@@ -104,25 +106,25 @@ def test_missing_or_unreadable_data_names_the_key(tiny_config, tmp_path):
   c = tiny_config(stage=2)
   c.data.chat_files = str(tmp_path / "*.jsonl")
   with pytest.raises(ValueError, match=r"data.chat_files: .*matches no file"):
-    preflight.check_paths(c.data)
+    preflight.check_paths(data_config.data_piece(c.data))
   c = tiny_config(stage=2)
   c.data.tokenizer = str(tmp_path / "tok.json")
   with pytest.raises(ValueError, match="data.tokenizer: .*does not exist"):
-    preflight.check_paths(c.data)
+    preflight.check_paths(data_config.data_piece(c.data))
   if os.getuid() != 0:  # root reads everything
     os.makedirs(tmp_path / "locked")
     os.chmod(tmp_path / "locked", 0)
     c = tiny_config()
     c.data.domains.synthetic.path = str(tmp_path / "locked")
     with pytest.raises(ValueError, match="not readable"):
-      preflight.check_paths(c.data)
+      preflight.check_paths(data_config.data_piece(c.data))
 
 
 def test_tokenizer_larger_than_the_embedding_is_refused(tiny_config):
   c = tiny_config()  # a 512-token tokenizer
   c.model.overrides_json, c.data.vocab_size = '{"vocab_size": 256}', 256
   with pytest.raises(ValueError, match=r"data.tokenizer has 512 tokens .*vocab_size is 256"):
-    preflight.check(c, config_lib.validate(c, num_devices=8))
+    preflight.check(config_lib.resolve(c, num_devices=8))
 
 
 def _shipped(spec):
@@ -133,17 +135,19 @@ def _shipped(spec):
 
 def test_memory_estimate_says_what_to_try():
   c = _shipped("llama31_8b_stage1.py:1m")  # TP 8 x CP 4, full remat, on 64 devices
-  model = config_lib.validate(c, num_devices=64)
-  est = preflight.estimate_bytes_per_device(c, model, 64, platform="gpu")
+  run = config_lib.resolve(c, num_devices=64)
+  model = run.model
+  est = preflight.estimate_bytes_per_device(run, platform="gpu")
   # By hand: 8.03e9 params over tensor 8 -> 4.0 GB fp32 params, 8.0 GB moments, 4.0 GB grads;
   # full remat saves each layer's input, split over tensor 8 (sequence parallelism):
   # 1 row x 262,144 tokens x 4096 / 8 x 2 bytes x 32 layers.
   assert est["checkpoints"] == 262_144 * 4096 / 8 * 2 * 32
   assert abs(est["params"] - model.num_params * 4 / 8) < 1e6  # norms are not split over tensor
   with pytest.raises(ValueError, match=r"will not fit: .*try mesh.sequence=8 \(CP\)"):
-    preflight.check_memory(c, model, available=20 * 2**30, num_devices=64, platform="gpu")
-  preflight.check_memory(c, model, available=80 * 2**30, num_devices=64, platform="gpu")  # fits
+    preflight.check_memory(run, available=20 * 2**30, platform="gpu")
+  preflight.check_memory(run, available=80 * 2**30, platform="gpu")  # fits
   c.model.remat_policy = "dots"
+  run = config_lib.resolve(c, num_devices=64)
   with pytest.raises(ValueError, match=r"model.remat_policy=full"):
-    preflight.check_memory(c, model, available=80 * 2**30, num_devices=64, platform="gpu")
-  preflight.check_memory(c, model, available=None, num_devices=64)  # unknown (CPU): no check
+    preflight.check_memory(run, available=80 * 2**30, platform="gpu")
+  preflight.check_memory(run, available=None)  # unknown (CPU): no check

@@ -1,12 +1,14 @@
 """Every shipped config loads, carries the paper's numbers and validates for its intended mesh."""
 
+import dataclasses
 import json
 import os
 
 import pytest
 
 from ultralong_jax.modeling import presets
-from ultralong_jax.training import config as config_lib
+from ultralong_jax.parallel import mesh as mesh_lib
+from ultralong_jax.training import config as config_lib, run_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 
@@ -56,7 +58,8 @@ def test_stage2_and_1b_configs(hf_8b_dir, tmp_path):
 def test_demo_config_stages(arg):
   c = _load("demo", arg)
   assert c.stage == (2 if arg == "stage2" else 1)
-  assert config_lib.run_name(c) == {"base": "base", "stage1": "stage 1", "stage2": "stage 2"}[arg]
+  want = {"base": "base", "stage1": "stage 1", "stage2": "stage 2"}[arg]
+  assert run_config.run_name(c.stage, run_config.TrainConfig.of(c)) == want
   if arg == "base":
     assert config_lib.validate(c, num_devices=8).vocab_size == 512
 
@@ -77,3 +80,21 @@ def test_a_config_without_its_paths_says_which_key_to_set():
   c = _load("llama31_8b_stage1")  # 1m without an arg
   with pytest.raises(ValueError, match="init.path"):
     config_lib.validate(c, num_devices=64)
+
+
+def test_resolve_gives_frozen_pieces_and_names_a_missing_or_unknown_key():
+  c = _load("demo", "base")
+  run = config_lib.resolve(c, num_devices=8)
+  assert run.mesh.sizes == mesh_lib.resolve_axis_sizes(dict(c.mesh), 8)
+  assert run.mesh.num_devices == 8 and run.attention.chunk_size == c.attention.chunk_size
+  assert run.optim == run_config.OptimConfig(**c.optim.to_dict()) and run.raw is c
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    run.train.steps = 1  # type: ignore[misc]
+  missing = _load("demo", "base")
+  del missing.attention["chunk_size"]
+  with pytest.raises(ValueError, match=r"no key attention\.chunk_size; build it on .*base_config"):
+    config_lib.validate(missing, num_devices=8)
+  unknown = _load("demo", "base")
+  unknown.train.stesp = 5
+  with pytest.raises(ValueError, match=r"train\.stesp is not a config key; train takes steps, "):
+    config_lib.resolve(unknown, num_devices=8)

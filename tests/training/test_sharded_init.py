@@ -24,8 +24,9 @@ def test_initial_params_are_sharded_and_equal_the_written_weights(mode, tiny_con
   else:
     checkpoint.save_params(path, model_cfg, params)
   c.init.mode, c.init.path = mode, path
-  built = train_step.from_config(c, config_lib.model_config(c))
-  got = loop.initial_params(c, built)
+  run = config_lib.resolve(c, jax.device_count())
+  built = train_step.from_config(run)
+  got = loop.initial_params(run, built)
   for (key, want), array, sharding in zip(jax.tree_util.tree_leaves_with_path(params),
                                           jax.tree.leaves(got),
                                           jax.tree.leaves(built.shardings["params"])):

@@ -17,7 +17,7 @@ from ultralong_jax.modeling import llama
 from ultralong_jax.parallel import layout, mesh as mesh_lib
 from ultralong_jax.parallel.ring_attention import make_attention_fn
 from ultralong_jax.training import config as config_lib
-from ultralong_jax.training import export, loop, train_step
+from ultralong_jax.training import export, loop, run_config, train_step
 
 
 def _losses(workdir):
@@ -44,7 +44,8 @@ def test_each_stage_trains_exports_and_the_loss_falls(stage, tiny_config, tmp_pa
 
 def _step_on(mesh, config, params, batch, layout_name="zigzag"):
   built = train_step.build(
-      config_lib.model_config(config), mesh, config.optim, config.train.steps,
+      config_lib.model_config(config), mesh, run_config.OptimConfig.of(config),
+      config.train.steps,
       seq_len=batch["inputs"].shape[1], batch_size=batch["inputs"].shape[0],
       options=train_step.StepOptions(microbatches=config.train.microbatches, loss_chunk_size=32),
       attention_fn=make_attention_fn(mesh, layout=layout_name))

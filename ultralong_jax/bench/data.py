@@ -131,7 +131,8 @@ def run_stage1(tmp: str, seq_len: int, corpus_tokens: int, seconds: float,
   cfg = config.default_data_config(1)
   cfg.seq_len, cfg.global_batch_size, cfg.num_workers = seq_len, 1, num_workers
   cfg.domains.synthetic = ml_collections.ConfigDict(dict(path=path, weight=1.0))
-  it = pretrain.build_pretrain_pipeline(cfg, process_index=0, process_count=1).iterator()
+  it = pretrain.build_pretrain_pipeline(config.resolve_data_config(cfg), process_index=0,
+                                        process_count=1).iterator()
   rate, _ = _timed(it, seconds, lambda b: int((b["segment_ids"] > 0).sum()))
   it.close()
   return rate
@@ -151,7 +152,7 @@ def run_stage2(tmp: str, tokenizer: str, chats: int, seconds: float, num_workers
   cfg = config.default_data_config(2)
   cfg.chat_files, cfg.tokenizer, cfg.num_workers = path, tokenizer, num_workers
   cfg.global_batch_size = 1
-  it = sft.build_sft_pipeline(cfg, process_index=0, process_count=1,
+  it = sft.build_sft_pipeline(config.resolve_data_config(cfg), process_index=0, process_count=1,
                               cache_dir=os.path.join(tmp, "cache")).iterator()
   rate, _ = _timed(it, seconds, lambda b: int((b["segment_ids"] > 0).sum()))
   it.close()

@@ -37,6 +37,7 @@ import jax  # noqa: E402
 
 from ultralong_jax.bench import train_step as bench  # noqa: E402
 from ultralong_jax.training import memory  # noqa: E402
+from ultralong_jax.training import compile_plan  # noqa: E402
 from ultralong_jax.training.compile_plan import STANDIN  # noqa: E402
 
 GiB = 2**30
@@ -203,15 +204,15 @@ def step_shape(setup: "bench.Setup", config) -> "memory.StepShape":
   """The memory.StepShape of a benchmark Setup (the standin is a flash kernel's memory; auto is
   what make_attention_fn picks on CPU)."""
   sizes = dict(setup.mesh)
-  kernel = setup.kernel
-  if kernel == "auto":
+  if setup.kernel == "auto":
     kernel = memory.kernel_class("auto", "cpu", False, setup.seq_len, sizes.get("sequence", 1),
                                  chunk=setup.chunk_size)
+  else:  # an explicit kernel runs as a ring even with one sequence shard (compile_plan.build)
+    kernel = compile_plan.block_kernel(setup.kernel, setup.chunk_size).memory
   return memory.StepShape(
       model=config, mesh=sizes, num_devices=math.prod(sizes.values()), seq_len=setup.seq_len,
       global_batch=setup.batch or 1, microbatches=setup.microbatches, remat=setup.remat,
-      kernel="flash" if kernel == STANDIN else kernel, loss_chunk=setup.loss_chunk,
-      kernel_chunk=setup.chunk_size)
+      kernel=kernel, loss_chunk=setup.loss_chunk, kernel_chunk=setup.chunk_size)
 
 
 def _mesh_label(mesh) -> str:

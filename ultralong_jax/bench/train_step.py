@@ -44,6 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from ultralong_jax.modeling import presets  # noqa: E402
+from ultralong_jax.parallel import chunked_attention  # noqa: E402
 from ultralong_jax.training import metrics, train_step  # noqa: E402
 from ultralong_jax.training.compile_plan import (  # noqa: E402  (the step, as training builds it)
     STANDIN, Setup, analyse, build, compile_abstract)
@@ -184,7 +185,8 @@ def main(argv=None) -> list[dict[str, Any]]:
                       choices=["none", "full", "dots", "dots_no_batch", "qkv_attention"])
   parser.add_argument("--kernel", default="auto",
                       help="auto | standin | a name of block_attention.KERNELS")
-  parser.add_argument("--chunk-size", type=int, default=1024, help="the chunked kernel's tile")
+  parser.add_argument("--chunk-size", type=int, default=chunked_attention.CHUNK_SIZE,
+                      help="the chunked kernel's tile")
   parser.add_argument("--microbatches", type=int, default=1)
   parser.add_argument("--strategy", default="ring", choices=["ring", "allgather"])
   parser.add_argument("--batch", type=int, default=0, help="global rows (0: one per data shard)")

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from ultralong_jax.convert import api, checkpoint, hf
-from ultralong_jax.modeling import rope
+from ultralong_jax.modeling import presets, rope
 from ultralong_jax.modeling.llama import abstract_model
 
 
@@ -34,7 +34,7 @@ def _rope_arg(args) -> dict | None:
     # 128/256/512 over 8K), yarn alpha=1 beta=4 over the native context otherwise.
     native = api.load_config(args.hf_dir)
     return rope.long_context_rope_scaling(native.rope_scaling, native.max_position_embeddings,
-                                          {"1m": 1 << 20, "2m": 1 << 21, "4m": 1 << 22}[args.ultralong])
+                                          presets.ULTRALONG_LENGTHS[args.ultralong])
   if args.rope_scaling:
     try:
       return json.loads(args.rope_scaling)
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
   a.add_argument("--out", required=True)
   a.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                  help="parameter dtype to store (default: as in the safetensors)")
-  a.add_argument("--ultralong", choices=["1m", "2m", "4m"], default=None,
+  a.add_argument("--ultralong", choices=sorted(presets.ULTRALONG_LENGTHS), default=None,
                  help="extend RoPE to this length the paper's way (llama3 by parts for Llama 3.x, "
                  "else yarn)")
   a.add_argument("--rope-scaling", default=None, help="a HF rope_scaling dict as JSON")

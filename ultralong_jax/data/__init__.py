@@ -1,6 +1,7 @@
 """Data pipelines of the UltraLong recipe (Grain): tokenizers, sources, stage-1 and stage-2 packing.
 
-  config.py          default_data_config(stage) / validate_data_config: the `config.data` section
+  config.py          default_data_config(stage) / validate_data_config / resolve_data_config:
+                     the `config.data` section and its typed piece (PretrainData, SftData)
   tokenizer.py       SentencePiece and Hugging Face tokenizer.json behind one interface
   readers.py         streaming JSONL(.gz) / Parquet / ArrayRecord / TFDS record readers
   prepare.py         `python -m ultralong_jax.data.prepare`: tokenize once into ArrayRecord shards

@@ -2,15 +2,22 @@
 
 `default_data_config(stage)` returns the ConfigDict that `configs/*.py` embed as `config.data`;
 `validate_data_config(cfg)` checks it before anything is built and raises `ValueError` naming
-the key and what would work. Pipeline builders (`pretrain.build_pretrain_pipeline`,
-`sft.build_sft_pipeline`) call the validator themselves.
+the key and what would work; `resolve_data_config(cfg)` validates it and returns its typed,
+frozen piece (`PretrainData` or `SftData`), which the pipeline builders
+(`pretrain.build_pretrain_pipeline`, `sft.build_sft_pipeline`) take. The pieces' fields have no
+defaults: they are read from the ConfigDict by name, so `default_data_config` (and
+DOMAIN_DEFAULTS for a domain's optional keys) is the one place a default lives.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+from collections.abc import Mapping
+
 import ml_collections
 
-from ultralong_jax.data import chat_template, tfds_source
+from ultralong_jax.data import chat_template, resample as resample_lib, tfds_source
 
 # Llama 3 special token ids (meta-llama/Llama-3.1-8B-Instruct tokenizer.json, `added_tokens`).
 LLAMA3_END_OF_TEXT = 128001
@@ -44,7 +51,8 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
       TFDS dataset "name:split" in the ArrayRecord format under the local `data_dir`, its
       `text_field` feature (default "text") tokenized on the fly with `tokenizer` (needs
       `pip install -r requirements-tfds.txt`, no TensorFlow; see tfds_source.TfdsDocuments);
-      `weight` is the domain's share of *tokens* (normalized over domains); an optional
+      `weight` (default 1.0) is the domain's share of *tokens* (normalized over domains); an
+      optional
       `resample` sub-dict overrides any of the global resample keys for that domain.
     resample.short_threshold / short_rate: documents with fewer tokens than the threshold are
       kept with probability min(rate, 1) (rate < 1 down-samples). Paper section 3.1: < 4K.
@@ -133,6 +141,9 @@ _STAGE_KEYS = {
 PRETRAIN_PACKING = ("concat", "first_fit", "best_fit")
 _RESAMPLE_KEYS = {"short_threshold", "short_rate", "long_threshold", "long_rate"}
 _DOMAIN_KEYS = {"path", "tfds", "data_dir", "text_field", "weight", "resample"}
+# A domain's optional keys and their values when left out ("" = not this kind of source).
+DOMAIN_DEFAULTS = {"path": "", "tfds": "", "data_dir": "",
+                   "text_field": tfds_source.DEFAULT_TEXT_FIELD, "weight": 1.0}
 
 
 def _fail(key: str, got, fix: str):
@@ -146,9 +157,9 @@ def _check_resample(prefix: str, r) -> None:
   for rate in ("short_rate", "long_rate"):
     if rate in r and not r[rate] >= 0:
       _fail(f"{prefix}.{rate}", r[rate], "rates must be >= 0 (0 drops the class, 1 keeps it).")
-  lo, hi = r.get("short_threshold", 0), r.get("long_threshold", 0)
-  if "short_threshold" in r and "long_threshold" in r and lo > hi:
-    _fail(f"{prefix}.short_threshold", lo, f"must be <= long_threshold ({hi}).")
+  if "short_threshold" in r and "long_threshold" in r and r.short_threshold > r.long_threshold:
+    _fail(f"{prefix}.short_threshold", r.short_threshold,
+          f"must be <= long_threshold ({r.long_threshold}).")
 
 
 def _check_tfds(key: str, spec, data_dir_key: str, data_dir) -> None:
@@ -160,7 +171,7 @@ def _check_tfds(key: str, spec, data_dir_key: str, data_dir) -> None:
 
 def validate_data_config(cfg: ml_collections.ConfigDict, process_count: int = 1) -> None:
   """Raises ValueError naming the first bad key of `cfg` and what would work."""
-  stage = cfg.get("stage")
+  stage = cfg.stage if "stage" in cfg else "missing"
   if stage not in (1, 2):
     _fail("stage", stage, "use 1 (pretrain) or 2 (SFT).")
   unknown = set(cfg.keys()) - _STAGE_KEYS[stage]
@@ -192,14 +203,15 @@ def validate_data_config(cfg: ml_collections.ConfigDict, process_count: int = 1)
         _fail(f"domains.{name}", sorted(keys),
               "a domain takes `path` (a prepared directory) or `tfds` (\"name:split\") with "
               "`data_dir` and optional `text_field`, plus `weight` and optional `resample`.")
+      given = {**DOMAIN_DEFAULTS, **{k: dom[k] for k in keys - {"resample"}}}
       if "tfds" in keys:
         _check_tfds(f"domains.{name}.tfds", dom.tfds, f"domains.{name}.data_dir",
-                    dom.get("data_dir", ""))
+                    given["data_dir"])
         if not cfg.tokenizer:
           _fail("tokenizer", cfg.tokenizer, f"domains.{name} is tokenized on the fly: give a "
                 "tokenizer path (or prepare it: python -m ultralong_jax.data.prepare --tfds_name).")
-      if not dom.get("weight", 1.0) > 0:
-        _fail(f"domains.{name}.weight", dom.get("weight"), "weights must be > 0.")
+      if not given["weight"] > 0:
+        _fail(f"domains.{name}.weight", given["weight"], "weights must be > 0.")
       if "resample" in dom:
         _check_resample(f"domains.{name}.resample", dom.resample)
     _check_resample("resample", cfg.resample)
@@ -236,3 +248,118 @@ def validate_data_config(cfg: ml_collections.ConfigDict, process_count: int = 1)
     if cfg.chat.template not in chat_template.CHAT_TEMPLATES:
       _fail("chat.template", cfg.chat.template,
             f"use one of {sorted(chat_template.CHAT_TEMPLATES)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+  """data.domains.<name>: a prepared directory (`path`) or a TFDS split (`tfds` under
+  `data_dir`, its `text_field`), the domain's token share `weight`, and its resample rates (the
+  global data.resample with the domain's own overrides)."""
+  name: str
+  path: str
+  tfds: str
+  data_dir: str
+  text_field: str
+  weight: float
+  resample: resample_lib.ResampleRates
+
+
+@dataclasses.dataclass(frozen=True)
+class Chat:
+  """data.chat: the chat template and its Llama 3.1 date options."""
+  template: str
+  date_preamble: bool
+  date_string: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+  stage: int
+  seq_len: int
+  global_batch_size: int
+  seed: int
+  num_epochs: int
+  tokenizer: str
+  vocab_size: int
+  strict: bool
+  num_workers: int
+  worker_buffer_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainData(_Data):
+  """A stage-1 data section (default_data_config(1) documents each key); `domains` by name, in
+  name order."""
+  domains: Mapping[str, Domain]
+  resample: resample_lib.ResampleRates
+  separator_id: int
+  bos_id: int
+  document_mask: bool
+  packing: str
+  num_packing_bins: int
+  damaged_records: str
+
+  @property
+  def uses_segment_ids(self) -> bool:
+    """Packed documents are masked from each other only with the document_mask ablation."""
+    return self.document_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SftData(_Data):
+  """A stage-2 data section (default_data_config(2) documents each key)."""
+  chat_files: str
+  chat_tfds: str
+  chat_tfds_data_dir: str
+  max_example_len: int
+  over_limit: str
+  packing: str
+  num_packing_bins: int
+  chat: Chat
+
+  @property
+  def uses_segment_ids(self) -> bool:
+    """Packed chats never attend to each other."""
+    return True
+
+
+def data_piece(cfg: ml_collections.ConfigDict) -> PretrainData | SftData:
+  """The typed piece of the data section `cfg`: each field read by name (a missing key names
+  itself), values as given (validate_data_config checks them)."""
+  stage = cfg.stage if "stage" in cfg else "missing"
+  if stage not in (1, 2):
+    _fail("stage", stage, "use 1 (pretrain) or 2 (SFT).")
+  cls = PretrainData if stage == 1 else SftData
+  values = {}
+  for field in dataclasses.fields(cls):
+    if field.name not in cfg:
+      _fail(field.name, "missing", "start from default_data_config(stage).")
+    values[field.name] = cfg[field.name]
+  if stage == 1:
+    if missing_r := _RESAMPLE_KEYS - set(cfg.resample.keys()):
+      _fail(f"resample.{sorted(missing_r)[0]}", "missing", "set all four resample keys.")
+    _check_resample("resample", cfg.resample)
+    values["resample"] = rates = resample_lib.ResampleRates(**cfg.resample)
+    values["domains"] = types.MappingProxyType(
+        {name: _domain(name, cfg.domains[name], rates) for name in sorted(cfg.domains.keys())})
+  else:
+    values["chat"] = Chat(**cfg.chat)
+  return cls(**values)
+
+
+def _domain(name: str, dom: ml_collections.ConfigDict, rates: resample_lib.ResampleRates
+            ) -> Domain:
+  if unknown := set(dom.keys()) - _DOMAIN_KEYS:
+    _fail(f"domains.{name}.{sorted(unknown)[0]}", "unknown key", f"use {sorted(_DOMAIN_KEYS)}.")
+  given = {k: dom[k] for k in dom.keys() if k != "resample"}
+  if "resample" in dom:
+    _check_resample(f"domains.{name}.resample", dom.resample)
+    rates = dataclasses.replace(rates, **dom.resample)
+  return Domain(name=name, resample=rates, **{**DOMAIN_DEFAULTS, **given})
+
+
+def resolve_data_config(cfg: ml_collections.ConfigDict, process_count: int = 1
+                        ) -> PretrainData | SftData:
+  """`cfg` validated (validate_data_config) and turned into its typed piece."""
+  validate_data_config(cfg, process_count)
+  return data_piece(cfg)

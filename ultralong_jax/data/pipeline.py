@@ -1,6 +1,6 @@
 """What both stages hand the trainer: a Grain dataset of batches, its iterator, its counters.
 
-  pipe = build_pretrain_pipeline(cfg.data)        # or build_sft_pipeline
+  pipe = build_pretrain_pipeline(resolve_data_config(cfg.data))   # or build_sft_pipeline
   it = pipe.iterator()                            # a grain.DatasetIterator
   batch = next(it)                                # {feature: np.ndarray [B, L]}, see features.py
   mngr.save(step, args=ocp.args.Composite(..., data_iter=grain.checkpoint.CheckpointSave(it)))
@@ -32,16 +32,24 @@ def process_info(process_index: int | None, process_count: int | None) -> tuple[
   return process_index, process_count
 
 
-def batch_and_prefetch(ds: grain.IterDataset, batch_size: int, cfg) -> grain.IterDataset:
+def check_process_count(data, process_count: int) -> None:
+  """Each process feeds global_batch_size / process_count rows of `data` (a data piece)."""
+  if data.global_batch_size % process_count:
+    raise ValueError(f"data.global_batch_size: got {data.global_batch_size!r}; use a positive "
+                     f"multiple of the JAX process count ({process_count}).")
+
+
+def batch_and_prefetch(ds: grain.IterDataset, batch_size: int, data) -> grain.IterDataset:
+  """Batches of `batch_size` rows, prefetched by data.num_workers worker processes."""
   ds = ds.batch(batch_size, drop_remainder=True)
-  if cfg.num_workers > 0:
+  if data.num_workers > 0:
     # Grain's workers read absl flags; outside an absl app (tests, notebooks, benchmarks)
     # nothing parsed them, so accept their defaults. A parsed command line is left alone.
     from absl import flags  # pylint: disable=import-outside-toplevel
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
+        num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
   return ds
 
 

@@ -28,7 +28,6 @@ import logging
 from typing import Any
 
 import grain
-import ml_collections
 import numpy as np
 
 from ultralong_jax.data import bad_input as bi
@@ -45,14 +44,6 @@ log = logging.getLogger(__name__)
 # Documents read ahead per process by Grain's reader threads; bounds memory for long documents.
 _READ_THREADS = 4
 _READ_AHEAD = 32
-
-
-def rates_for(cfg: ml_collections.ConfigDict, domain: ml_collections.ConfigDict
-              ) -> resample.ResampleRates:
-  merged = dict(cfg.resample)
-  if "resample" in domain:
-    merged.update(dict(domain.resample))
-  return resample.ResampleRates(**merged)
 
 
 class _LoadDocument:
@@ -110,90 +101,91 @@ class _Features:
                                       packed["tokens_positions"], self._document_mask)
 
 
-def _open_domain(cfg: ml_collections.ConfigDict, name: str, cache_dir: str | None):
+def _open_domain(data: config_lib.PretrainData, dom: config_lib.Domain, cache_dir: str | None):
   """(reader, lengths, max token id, bad input counted before the pipeline) of one domain."""
-  dom = cfg.domains[name]
-  if "tfds" in dom:
+  name = dom.name
+  if dom.tfds:
     docs = tfds_source.TfdsDocuments(
-        dom.tfds, dom.data_dir, dom.get("text_field", tfds_source.DEFAULT_TEXT_FIELD),
-        cfg.tokenizer, f"data.domains.{name}.tfds", cfg.strict, cache_dir)
+        dom.tfds, dom.data_dir, dom.text_field, data.tokenizer, f"data.domains.{name}.tfds",
+        data.strict, cache_dir)
     return docs, docs.lengths, docs.max_token_id, docs.bad_input, (
-        f"data.domains.{name}.tfds: {dom.tfds} tokenized with {cfg.tokenizer}")
-  corpus = shards.load_prepared(dom.path, cfg.damaged_records)
+        f"data.domains.{name}.tfds: {dom.tfds} tokenized with {data.tokenizer}")
+  corpus = shards.load_prepared(dom.path, data.damaged_records)
   return (shards.DocumentReader(corpus), corpus.lengths, corpus.manifest["max_token_id"],
           corpus.manifest.get("bad_input", {}), f"data.domains.{name}.path: {dom.path}")
 
 
-def build_pretrain_pipeline(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
+def build_pretrain_pipeline(data: config_lib.PretrainData, *, process_index: int | None = None,
                             process_count: int | None = None, cache_dir: str | None = None
                             ) -> pipeline.Pipeline:
-  """Builds the stage-1 pipeline of `cfg` (a `default_data_config(1)`) for one JAX process.
+  """Builds the stage-1 pipeline of `data` (config.resolve_data_config of a
+  `default_data_config(1)`) for one JAX process.
 
   `cache_dir` keeps the token counts of TFDS domains tokenized on the fly (default: a
   directory under the system temp dir).
   """
   process_index, process_count = pipeline.process_info(process_index, process_count)
-  config_lib.validate_data_config(cfg, process_count)
-  names = sorted(cfg.domains.keys())
-  extras = int(cfg.bos_id >= 0) + int(cfg.separator_id >= 0)
+  pipeline.check_process_count(data, process_count)
+  names = list(data.domains)
+  extras = int(data.bos_id >= 0) + int(data.separator_id >= 0)
   domain_datasets, doc_weights, plan_stats = [], [], {}
   for domain_id, name in enumerate(names):
-    dom = cfg.domains[name]
-    reader, lengths, max_token_id, bad_before, what = _open_domain(cfg, name, cache_dir)
-    if max_token_id >= cfg.vocab_size:
+    dom = data.domains[name]
+    reader, lengths, max_token_id, bad_before, what = _open_domain(data, dom, cache_dir)
+    if max_token_id >= data.vocab_size:
       raise ValueError(f"{what} holds token id {max_token_id} >= data.vocab_size "
-                       f"{cfg.vocab_size}; use the model's tokenizer (or fix vocab_size).")
-    rates = rates_for(cfg, dom)
-    plan = resample.plan_domain(name, lengths, rates, cfg.seed)
+                       f"{data.vocab_size}; use the model's tokenizer (or fix vocab_size).")
+    rates = dom.resample
+    plan = resample.plan_domain(name, lengths, rates, data.seed)
     plan_stats[name] = plan.summary(rates)
     plan_stats[name]["prepare_bad_input"] = bad_before
     if len(plan.doc_indices) == 0:
       raise ValueError(f"data.domains.{name}: no document survives resampling "
                        f"({plan_stats[name]}); raise the rates or drop the domain.")
-    if cfg.packing != "concat":
-      _check_rows_fit(cfg, name, lengths, extras)
+    if data.packing != "concat":
+      _check_rows_fit(data, name, lengths, extras)
     # MapDataset.mix draws documents; turn the token weight into a document weight by the
     # domain's mean tokens per sampled document (separators included, they fill rows too).
     mean_tokens = plan.tokens_after / len(plan.doc_indices) + extras
-    doc_weights.append(dom.get("weight", 1.0) / mean_tokens)
+    doc_weights.append(dom.weight / mean_tokens)
     ds = grain.MapDataset.source(plan.doc_indices)
     # Shuffling before repeat gives each epoch its own order (Grain reseeds per epoch).
-    ds = ds.shuffle(seed=resample.shuffle_seed(cfg.seed, name))
-    ds = ds.repeat(cfg.num_epochs if cfg.num_epochs > 0 else None)
+    ds = ds.shuffle(seed=resample.shuffle_seed(data.seed, name))
+    ds = ds.repeat(data.num_epochs if data.num_epochs > 0 else None)
     # Slice per domain, before mixing: a slice of the mixed stream could give one process
     # (or one mp_prefetch worker, which Grain slices the same way) a single domain.
     ds = ds[process_index::process_count]
-    ds = ds.map(_LoadDocument(reader, domain_id, cfg.bos_id, cfg.separator_id, cfg.vocab_size,
-                              cfg.strict))
+    ds = ds.map(_LoadDocument(reader, domain_id, data.bos_id, data.separator_id, data.vocab_size,
+                              data.strict))
     domain_datasets.append(ds.to_iter_dataset(grain.ReadOptions(
         num_threads=_READ_THREADS, prefetch_buffer_size=_READ_AHEAD)))
   ds = (grain.IterDataset.mix(domain_datasets, weights=doc_weights) if len(names) > 1
         else domain_datasets[0])
   ds = stats.CountingIterDataset(ds, _CountMix(names, extras), name="mix")
-  row = {"tokens": cfg.seq_len + 1}
-  if cfg.packing == "concat":
+  row = {"tokens": data.seq_len + 1}
+  if data.packing == "concat":
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=row,
                                                        split_full_length_features=True)
   else:
-    packer = (grain.experimental.FirstFitPackIterDataset if cfg.packing == "first_fit"
+    packer = (grain.experimental.FirstFitPackIterDataset if data.packing == "first_fit"
               else grain.experimental.BestFitPackIterDataset)
-    ds = packer(ds, length_struct=row, num_packing_bins=cfg.num_packing_bins, seed=cfg.seed,
+    ds = packer(ds, length_struct=row, num_packing_bins=data.num_packing_bins, seed=data.seed,
                 shuffle_bins=True)
-  ds = ds.map(_Features(cfg.document_mask))
-  batch_size = cfg.global_batch_size // process_count
-  ds = pipeline.batch_and_prefetch(ds, batch_size, cfg)
-  _log_plan(plan_stats, names, [cfg.domains[n].get("weight", 1.0) for n in names])
-  return pipeline.Pipeline(ds, batch_size, cfg.seq_len, {"domains": plan_stats})
+  ds = ds.map(_Features(data.document_mask))
+  batch_size = data.global_batch_size // process_count
+  ds = pipeline.batch_and_prefetch(ds, batch_size, data)
+  _log_plan(plan_stats, names, [data.domains[n].weight for n in names])
+  return pipeline.Pipeline(ds, batch_size, data.seq_len, {"domains": plan_stats})
 
 
-def _check_rows_fit(cfg: ml_collections.ConfigDict, name: str, lengths: np.ndarray,
+def _check_rows_fit(data: config_lib.PretrainData, name: str, lengths: np.ndarray,
                     extras: int) -> None:
   """First/best-fit packing never cuts a document: every one must fit in a row."""
-  too_long = int(np.sum(np.asarray(lengths) + extras > cfg.seq_len + 1))
+  too_long = int(np.sum(np.asarray(lengths) + extras > data.seq_len + 1))
   if too_long:
     raise ValueError(
-        f"data.packing={cfg.packing!r}: {too_long} document(s) of data.domains.{name} are longer "
-        f"than a row ({cfg.seq_len + 1} tokens with BOS / separator; the longest has "
+        f"data.packing={data.packing!r}: {too_long} document(s) of data.domains.{name} are longer "
+        f"than a row ({data.seq_len + 1} tokens with BOS / separator; the longest has "
         f"{int(np.max(lengths))} tokens); use data.packing='concat' (documents run on across "
         "rows) or a longer data.seq_len.")
 

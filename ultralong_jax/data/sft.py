@@ -18,7 +18,6 @@ import logging
 from typing import Any
 
 import grain
-import ml_collections
 import numpy as np
 
 from ultralong_jax.data import bad_input as bi
@@ -91,47 +90,48 @@ def _to_features(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                                packed["tokens_segment_ids"], packed["tokens_positions"])
 
 
-def build_sft_pipeline(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
+def build_sft_pipeline(data: config_lib.SftData, *, process_index: int | None = None,
                        process_count: int | None = None, cache_dir: str | None = None
                        ) -> pipeline.Pipeline:
-  """Builds the stage-2 pipeline of `cfg` (a `default_data_config(2)`) for one JAX process."""
+  """Builds the stage-2 pipeline of `data` (config.resolve_data_config of a
+  `default_data_config(2)`) for one JAX process."""
   process_index, process_count = pipeline.process_info(process_index, process_count)
-  config_lib.validate_data_config(cfg, process_count)
-  bad = bi.BadInputLog(cfg.strict)
-  if cfg.chat_tfds:
-    source = tfds_source.TfdsSource(cfg.chat_tfds, cfg.chat_tfds_data_dir, "data.chat_tfds")
+  pipeline.check_process_count(data, process_count)
+  bad = bi.BadInputLog(data.strict)
+  if data.chat_tfds:
+    source = tfds_source.TfdsSource(data.chat_tfds, data.chat_tfds_data_dir, "data.chat_tfds")
     parse = tfds_source.chat_from_example
     if len(source) == 0:
-      raise ValueError(f"data.chat_tfds: {cfg.chat_tfds!r} holds no examples.")
-    build = {"tfds": cfg.chat_tfds, "examples": len(source)}
+      raise ValueError(f"data.chat_tfds: {data.chat_tfds!r} holds no examples.")
+    build = {"tfds": data.chat_tfds, "examples": len(source)}
   else:
-    paths = readers.expand_paths(cfg.chat_files)
+    paths = readers.expand_paths(data.chat_files)
     source = jsonl_source.JsonlSource(paths, cache_dir=cache_dir)
     parse = readers.parse_json_line
     empty = [p for p, n in zip(paths, source.lines_per_file) if n == 0]
     for p in empty:
       bad.report(bi.EMPTY_SOURCE, f"{p}:0", "no lines")
     if len(source) == 0:
-      raise ValueError(f"data.chat_files: {cfg.chat_files!r} holds no lines.")
+      raise ValueError(f"data.chat_files: {data.chat_files!r} holds no lines.")
     build = {"files": len(paths), "lines": len(source)}
   template = chat_template.make_chat_template(
-      cfg.chat.template, tok_lib.load_tokenizer(cfg.tokenizer),
-      date_preamble=cfg.chat.date_preamble, date_string=cfg.chat.date_string)
-  ds = grain.MapDataset.source(source).shuffle(seed=cfg.seed)
-  ds = ds.repeat(cfg.num_epochs if cfg.num_epochs > 0 else None)
+      data.chat.template, tok_lib.load_tokenizer(data.tokenizer),
+      date_preamble=data.chat.date_preamble, date_string=data.chat.date_string)
+  ds = grain.MapDataset.source(source).shuffle(seed=data.seed)
+  ds = ds.repeat(data.num_epochs if data.num_epochs > 0 else None)
   ds = ds[process_index::process_count]
-  ds = ds.map(RenderChat(template, cfg.max_example_len, cfg.over_limit, cfg.vocab_size,
-                         cfg.strict, parse))
+  ds = ds.map(RenderChat(template, data.max_example_len, data.over_limit, data.vocab_size,
+                         data.strict, parse))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
   ds = stats.CountingIterDataset(ds, _count, name="sft")
-  packer = (grain.experimental.FirstFitPackIterDataset if cfg.packing == "first_fit"
+  packer = (grain.experimental.FirstFitPackIterDataset if data.packing == "first_fit"
             else grain.experimental.BestFitPackIterDataset)
-  row = cfg.seq_len + 1
+  row = data.seq_len + 1
   ds = packer(ds, length_struct={"tokens": row, "trainable": row},
-              num_packing_bins=cfg.num_packing_bins, seed=cfg.seed, shuffle_bins=True)
+              num_packing_bins=data.num_packing_bins, seed=data.seed, shuffle_bins=True)
   ds = ds.map(_to_features)
-  batch_size = cfg.global_batch_size // process_count
-  ds = pipeline.batch_and_prefetch(ds, batch_size, cfg)
+  batch_size = data.global_batch_size // process_count
+  ds = pipeline.batch_and_prefetch(ds, batch_size, data)
   build["bad_input"] = dict(bad.counts)
   log.info("SFT data: %s; bad input at build %s", source, build["bad_input"])
-  return pipeline.Pipeline(ds, batch_size, cfg.seq_len, build)
+  return pipeline.Pipeline(ds, batch_size, data.seq_len, build)

@@ -272,7 +272,7 @@ def mesh_label(mesh: Mapping[str, int]) -> str:
   return train_memory.mesh_label(mesh)
 
 
-NIAH_LENGTHS = (1 << 20, 2 << 20, 4 << 20)
+NIAH_LENGTHS = ("1m", "2m", "4m")  # modeling.presets.ULTRALONG_LENGTHS names
 NIAH_DEVICES = ("h100", "v5p")
 
 
@@ -281,13 +281,13 @@ def niah_table(chunks: tuple[int | None, ...] = (8192, None), new_tokens: int = 
   4M fits for Llama-3.1-8B (UltraLong RoPE) in bfloat16, one prompt at a time, on H100 80GB and
   TPU v5p, for 8K prefill chunks and for the whole prompt in one sharded pass (chunk None)."""
   from ultralong_jax.modeling import presets  # pylint: disable=import-outside-toplevel
-  name = {1 << 20: "1m", 2 << 20: "2m", 4 << 20: "4m"}
   print("| context | device | prefill chunk | smallest mesh | devices | parameters | KV cache "
         "(layer / all) | prefill working set | decode working set | total GiB/device | of HBM |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   rows = []
-  for t in NIAH_LENGTHS:
-    model = presets.get_preset(f"llama31_8b_{name[t]}", dtype="bfloat16", param_dtype="bfloat16")
+  for length in NIAH_LENGTHS:
+    t = presets.ULTRALONG_LENGTHS[length]
+    model = presets.get_preset(f"llama31_8b_{length}", dtype="bfloat16", param_dtype="bfloat16")
     for device in NIAH_DEVICES:
       for chunk in chunks:
         shape = EvalShape(model=model, mesh={}, context=t, new_tokens=new_tokens,

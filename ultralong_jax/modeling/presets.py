@@ -21,7 +21,17 @@ _LLAMA3_EOS = [128001, 128008, 128009]  # <|end_of_text|>, <|eom_id|>, <|eot_id|
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
-_ULTRALONG = {"1m": 128, "2m": 256, "4m": 512}
+# The paper's target lengths (tokens): the `_1m/_2m/_4m` presets, model.ultralong in training
+# configs and `convert --ultralong`. For Llama 3.x the RoPE factor is the length over the 8K
+# original context (128 / 256 / 512).
+ULTRALONG_LENGTHS = {"1m": 1 << 20, "2m": 1 << 21, "4m": 1 << 22}
+
+
+def ultralong_length(length: str) -> int:
+  """Tokens of an UltraLong length name ("1m" | "2m" | "4m")."""
+  if length not in ULTRALONG_LENGTHS:
+    raise ValueError(f"UltraLong length {length!r}: use one of {sorted(ULTRALONG_LENGTHS)}.")
+  return ULTRALONG_LENGTHS[length]
 
 
 def _preset(doc: str, **fields) -> Callable[..., LlamaConfig]:
@@ -58,11 +68,10 @@ llama32_1b = _preset(
 
 def ultralong(base: LlamaConfig, length: str) -> LlamaConfig:
   """`base` with the paper's RoPE for 1M / 2M / 4M tokens (factor 128 / 256 / 512 over 8K)."""
-  if length not in _ULTRALONG:
-    raise ValueError(f"UltraLong length {length!r}: use one of {sorted(_ULTRALONG)}.")
-  factor = _ULTRALONG[length]
-  return base.replace(rope_scaling=rope.ultralong_rope_scaling(factor),
-                      max_position_embeddings=8192 * factor)
+  target = ultralong_length(length)
+  original = LLAMA31_ROPE["original_max_position_embeddings"]
+  return base.replace(rope_scaling=rope.ultralong_rope_scaling(target // original),
+                      max_position_embeddings=target)
 
 
 qwen25_7b = _preset(
@@ -100,9 +109,7 @@ llama2_7b = _preset(
 def extended(base: LlamaConfig, length: str, native: int | None = None) -> LlamaConfig:
   """`base` extended to 1M / 2M / 4M tokens by `rope.long_context_rope_scaling` (llama3 by parts
   for Llama 3.x, yarn α=1 β=4 otherwise); `native` overrides the context the factor is over."""
-  if length not in _ULTRALONG:
-    raise ValueError(f"UltraLong length {length!r}: use one of {sorted(_ULTRALONG)}.")
-  target = 8192 * _ULTRALONG[length]
+  target = ultralong_length(length)
   scaling = rope.long_context_rope_scaling(base.rope_scaling, native or base.max_position_embeddings,
                                            target)
   return base.replace(rope_scaling=scaling, max_position_embeddings=target)

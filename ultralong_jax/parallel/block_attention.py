@@ -20,9 +20,9 @@ Kernels:
   "xla"      einsum scores per block, explicit backward. Works everywhere; the CPU reference. Its
              temporaries are [B, K, G, T, S] float32: O(block length^2).
   "chunked"  the same math tiled flash-style in plain XLA (parallel/chunked_attention.py): lax
-             loops over query and key chunks of `chunk_size` (default CHUNK_SIZE) tokens with an
-             online softmax (forward) and the flash-attention-2 backward per tile, so
-             temporaries are O(chunk^2 + block length).
+             loops over query and key chunks of `chunk_size` (default
+             chunked_attention.CHUNK_SIZE) tokens with an online softmax (forward) and the
+             flash-attention-2 backward per tile, so temporaries are O(chunk^2 + block length).
              Causal blocks skip the tiles above the diagonal. Segment ids; any platform.
   "cudnn"    one cuDNN flash-attention call per block through JAX's cuDNN entry point
              (parallel/cudnn_attention.py), with cuDNN's float32 log-sum-exp. Its vjp ignores the
@@ -46,8 +46,6 @@ import jax.numpy as jnp
 from ultralong_jax.modeling import attention
 from ultralong_jax.parallel import chunked_attention, cudnn_attention
 
-NEG_INF = attention.NEG_INF
-CHUNK_SIZE = chunked_attention.CHUNK_SIZE
 
 class BlockKernel(NamedTuple):
   forward: callable   # (q, k, v, q_seg, kv_seg, *, causal, scale) -> (out f32, lse)
@@ -56,13 +54,16 @@ class BlockKernel(NamedTuple):
   # Whether forward/backward take q_pos [B|1, T], kv_pos [B|1, S] (keywords) and mask by their
   # order (modeling.attention.mask); the others mask by index order within the block.
   positions: bool = False
+  # What its buffers grow with, as training/memory.py estimates them: "xla" materializes the
+  # block's [T, S] float32 scores, "chunked" one [chunk, chunk] tile, "flash" O(T) (fused kernels).
+  memory: str = "xla"
 
 
 def _scores(q, k, q_seg, kv_seg, causal, scale, q_pos, kv_pos):
   s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
   order = chunked_attention.order
   mask = attention.mask(order(q_pos, q.shape[1]), order(kv_pos, k.shape[1]), q_seg, kv_seg, causal)
-  return s if mask is None else jnp.where(mask, s, NEG_INF)
+  return s if mask is None else jnp.where(mask, s, attention.NEG_INF)
 
 
 def xla_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float, q_pos=None, kv_pos=None):
@@ -73,7 +74,7 @@ def xla_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float, q_pos=Non
   l = p.sum(axis=-1, keepdims=True)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", (p / l).astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
-  seen = (m[..., 0] > NEG_INF).transpose(0, 3, 1, 2)[..., None]  # [B, T, K, G, 1]
+  seen = (m[..., 0] > attention.NEG_INF).transpose(0, 3, 1, 2)[..., None]  # [B, T, K, G, 1]
   return jnp.where(seen, out, 0.0), (m + jnp.log(l))[..., 0]
 
 
@@ -91,14 +92,19 @@ def xla_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: bool,
   return dq, dk, dv
 
 
-def chunked_kernel(chunk_size: int = CHUNK_SIZE) -> BlockKernel:
+def chunked_kernel(chunk_size: int = chunked_attention.CHUNK_SIZE) -> BlockKernel:
   """The "chunked" kernel with query/key chunks of `chunk_size` tokens."""
   if chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size}: expected a positive number of tokens")
   return BlockKernel(
       functools.partial(chunked_attention.chunked_forward, chunk_size=chunk_size),
       functools.partial(chunked_attention.chunked_backward, chunk_size=chunk_size),
-      segment_ids=True, positions=True)
+      segment_ids=True, positions=True, memory="chunked")
+
+
+# jax.nn.dot_product_attention's implementations: cuDNN's flash kernel, or XLA's, which
+# materializes the scores.
+_FUSED_MEMORY = {"cudnn": "flash", "xla": "xla"}
 
 
 def _fused_kernel(implementation: str) -> BlockKernel:
@@ -106,10 +112,11 @@ def _fused_kernel(implementation: str) -> BlockKernel:
   return BlockKernel(
       functools.partial(cudnn_attention.forward, implementation=implementation),
       functools.partial(cudnn_attention.backward, implementation=implementation),
-      segment_ids=False)
+      segment_ids=False, memory=_FUSED_MEMORY[implementation])
 
 
-def _packed_kernel(implementation: str, chunk_size: int = CHUNK_SIZE) -> BlockKernel:
+def _packed_kernel(implementation: str,
+                   chunk_size: int = chunked_attention.CHUNK_SIZE) -> BlockKernel:
   """The fused call on cuDNN's packed layout; blocks it cannot lay out run the chunked kernel."""
   fallback = chunked_kernel(chunk_size)
   return BlockKernel(
@@ -117,7 +124,7 @@ def _packed_kernel(implementation: str, chunk_size: int = CHUNK_SIZE) -> BlockKe
                         fallback=fallback.forward),
       functools.partial(cudnn_attention.packed_backward, implementation=implementation,
                         fallback=fallback.backward),
-      segment_ids=True)
+      segment_ids=True, memory=_FUSED_MEMORY[implementation])
 
 
 def _splash_kernel(chunk_size: int) -> BlockKernel:
@@ -126,23 +133,24 @@ def _splash_kernel(chunk_size: int) -> BlockKernel:
     from ultralong_jax.parallel import splash  # pylint: disable=import-outside-toplevel
     return getattr(splash.splash_kernel(chunk_size), part)(*args, **kwargs)
   return BlockKernel(functools.partial(call, "forward"), functools.partial(call, "backward"),
-                     segment_ids=True)
+                     segment_ids=True, memory="flash")
 
 
 KERNELS = {
     "xla": BlockKernel(xla_forward, xla_backward, segment_ids=True, positions=True),
-    "chunked": chunked_kernel(CHUNK_SIZE),
+    "chunked": chunked_kernel(chunked_attention.CHUNK_SIZE),
     "cudnn": _fused_kernel("cudnn"),
     "dpa_xla": _fused_kernel("xla"),
     "cudnn_packed": _packed_kernel("cudnn"),
     "dpa_xla_packed": _packed_kernel("xla"),
-    "splash": _splash_kernel(CHUNK_SIZE),
+    "splash": _splash_kernel(chunked_attention.CHUNK_SIZE),
 }
 
 _PACKED = {"cudnn_packed": "cudnn", "dpa_xla_packed": "xla"}
 
 
-def get_kernel(kernel: str | BlockKernel, *, chunk_size: int = CHUNK_SIZE) -> BlockKernel:
+def get_kernel(kernel: str | BlockKernel, *,
+               chunk_size: int = chunked_attention.CHUNK_SIZE) -> BlockKernel:
   """The BlockKernel named `kernel` (as select_kernel returns it); "chunked", "splash" and the
   packed kernels (whose fallback is "chunked") with `chunk_size`. A BlockKernel is returned as
   it is."""
@@ -157,7 +165,7 @@ def get_kernel(kernel: str | BlockKernel, *, chunk_size: int = CHUNK_SIZE) -> Bl
 
 def select_kernel(kernel: str | BlockKernel, *, has_segment_ids: bool,
                   platform: str | None = None, block_length: int | None = None,
-                  chunk_size: int = CHUNK_SIZE) -> str | BlockKernel:
+                  chunk_size: int = chunked_attention.CHUNK_SIZE) -> str | BlockKernel:
   """Resolves kernel="auto" by backend and block length; validates an explicit choice.
 
   A BlockKernel outside KERNELS (e.g. training.compile_plan.STANDIN_KERNEL) is the caller's

@@ -14,8 +14,6 @@ import jax.numpy as jnp
 
 from ultralong_jax.modeling import attention
 
-NEG_INF = attention.NEG_INF
-
 # Query/key chunk of the "chunked" kernel: one [B, K, G, 1024, 1024] float32 score tile is 4 B N
 # MiB per device (N = its query heads: 128 MiB for Llama-3 8B's 32, 16 MiB at tensor = 8), a few of
 # which are live at once; larger tiles mean fewer loop iterations (a 32K block is 32 x 32 tiles).
@@ -154,7 +152,7 @@ def chunked_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float,
       mask = tiles.mask(qs, ks, q_pos_i, _slice(kv_pos, ks, tiles.ck), q_seg_i,
                         _slice(kv_seg, ks, tiles.ck), causal)
       if mask is not None:
-        s = jnp.where(mask, s, NEG_INF)
+        s = jnp.where(mask, s, attention.NEG_INF)
       m_new = jnp.maximum(m, s.max(axis=-1))
       # A row masked so far has m = NEG_INF and sums exp(0) over masked keys; the first visible
       # key makes its correction exp(NEG_INF - m_new) = 0, which drops them.
@@ -167,13 +165,14 @@ def chunked_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float,
     # Carries start from q_i (not constants) so that under shard_map's check_vma they vary over
     # the same mesh axes as the loop body's results.
     zero = jnp.zeros_like(q_i[..., 0], jnp.float32).transpose(0, 2, 3, 1)    # [B, K, G, cq]
-    init = (zero + NEG_INF, zero, jnp.zeros_like(q_i, jnp.float32).transpose(0, 2, 3, 1, 4))
+    init = (zero + attention.NEG_INF, zero,
+            jnp.zeros_like(q_i, jnp.float32).transpose(0, 2, 3, 1, 4))
     lo, hi = (_visible_range(sees(first_key, _at(last_query, i)), tiles.nk) if causal
               else (0, tiles.nk))
     m, l, acc = jax.lax.fori_loop(lo, hi, key_chunk, init)
-    seen = m > NEG_INF
+    seen = m > attention.NEG_INF
     out = jnp.where(seen[..., None], acc / l[..., None], 0.0)
-    return out.transpose(0, 3, 1, 2, 4), jnp.where(seen, m + jnp.log(l), NEG_INF)
+    return out.transpose(0, 3, 1, 2, 4), jnp.where(seen, m + jnp.log(l), attention.NEG_INF)
 
   # Stacked per query chunk: out [nq, B, cq, K, G, H], lse [nq, B, K, G, cq].
   out, lse = jax.lax.map(query_chunk, jnp.arange(tiles.nq))

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 import logging
 import math
 import os
-from typing import Any
 
 import jax
 from jax.experimental import mesh_utils
@@ -102,12 +101,6 @@ def make_mesh(sizes: Mapping[str, int] | None = None, *, devices=None) -> Mesh:
   else:
     grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-
-
-def mesh_from_config(config: Any, *, devices=None) -> Mesh:
-  """make_mesh from a config with a `mesh` section (data/fsdp/sequence/tensor), or the section."""
-  section = config.mesh if hasattr(config, "mesh") else config
-  return make_mesh({a: section[a] for a in MESH_AXES if a in section}, devices=devices)
 
 
 def _in_cluster() -> bool:

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from ultralong_jax.modeling import attention
 from ultralong_jax.parallel import block_attention, chunked_attention, sharding
 from ultralong_jax.parallel import layout as layout_lib
 
@@ -147,7 +148,7 @@ def _forward(plan: _Plan, q, k, v, seg, pos):
   # Accumulators vary like q (not constants): under check_vma a skipped block's lax.cond branch
   # returns them as they are, which must match the computed branch's type.
   out = jnp.zeros_like(q, jnp.float32)
-  lse = jnp.full_like(q, block_attention.NEG_INF, jnp.float32, shape=(b, kh, g, t))
+  lse = jnp.full_like(q, attention.NEG_INF, jnp.float32, shape=(b, kh, g, t))
   source = _KVSource(plan, (k, v, seg, pos))
   for step in range(plan.n):
     j = (i - step) % plan.n
@@ -249,6 +250,12 @@ def _block_length(t: int, n: int, causal: bool, layout: str) -> int:
   return t // n // (2 if causal and layout == "zigzag" else 1)
 
 
+def training_block_length(t: int, n: int, layout: str) -> int:
+  """The block the kernel of make_attention_fn's causal attention sees for T tokens over n
+  sequence shards: T / 2n under zigzag, T / n contiguous, T with one shard (a one-block ring)."""
+  return _block_length(t, n, True, layout if n > 1 else "contiguous")
+
+
 def _check_arguments(q, k, v, strategy: str, **masks):
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
     raise ValueError(f"expected q [B,T,N,H], k and v [B,S,K,H]; got {q.shape}, {k.shape}, {v.shape}")
@@ -268,7 +275,7 @@ def _check_arguments(q, k, v, strategy: str, **masks):
 def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, causal: bool = True,
                    scale: float | None = None, strategy: str = "ring", layout: str = "zigzag",
                    kernel: str | block_attention.BlockKernel = "auto",
-                   chunk_size: int = block_attention.CHUNK_SIZE):
+                   chunk_size: int = chunked_attention.CHUNK_SIZE):
   """Attention with the length sharded over the mesh's sequence axis.
 
   Args:
@@ -336,7 +343,9 @@ def ring_attention(q, k, v, *, mesh: Mesh, positions=None, segment_ids=None, cau
   return fn(q, k, v, masks)
 
 
-def make_attention_fn(mesh: Mesh, **options):
+def make_attention_fn(mesh: Mesh, *, strategy: str = "ring", layout: str = "zigzag",
+                      kernel: str | block_attention.BlockKernel = "auto",
+                      chunk_size: int = chunked_attention.CHUNK_SIZE):
   """An `attention_fn` for the model: ring_attention when the sequence axis is > 1.
 
   With the whole sequence on every device (sequence axis 1) there is no ring, but a long sequence
@@ -346,18 +355,16 @@ def make_attention_fn(mesh: Mesh, **options):
   sequences on CPU/TPU) the plain reference attention runs instead (the same math, no shard_map).
 
   The callable has the model's signature `(q, k, v, *, positions, segment_ids, causal, scale)`;
-  `options` are ring_attention's strategy/layout/kernel/chunk_size. With a sequence axis > 1 the
-  batch must have been laid out once with layout.zigzag_permute (its `layout`): kernels that
-  mask by positions get the model's positions, the fused ones take the order from the layout.
+  strategy, layout, kernel and chunk_size are ring_attention's (training passes the config's
+  attention.strategy / layout / kernel / chunk_size). With a sequence axis > 1 the batch must
+  have been laid out once with layout.zigzag_permute (its `layout`): kernels that mask by
+  positions get the model's positions, the fused ones take the order from the layout.
   """
-  from ultralong_jax.modeling.attention import dot_product_attention  # pylint: disable=g-import-not-at-top
   axis = sharding.mesh_axes_of("length", mesh)
   if not axis:
-    return dot_product_attention
+    return attention.dot_product_attention
   n = mesh.shape[axis[0]]
-  kernel = options.get("kernel", "auto")
-  chunk_size = options.get("chunk_size", block_attention.CHUNK_SIZE)
-  layout = options.get("layout", "zigzag") if n > 1 else "contiguous"
+  layout = layout if n > 1 else "contiguous"
   platform = mesh.devices.flat[0].platform
 
   def attention_fn(q, k, v, *, positions=None, segment_ids=None, causal=True, scale=None):
@@ -366,12 +373,12 @@ def make_attention_fn(mesh: Mesh, **options):
         kernel, has_segment_ids=segment_ids is not None, platform=platform,
         block_length=_block_length(t, n, causal, layout), chunk_size=chunk_size)
     if n == 1 and chosen == "xla":
-      return dot_product_attention(q, k, v, positions=positions, segment_ids=segment_ids,
+      return attention.dot_product_attention(q, k, v, positions=positions, segment_ids=segment_ids,
                                    causal=causal, scale=scale)
     if not block_attention.get_kernel(chosen, chunk_size=chunk_size).positions:
       positions = None  # the batch is in `layout` order, which is this kernel's mask
     return ring_attention(q, k, v, mesh=mesh, positions=positions, segment_ids=segment_ids,
-                          causal=causal, scale=scale, **{**options, "layout": layout,
-                                                         "kernel": chosen})
+                          causal=causal, scale=scale, strategy=strategy, layout=layout,
+                          kernel=chosen, chunk_size=chunk_size)
 
   return attention_fn

@@ -35,7 +35,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ultralong_jax.parallel import block_attention
+from ultralong_jax.modeling import attention
+from ultralong_jax.parallel import block_attention, chunked_attention
 
 LANES = 128     # splash's q/kv blocks are multiples of the TPU's 128 lanes
 MAX_TILE = 512  # MaxText's default splash block sizes; larger tiles are unmeasured on TPU
@@ -125,7 +126,7 @@ def _segments(q_seg, kv_seg):
 
 
 def splash_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float,
-                   chunk_size: int = block_attention.CHUNK_SIZE):
+                   chunk_size: int = chunked_attention.CHUNK_SIZE):
   """Block attention by splash: out f32 [B, T, K, G, H], lse f32 [B, K, G, T]."""
   _check_jax()
   b, t, kh, g, h = q.shape
@@ -140,13 +141,13 @@ def splash_forward(q, k, v, q_seg, kv_seg, *, causal: bool, scale: float,
   out, lse = _on_platform(run)                           # [B, N, T, H], [B, N, T] f32
   out = out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).astype(jnp.float32)
   lse = lse.reshape(b, kh, g, t)
-  seen = lse > block_attention.NEG_INF
+  seen = lse > attention.NEG_INF
   out = jnp.where(seen.transpose(0, 3, 1, 2)[..., None], out, 0.0)
-  return out, jnp.where(seen, lse, block_attention.NEG_INF)
+  return out, jnp.where(seen, lse, attention.NEG_INF)
 
 
 def splash_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: bool, scale: float,
-                    chunk_size: int = block_attention.CHUNK_SIZE):
+                    chunk_size: int = chunked_attention.CHUNK_SIZE):
   """Flash-attention-2 block backward by splash's dq and dk/dv kernels with the row's global lse
   [B, K, G, T] and delta = rowsum(dout * out) [B, K, G, T]; returns dq, dk, dv in float32."""
   del out  # only needed through delta
@@ -185,7 +186,7 @@ def splash_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal: bo
   return dq, dk, dv
 
 
-def splash_kernel(chunk_size: int = block_attention.CHUNK_SIZE) -> block_attention.BlockKernel:
+def splash_kernel(chunk_size: int = chunked_attention.CHUNK_SIZE) -> block_attention.BlockKernel:
   """The "splash" kernel with tiles of at most min(chunk_size, MAX_TILE) tokens."""
   return block_attention.BlockKernel(
       functools.partial(splash_forward, chunk_size=chunk_size),

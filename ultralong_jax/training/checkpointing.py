@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from ultralong_jax.training import event_loops
+from ultralong_jax.training.run_config import CheckpointConfig
 
 
 class CorruptCheckpointError(ValueError):
@@ -57,25 +58,26 @@ class CheckpointWriteError(ValueError):
 class RunCheckpointer:
   """Saves every `every_steps` (and when forced), keeps the newest `keep`, async by default."""
 
-  def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True,
-               directory: str | None = None, retries: int = 3, backoff_s: float = 10.0):
+  def __init__(self, workdir: str, config: CheckpointConfig, *, directory: str | None = None):
     """Checkpoints go to `directory` (a path, or a gs:// / s3:// URL Orbax writes through
-    TensorStore and etils.epath) or by default to workdir/checkpoints. A failed write is
-    retried `retries` times, after backoff_s, 2 x backoff_s, ... seconds."""
+    TensorStore and etils.epath) or by default to workdir/checkpoints, every
+    checkpoint.every_steps, the newest checkpoint.keep kept. A failed write is retried
+    checkpoint.retries times, after retry_backoff_s, 2 x retry_backoff_s, ... seconds."""
+    every_steps, async_save = config.every_steps, config.async_save
     if directory is None:
       directory = os.path.join(workdir, "checkpoints")
     check_directory(directory)
     self.directory = directory if is_url(directory) else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(every_steps, 1) if every_steps else 10**12,
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        max_to_keep=config.keep, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "data_iter", "config"),
         item_handlers={"state": _reporting(ocp.StandardCheckpointHandler()),
                        "data_iter": _reporting(grain.checkpoint.CheckpointHandler()),
                        "config": ocp.JsonCheckpointHandler()},
         options=options)
-    self.retries, self.backoff_s, self._async = retries, backoff_s, async_save
+    self.retries, self.backoff_s, self._async = config.retries, config.retry_backoff_s, async_save
     # A failed write ends its background event loop the way a failed restore does (see
     # event_loops.IdleClosingLoop); for the checkpointer's life every new loop lets its tasks end first.
     self._previous_policy = asyncio.get_event_loop_policy()

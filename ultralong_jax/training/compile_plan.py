@@ -29,10 +29,11 @@ import jax
 import jax.numpy as jnp
 
 from ultralong_jax.modeling import presets
-from ultralong_jax.parallel import block_attention, mesh as mesh_lib
+from ultralong_jax.parallel import block_attention, chunked_attention, mesh as mesh_lib
 from ultralong_jax.parallel.ring_attention import make_attention_fn, ring_attention
 from ultralong_jax.training import train_step
 from ultralong_jax.training.config import base_config
+from ultralong_jax.training.run_config import OptimConfig
 
 STANDIN = "standin"  # Setup.kernel naming STANDIN_KERNEL: a flash kernel's memory without its math
 
@@ -56,7 +57,17 @@ def _standin_backward(q, k, v, q_seg, kv_seg, out, lse, dout, delta, *, causal, 
 
 
 STANDIN_KERNEL = block_attention.BlockKernel(_standin_forward, _standin_backward,
-                                             segment_ids=False)
+                                             segment_ids=False, memory="flash")
+# The kernel whose compile on CPU shows the plan of each training.memory kernel class: flash by
+# the stand-in (no GPU kernel compiles on CPU), plain by "auto" (with mesh.sequence == 1).
+KERNEL_OF_CLASS = {"flash": STANDIN, "chunked": "chunked", "xla": "xla", "plain": "auto"}
+
+
+def block_kernel(kernel: str, chunk_size: int = chunked_attention.CHUNK_SIZE
+                 ) -> block_attention.BlockKernel:
+  """The BlockKernel a Setup.kernel other than "auto" names (STANDIN or a KERNELS name)."""
+  return STANDIN_KERNEL if kernel == STANDIN else block_attention.get_kernel(
+      kernel, chunk_size=chunk_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +84,7 @@ class Setup:
   loss_chunk: int = 4096
   dtype: str = "bfloat16"
   microbatches: int = 1
-  chunk_size: int = 1024  # the chunked kernel's tile
+  chunk_size: int = chunked_attention.CHUNK_SIZE  # the chunked kernel's tile
   model: Any = None       # a LlamaConfig to use instead of `preset` (num_layers still applies)
 
 
@@ -119,8 +130,9 @@ def build(setup: Setup, devices=None) -> train_step.TrainStep:
   batch = setup.batch or sizes["data"] * sizes["fsdp"]
   options = train_step.StepOptions(loss_chunk_size=min(setup.loss_chunk, setup.seq_len),
                                    microbatches=setup.microbatches)
-  return train_step.build(config, mesh, base_config(1).optim, 1000, seq_len=setup.seq_len,
-                          batch_size=batch, options=options, attention_fn=attention_fn)
+  return train_step.build(config, mesh, OptimConfig.of(base_config(1)), 1000,
+                          seq_len=setup.seq_len, batch_size=batch, options=options,
+                          attention_fn=attention_fn)
 
 
 def compile_abstract(built: train_step.TrainStep):

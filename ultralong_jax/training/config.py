@@ -13,14 +13,13 @@ import os
 
 import ml_collections
 
-from ultralong_jax.data.config import default_data_config, validate_data_config
+from ultralong_jax.data.config import data_piece, default_data_config, validate_data_config
 from ultralong_jax.modeling import presets, rope
 from ultralong_jax.modeling.config import DTYPES, REMAT_POLICIES, LlamaConfig
-from ultralong_jax.parallel import block_attention, splash
+from ultralong_jax.parallel import block_attention, chunked_attention, ring_attention, splash
+from ultralong_jax.parallel.mesh import MESH_AXES
+from ultralong_jax.training import run_config
 from ultralong_jax.training.optimizer import SCHEDULES
-
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
-ULTRALONG_LENGTHS = {"1m": 1 << 20, "2m": 1 << 21, "4m": 1 << 22}  # model.ultralong -> tokens
 
 # Every key that takes one of a fixed set of values, and the values: checked first in validate(),
 # before any file is read or anything compiles (data.* enumerations: validate_data_config).
@@ -28,7 +27,7 @@ CHOICES = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.remat_policy": REMAT_POLICIES,
-    "model.ultralong": ("",) + tuple(ULTRALONG_LENGTHS),
+    "model.ultralong": ("",) + tuple(presets.ULTRALONG_LENGTHS),
     "init.mode": ("random", "hf", "checkpoint"),
     "attention.strategy": ("ring", "allgather"),
     "attention.layout": ("zigzag", "contiguous"),
@@ -40,17 +39,6 @@ CHOICES = {
 }
 
 
-def uses_segment_ids(c: ml_collections.ConfigDict) -> bool:
-  """Whether attention is restricted by segment ids: stage 2's packed chats always, stage 1's
-  packed documents only with the data.document_mask ablation."""
-  return c.stage == 2 or bool(c.data.document_mask)
-
-
-def run_name(c: ml_collections.ConfigDict) -> str:
-  """The run's label on progress bars and plots: train.run_name, else "stage N"."""
-  return c.train.run_name or f"stage {c.stage}"
-
-
 def check_choices(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first enumerated key (CHOICES) whose value is not allowed."""
   for key, allowed in CHOICES.items():
@@ -60,7 +48,8 @@ def check_choices(c: ml_collections.ConfigDict) -> None:
       shown = ", ".join(repr(a) for a in allowed)
       raise ValueError(f"{key}={value!r} is not one of {shown}; e.g. --config.{key}={allowed[0]!r}.")
   kernel = c.attention.kernel
-  if uses_segment_ids(c) and kernel != "auto" and not block_attention.KERNELS[kernel].segment_ids:
+  segments = data_piece(c.data).uses_segment_ids
+  if segments and kernel != "auto" and not block_attention.KERNELS[kernel].segment_ids:
     takes = sorted(k for k, v in block_attention.KERNELS.items() if v.segment_ids)
     why = "stage 2 packs chats" if c.stage == 2 else "data.document_mask is on"
     raise ValueError(f"attention.kernel={kernel!r} cannot mask by segment ids, which this run needs "
@@ -152,7 +141,7 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(mode="hf", path=""))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, sequence=1, tensor=1))
   c.attention = ml_collections.ConfigDict(dict(strategy="ring", layout="zigzag", kernel="auto",
-                                                 chunk_size=1024))
+                                                 chunk_size=chunked_attention.CHUNK_SIZE))
   c.data = default_data_config(stage)
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=3e-5 if stage == 1 else 5e-6, warmup_steps=0, schedule="constant",
@@ -195,12 +184,12 @@ def apply_rope_override(config: LlamaConfig, c: ml_collections.ConfigDict) -> Ll
   if m.ultralong and m.rope_scaling_json:
     raise ValueError("model.ultralong and model.rope_scaling_json both set; use one.")
   if m.ultralong:
-    if m.ultralong not in ULTRALONG_LENGTHS:
-      raise ValueError(f"model.ultralong={m.ultralong!r}; use one of {sorted(ULTRALONG_LENGTHS)} "
-                       "or ''.")
+    if m.ultralong not in presets.ULTRALONG_LENGTHS:
+      raise ValueError(f"model.ultralong={m.ultralong!r}; use one of "
+                       f"{sorted(presets.ULTRALONG_LENGTHS)} or ''.")
     try:
       scaling = rope.long_context_rope_scaling(config.rope_scaling, config.max_position_embeddings,
-                                               ULTRALONG_LENGTHS[m.ultralong])
+                                               presets.ULTRALONG_LENGTHS[m.ultralong])
     except ValueError as e:
       raise ValueError(f"model.ultralong={m.ultralong!r}: {e}") from None
   elif m.rope_scaling_json:
@@ -231,6 +220,13 @@ def _json(text: str, key: str) -> dict:
   return value
 
 
+def resolve(c: ml_collections.ConfigDict, num_devices: int, process_count: int = 1, *,
+            data: bool = True) -> run_config.RunConfig:
+  """`c` validated (`validate`) and turned into the typed pieces the modules below take."""
+  model = validate(c, num_devices, process_count, data=data)
+  return run_config.RunConfig.of(c, model, num_devices)
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int = 1, *,
              data: bool = True) -> LlamaConfig:
   """Checks the whole config against the device count before anything compiles.
@@ -239,6 +235,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   data.vocab_size): what the memory estimate validates. Raises ValueError naming the key and what
   would work. Returns the model config.
   """
+  run_config.check_keys(c)
   if c.stage not in (1, 2) or c.data.stage != c.stage:
     raise ValueError(f"stage={c.stage} and data.stage={c.data.stage} must agree and be 1 or 2.")
   check_choices(c)
@@ -247,18 +244,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   if c.init.mode != "random" and not c.init.path:
     raise ValueError(f"init.mode={c.init.mode} needs init.path (a directory).")
   model = model_config(c)
-  sizes = {a: c.mesh[a] for a in MESH_AXES}
-  rest = [a for a, s in sizes.items() if s == -1]
-  if len(rest) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
-    raise ValueError(f"mesh sizes {sizes}: each must be positive, one may be -1 (the rest).")
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  if num_devices % fixed or (not rest and fixed != num_devices):
-    raise ValueError(f"mesh sizes {sizes} (product {fixed}) do not fit {num_devices} devices; "
-                     f"make the product {num_devices} or set one axis to -1.")
-  if rest:
-    sizes[rest[0]] = num_devices // fixed
+  try:
+    mesh = run_config.MeshConfig.of(c, num_devices)
+  except ValueError as e:
+    raise ValueError(f"mesh.{{{','.join(MESH_AXES)}}}: {e}") from None
+  sizes = mesh.sizes
   L, B = c.data.seq_len, c.data.global_batch_size
-  batch_shards = sizes["data"] * sizes["fsdp"]
+  batch_shards = mesh.batch_shards
   if B % (batch_shards * c.train.microbatches):
     raise ValueError(
         f"data.global_batch_size={B} must be divisible by mesh.data x mesh.fsdp "
@@ -273,14 +265,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     if L % unit:
       raise ValueError(f"data.seq_len={L} must be divisible by {unit} (2 x mesh.sequence for the "
                        f"zigzag layout); e.g. {L - L % unit}.")
-  if c.attention.get("chunk_size", 1024) < 1:
+  if c.attention.chunk_size < 1:
     raise ValueError(f"attention.chunk_size={c.attention.chunk_size}: use a positive number of "
                      "tokens (e.g. 1024).")
   if c.attention.kernel == "splash":
-    # The ring block the kernel sees (ring_attention: T / 2n under zigzag, T / n contiguous; the
-    # whole sequence with one shard): splash tiles it in multiples of 128 tokens.
-    block = L // n // (2 if n > 1 and c.attention.layout == "zigzag" else 1)
-    splash.check_lengths(block, c.attention.get("chunk_size", 1024))
+    # Splash tiles the ring block its kernel sees in multiples of 128 tokens.
+    block = ring_attention.training_block_length(L, n, c.attention.layout)
+    splash.check_lengths(block, c.attention.chunk_size)
   t = sizes["tensor"]
   for key, value in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads)):
     if value % t:
@@ -303,12 +294,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
                      f"{model.vocab_size}; token ids must index the embedding.")
   if c.train.steps <= 0 or c.train.microbatches <= 0:
     raise ValueError("train.steps and train.microbatches must be positive.")
-  if c.train.get("max_nonfinite_steps", 0) < 0:
+  if c.train.max_nonfinite_steps < 0:
     raise ValueError(f"train.max_nonfinite_steps={c.train.max_nonfinite_steps}; use >= 0 "
                      "(0 = no limit).")
   for key in ("train.hang_timeout_s", "train.hang_startup_s", "checkpoint.retries",
               "checkpoint.retry_backoff_s"):
     section, name = key.split(".")
-    if c[section].get(name, 0) < 0:
+    if c[section][name] < 0:
       raise ValueError(f"{key}={c[section][name]}; use >= 0.")
   return model

@@ -1,7 +1,7 @@
 """The end of a complete run: the final model as a project checkpoint (final/, where stage 2
 starts from), a Hugging Face directory (hf/) and the loss curve (loss.png).
 
-  loop.run calls `write_final(c, workdir, model_config, params, metrics_path, step)` on every
+  loop.run calls `write_final(run, workdir, params, metrics_path, step)` on every
   process once the run has reached train.steps.
 """
 
@@ -16,10 +16,12 @@ import numpy as np
 from ultralong_jax.convert import api as convert_api
 from ultralong_jax.convert import checkpoint as model_checkpoint
 from ultralong_jax.convert import hf
-from ultralong_jax.training import config as config_lib, metrics as metrics_lib, outputs
+from ultralong_jax.training import metrics as metrics_lib, outputs
+from ultralong_jax.training.run_config import RunConfig
 
 
-def write_final(c, workdir, model_cfg, params, metrics_path, step: int) -> dict[str, str]:
+def write_final(run: RunConfig, workdir: str, params, metrics_path: str, step: int
+                ) -> dict[str, str]:
   """The final model as a project checkpoint (stage 2 starts from it) and a HF directory; the
   loss curve as a PNG. Each is written aside and moved into place when complete (outputs.py), so
   after a resumed run they all describe `step`, the step the run ended at; final/run.json says so.
@@ -28,6 +30,7 @@ def write_final(c, workdir, model_cfg, params, metrics_path, step: int) -> dict[
   collectives; process 0 alone prepares and renames the directories, writes the HF files and the
   plot."""
   primary = jax.process_index() == 0
+  model_cfg = run.model
   final = os.path.join(workdir, "final")
   out = {"final_checkpoint": final}
   partial = outputs.start_dir(final) if primary else outputs.partial_path(final)
@@ -36,21 +39,21 @@ def write_final(c, workdir, model_cfg, params, metrics_path, step: int) -> dict[
   _sync("ultralong_jax.loop: final/ parameters written")
   if primary:
     with open(os.path.join(partial, RUN_INFO), "w") as f:
-      json.dump({"stage": c.stage, "step": step, "steps": c.train.steps}, f)
+      json.dump({"stage": run.stage, "step": step, "steps": run.train.steps}, f)
     outputs.commit_dir(final)
-  if c.export.hf:
+  if run.export.hf:
     get = layer_getter(params)
     if primary:
       out["hf_export"] = os.path.join(workdir, "hf")
       outputs.replace_dir(out["hf_export"], lambda tmp: convert_api.export_hf(
-          tmp, model_cfg, get, dtype=c.export.dtype))
+          tmp, model_cfg, get, dtype=run.export.dtype))
     else:  # the same gathers in the same order as process 0's export
       for _ in hf.iter_hf_tensors(model_cfg, get):
         pass
   if primary and os.path.exists(metrics_path):
     png = os.path.join(workdir, "loss.png")
     outputs.replace_file(png, lambda tmp: metrics_lib.plot_loss(
-        metrics_path, tmp, title=f"{config_lib.run_name(c)} loss"))
+        metrics_path, tmp, title=f"{run.run_name} loss"))
     out["loss_plot"] = png
   # The others wait here: exiting early would start JAX's shutdown barrier, whose timeout
   # (5 min) an 8B export can outlast, and a launcher may end the job when its first task exits.

@@ -2,8 +2,9 @@
 
   summary = run(config, workdir)
 
-  build       validate the config and pre-flight its files and memory, then the sharded train
-              step (train_step.from_config) and the data pipeline           `build`
+  build       validate the config and resolve it into typed pieces (config.resolve), pre-flight
+              its files and memory, then the sharded train step (train_step.from_config) and
+              the data pipeline                                               `build`
   resume      the newest complete checkpoint (state and data position), else the initial
               parameters (random, or a HF / project checkpoint)              `_resume`
   step        next batch, in the ring's layout, as sharded arrays -> the compiled step
@@ -40,6 +41,7 @@ from ultralong_jax.training import preflight
 from ultralong_jax.training import train_step
 from ultralong_jax.training import watchdog
 from ultralong_jax.training import config as config_lib
+from ultralong_jax.training.run_config import RunConfig, TrainConfig
 
 
 class NonFiniteError(ValueError):
@@ -87,31 +89,34 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def initial_params(c: ml_collections.ConfigDict, built: train_step.TrainStep) -> dict:
+def initial_params(run: RunConfig, built: train_step.TrainStep) -> dict:
   """Parameters placed by the step's shardings: random (created sharded inside a jit), or loaded
   from a HF directory / project checkpoint, each process reading only its devices' slices; never
   whole on one host."""
-  if c.init.mode == "random":
-    return built.random_params(c.train.seed)
-  return convert_api.load_params(c.init.path, built.model_config, built.shardings["params"])
+  if run.init.mode == "random":
+    return built.random_params(run.train.seed)
+  return convert_api.load_params(run.init.path, built.model_config, built.shardings["params"])
 
 
-def build_pipeline(c: ml_collections.ConfigDict):
-  return (pretrain.build_pretrain_pipeline if c.stage == 1 else sft.build_sft_pipeline)(c.data)
+def build_pipeline(run: RunConfig):
+  return (pretrain.build_pretrain_pipeline if run.stage == 1 else sft.build_sft_pipeline)(run.data)
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """What a config builds before the first step: the train step and the data pipeline."""
+  """What a config builds before the first step: its resolved pieces, the train step and the
+  data pipeline."""
+  config: RunConfig
   train_step: train_step.TrainStep
   pipe: Any
 
 
 def build(c: ml_collections.ConfigDict) -> Run:
-  """Validates `c` (and pre-flights its files, tokenizer and memory) before building anything."""
-  model_cfg = config_lib.validate(c, jax.device_count(), jax.process_count())
-  preflight.check(c, model_cfg)  # files, tokenizer, memory: before any compile
-  return Run(train_step.from_config(c, model_cfg), build_pipeline(c))
+  """Validates and resolves `c` (and pre-flights its files, tokenizer and memory) before
+  building anything."""
+  run = config_lib.resolve(c, jax.device_count(), jax.process_count())
+  preflight.check(run)  # files, tokenizer, memory: before any compile
+  return Run(run, train_step.from_config(run), build_pipeline(run))
 
 
 def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None,
@@ -123,7 +128,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = N
   workdir/checkpoints; everything else the run writes stays in workdir (a filesystem path).
 
   max_steps stops after that many steps *of this invocation* (tests use it to interrupt a run);
-  the run is otherwise complete at c.train.steps. Returns a summary dict (also summary.json),
+  the run is otherwise complete at train.steps. Returns a summary dict (also summary.json),
   with the invocation's time account (goodput.py) under "time".
 
   wrap_step, when given, receives the compiled `step_fn(state, batch) -> (state, metrics)` and
@@ -137,22 +142,20 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = N
   with account.timed("startup"):
     built = build(c)  # validation and everything that can fail on bad input, before any compile
     step_fn = built.train_step.step if wrap_step is None else wrap_step(built.train_step.step)
-    ckpt = checkpointing.RunCheckpointer(
-        workdir, every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep,
-        async_save=c.checkpoint.async_save, directory=checkpoint_dir,
-        retries=c.checkpoint.retries, backoff_s=c.checkpoint.retry_backoff_s)
+    ckpt = checkpointing.RunCheckpointer(workdir, built.config.checkpoint,
+                                         directory=checkpoint_dir)
   writer = metrics_lib.MetricsWriter(workdir)
   try:
-    trained = train(c, built, step_fn, ckpt, writer, max_steps=max_steps, progress=progress,
+    trained = train(built, step_fn, ckpt, writer, max_steps=max_steps, progress=progress,
                     account=account)
   finally:
     ckpt.close()
     writer.close()
-  summary = _summary(c, built, trained, ckpt.directory, writer.path)
+  summary = _summary(built, trained, ckpt.directory, writer.path)
   if summary["complete"]:  # every process: the gather and the checkpoint write are collectives
     with account.timed("export"):
-      summary.update(export.write_final(c, workdir, built.train_step.model_config,
-                                        trained.state["params"], writer.path, trained.end_step))
+      summary.update(export.write_final(built.config, workdir, trained.state["params"],
+                                        writer.path, trained.end_step))
   summary["process_count"] = jax.process_count()
   summary["time"] = account.summary()
   logging.info("time account: %s", json.dumps(summary["time"]))
@@ -187,20 +190,22 @@ class Trained:
   data_stats: dict       # the pipeline's statistics (JSON-able)
 
 
-def train(c: ml_collections.ConfigDict, built: Run, step_fn: Callable, ckpt, writer, *,
-          max_steps: int | None, progress: bool, account: goodput.TimeAccount) -> Trained:
-  """Resume, then step, log, guard and checkpoint until c.train.steps (or max_steps of this
+def train(built: Run, step_fn: Callable, ckpt, writer, *, max_steps: int | None, progress: bool,
+          account: goodput.TimeAccount) -> Trained:
+  """Resume, then step, log, guard and checkpoint until train.steps (or max_steps of this
   invocation, or SIGTERM), under the hang watchdog; ends with a checkpoint of the last step."""
-  dog = watchdog.Watchdog(c.train.hang_timeout_s, c.train.hang_startup_s,
+  run = built.config
+  dog = watchdog.Watchdog(run.train.hang_timeout_s, run.train.hang_startup_s,
                           watchdog.describe_process())
   ts = built.train_step
   with dog:
     data_iter = built.pipe.iterator()
-    start_step, state = _resume(c, ts, ckpt, data_iter, account)
+    start_step, state = _resume(run, ts, ckpt, data_iter, account)
     _note_replay(account, writer.path, start_step)
-    end_step = c.train.steps if max_steps is None else min(c.train.steps, start_step + max_steps)
-    guard = NonFiniteGuard(c.train, ckpt)
-    log = StepLog(c, ts, writer, start_step, progress)
+    steps = run.train.steps
+    end_step = steps if max_steps is None else min(steps, start_step + max_steps)
+    guard = NonFiniteGuard(run.train, ckpt)
+    log = StepLog(run, ts, writer, start_step, progress)
     n_seq = ts.mesh.shape["sequence"]
     step = saved_step = start_step
     preempted = False
@@ -211,7 +216,7 @@ def train(c: ml_collections.ConfigDict, built: Run, step_fn: Callable, ckpt, wri
       with _Preemption() as preemption, jax.set_mesh(ts.mesh):
         while step < end_step:
           with account.timed("data_wait"):
-            batch = _next_batch(data_iter, n_seq, c.attention.layout)
+            batch = _next_batch(data_iter, n_seq, run.attention.layout)
           state, step_metrics = step_fn(state, ts.put_batch(batch))
           step += 1
           if log.due(step, end_step):
@@ -225,7 +230,7 @@ def train(c: ml_collections.ConfigDict, built: Run, step_fn: Callable, ckpt, wri
           dog.beat(step)
           with account.timed("checkpoint"):
             dog.slow_section()
-            if ckpt.save(step, state, data_iter, c, force=stop):
+            if ckpt.save(step, state, data_iter, run.raw, force=stop):
               saved_step = step
           dog.beat(step, step_time=False)
           account.step_done(step)
@@ -237,16 +242,16 @@ def train(c: ml_collections.ConfigDict, built: Run, step_fn: Callable, ckpt, wri
       log.close()
     dog.slow_section()
     with account.timed("checkpoint"):
-      if step != saved_step and (step == c.train.steps or max_steps is not None):
+      if step != saved_step and (step == steps or max_steps is not None):
         if step > start_step:
           guard.before_save(step_metrics)
-        ckpt.save(step, state, data_iter, c, force=True)  # the end of this invocation
-      ckpt.finish(step, state, data_iter, c)
+        ckpt.save(step, state, data_iter, run.raw, force=True)  # the end of this invocation
+      ckpt.finish(step, state, data_iter, run.raw)
     return Trained(state, start_step, step, preempted, log.last,
-                   _data_stats(c, built.pipe, data_iter))
+                   _data_stats(run.stage, built.pipe, data_iter))
 
 
-def _resume(c, built: train_step.TrainStep, ckpt, data_iter,
+def _resume(run: RunConfig, built: train_step.TrainStep, ckpt, data_iter,
             account: goodput.TimeAccount) -> tuple[int, dict]:
   """(step, train state): the newest complete checkpoint (which also moves `data_iter` to where
   it was), else step 0 with the initial parameters."""
@@ -254,12 +259,12 @@ def _resume(c, built: train_step.TrainStep, ckpt, data_iter,
     abstract = built.abstract_state()
     with account.timed("restore"):
       step, state = ckpt.restore_latest(abstract, data_iter,
-                                        fallback=c.checkpoint.fallback_on_corrupt)
+                                        fallback=run.checkpoint.fallback_on_corrupt)
     logging.info("resumed from step %s in %s", step, ckpt.directory)
     if step is not None:
       return step, state
   with account.timed("startup"):
-    return 0, built.init_state(initial_params(c, built))
+    return 0, built.init_state(initial_params(run, built))
 
 
 def _note_replay(account: goodput.TimeAccount, metrics_path: str, start_step: int) -> None:
@@ -280,16 +285,16 @@ class StepLog:
   """metrics.jsonl lines every train.log_every steps (and at the invocation's last step), with
   step time, tokens/s, model TFLOP/s per device and MFU, and the progress bar."""
 
-  def __init__(self, c: ml_collections.ConfigDict, built: train_step.TrainStep, writer,
-               start_step: int, progress: bool):
-    self.every = c.train.log_every
+  def __init__(self, run: RunConfig, built: train_step.TrainStep, writer, start_step: int,
+               progress: bool):
+    self.every = run.train.log_every
     self.last: dict[str, float] = {}
     self._writer = writer
     self._flops_per_token = metrics_lib.train_flops_per_token(built.model_config, built.seq_len)
-    self._peak = metrics_lib.peak_tflops(override=c.metrics.peak_tflops)
+    self._peak = metrics_lib.peak_tflops(override=run.metrics.peak_tflops)
     self._tokens_per_step = built.batch_size * built.seq_len
-    self._bar = tqdm(total=c.train.steps, initial=start_step,
-                     disable=not progress or jax.process_index(), desc=config_lib.run_name(c),
+    self._bar = tqdm(total=run.train.steps, initial=start_step,
+                     disable=not progress or jax.process_index(), desc=run.run_name,
                      unit="step", dynamic_ncols=True)
     self._t_prev = time.perf_counter()
 
@@ -328,7 +333,7 @@ class NonFiniteGuard:
   never saves past a non-finite step. `skip` warns when the count grows and stops once it is over
   train.max_nonfinite_steps (0: no limit); `stop` stops at the first one."""
 
-  def __init__(self, train_cfg: ml_collections.ConfigDict, ckpt):
+  def __init__(self, train_cfg: TrainConfig, ckpt):
     self.stop = train_cfg.nonfinite == "stop"
     self.limit = train_cfg.max_nonfinite_steps
     self._ckpt = ckpt
@@ -359,18 +364,19 @@ class NonFiniteGuard:
       self.check({k: step_metrics[k] for k in ("nonfinite_steps", "first_nonfinite_step")})
 
 
-def _data_stats(c: ml_collections.ConfigDict, pipe, data_iter) -> dict:
+def _data_stats(stage: int, pipe, data_iter) -> dict:
   stats = _jsonable(pipe.stats(data_iter))
-  if c.stage == 1:  # the mix the resampling actually produced, next to the configured weights
+  if stage == 1:  # the mix the resampling actually produced, next to the configured weights
     stats["realized_mix"] = pretrain.realized_mix(stats)
     logging.info("stage-1 realized domain mix (token shares): %s", stats["realized_mix"])
   return stats
 
 
-def _summary(c: ml_collections.ConfigDict, built: Run, trained: Trained, checkpoints: str,
-             metrics_path: str) -> dict[str, Any]:
-  return {"stage": c.stage, "start_step": trained.start_step, "end_step": trained.end_step,
-          "complete": trained.end_step == c.train.steps, "preempted": trained.preempted,
+def _summary(built: Run, trained: Trained, checkpoints: str, metrics_path: str
+             ) -> dict[str, Any]:
+  run = built.config
+  return {"stage": run.stage, "start_step": trained.start_step, "end_step": trained.end_step,
+          "complete": trained.end_step == run.train.steps, "preempted": trained.preempted,
           "checkpoints": checkpoints, "metrics": metrics_path,
           "last_metrics": trained.last_metrics, "data": trained.data_stats,
           "nonfinite_steps": int(trained.state["nonfinite_steps"]),

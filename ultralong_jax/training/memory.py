@@ -44,9 +44,9 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from ultralong_jax.modeling.config import LlamaConfig
-from ultralong_jax.parallel import block_attention, sharding
+from ultralong_jax.parallel import block_attention, chunked_attention, ring_attention, sharding
 from ultralong_jax.parallel.mesh import MESH_AXES, resolve_axis_sizes
-from ultralong_jax.training import config as config_lib
+from ultralong_jax.training.run_config import RunConfig
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
@@ -84,7 +84,7 @@ class StepShape:
   # Memory class of the attention: flash (cuDNN: O(c)), chunked ([chunk, chunk] tiles), xla (the
   # ring's reference kernel: [2c, c] scores a step) or plain (mesh.sequence == 1: [T, T] scores).
   kernel: str = "flash"
-  kernel_chunk: int = 1024     # attention.chunk_size: the chunked kernel's query/key tile
+  kernel_chunk: int = chunked_attention.CHUNK_SIZE  # attention.chunk_size: the chunked tile
   loss_chunk: int = 4096
   layout: str = "zigzag"
   segment_ids: bool = False    # document masking / SFT packing (one more int32 input)
@@ -237,36 +237,30 @@ TOLERANCE = 0.2
 
 
 def kernel_class(kernel: str, platform: str, has_segment_ids: bool, seq_len: int, sequence: int,
-                 layout: str = "zigzag", chunk: int = 1024) -> str:
-  """The memory class (flash | chunked | xla | plain) of `attention.kernel` on `platform`: the
-  kernel block_attention.select_kernel picks for a block of T / 2n tokens under zigzag (T / n
-  contiguous), and, as ring_attention.make_attention_fn does, the plain attention where one
-  sequence shard would get the XLA kernel."""
-  if kernel == "plain":
-    return kernel
-  block = seq_len // (2 * sequence) if sequence > 1 and layout == "zigzag" else seq_len // sequence
+                 layout: str = "zigzag", chunk: int = chunked_attention.CHUNK_SIZE) -> str:
+  """The memory class (flash | chunked | xla | plain, StepShape.kernel) of `attention.kernel` on
+  `platform`: the BlockKernel.memory of the kernel block_attention.select_kernel picks for a
+  block of T / 2n tokens under zigzag (T / n contiguous), and, as ring_attention.make_attention_fn
+  does, the plain attention where one sequence shard would get a kernel that materializes the
+  scores."""
+  block = ring_attention.training_block_length(seq_len, sequence, layout)
   kernel = block_attention.select_kernel(kernel, has_segment_ids=has_segment_ids,
                                          platform=platform, block_length=block, chunk_size=chunk)
-  kernel = {"cudnn": "flash", "cudnn_packed": "flash", "splash": "flash", "dpa_xla": "xla",
-            "dpa_xla_packed": "xla"}.get(kernel, kernel)
-  return "plain" if kernel == "xla" and sequence == 1 else kernel
+  memory_class = block_attention.get_kernel(kernel, chunk_size=chunk).memory
+  return "plain" if memory_class == "xla" and sequence == 1 else memory_class
 
 
-def shape_from_config(c, model: LlamaConfig, num_devices: int, platform: str) -> StepShape:
-  """The StepShape of a training config (configs/*.py) on `num_devices` of `platform`."""
-  sizes = resolve_axis_sizes({a: c.mesh[a] for a in MESH_AXES}, num_devices)
-  segments = config_lib.uses_segment_ids(c)
-  chunk = int(c.attention.get("chunk_size", 1024))
-  kernel = kernel_class(c.attention.kernel, platform, segments, c.data.seq_len, sizes["sequence"],
-                        c.attention.layout, chunk)
+def shape_from_config(run: RunConfig, platform: str) -> StepShape:
+  """The StepShape of a resolved training config (config.resolve) on its devices of `platform`."""
+  a, sizes = run.attention, run.mesh.sizes
+  kernel = kernel_class(a.kernel, platform, run.uses_segment_ids, run.seq_len, sizes["sequence"],
+                        a.layout, a.chunk_size)
   return StepShape(
-      model=model, mesh=sizes, num_devices=num_devices, seq_len=c.data.seq_len,
-      global_batch=c.data.global_batch_size, microbatches=c.train.microbatches,
-      remat=c.model.remat_policy,
-      kernel=kernel,
-      kernel_chunk=chunk, loss_chunk=c.train.loss_chunk_size, layout=c.attention.layout,
-      segment_ids=segments,
-      param_dtype=c.model.param_dtype, dtype=c.model.dtype, state_dtype=c.optim.state_dtype)
+      model=run.model, mesh=sizes, num_devices=run.mesh.num_devices, seq_len=run.seq_len,
+      global_batch=run.global_batch_size, microbatches=run.train.microbatches,
+      remat=run.model.remat_policy, kernel=kernel, kernel_chunk=a.chunk_size,
+      loss_chunk=run.train.loss_chunk_size, layout=a.layout, segment_ids=run.uses_segment_ids,
+      param_dtype=run.model.param_dtype, dtype=run.model.dtype, state_dtype=run.optim.state_dtype)
 
 
 def candidate_meshes(num_devices: int, global_batch: int, seq_len: int, model: LlamaConfig,

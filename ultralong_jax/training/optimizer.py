@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
+
+from ultralong_jax.training.run_config import OptimConfig
 
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
   """Linear warmup over `cfg.warmup_steps` to `cfg.learning_rate`, then `cfg.schedule` down to
   `cfg.learning_rate * cfg.final_lr_fraction` at `total_steps`."""
   peak, warmup = cfg.learning_rate, cfg.warmup_steps
@@ -46,9 +47,9 @@ def _decay_mask(params):
 _BIASES = {"bq", "bk", "bv", "bo", "b_gate", "b_up", "b_down"}
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
+def make_optimizer(cfg: OptimConfig, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optax chain for `config.optim`; returns (transformation, learning-rate schedule)."""
+  """The optax chain for the optim section; returns (transformation, learning-rate schedule)."""
   schedule = learning_rate_schedule(cfg, total_steps)
   # bf16 optimizer state stores Adam's first moment in bf16 (optax mu_dtype); the second moment
   # stays fp32, whose squared-gradient range bf16's 8-bit mantissa handles poorly.

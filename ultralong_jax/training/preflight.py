@@ -1,6 +1,6 @@
 """Pre-flight checks that run after `config.validate` and before anything compiles.
 
-  preflight.check(c, model_cfg)
+  preflight.check(run)          # run = config.resolve(c, ...)
 
 `validate` checks the config against itself and the device count; this checks it against the
 world: the data files it names exist and are readable, the tokenizer's vocabulary fits the
@@ -16,20 +16,20 @@ import logging
 import os
 
 import jax
-import ml_collections
 
+from ultralong_jax.data.config import PretrainData, SftData
 from ultralong_jax.data.tokenizer import load_tokenizer
 from ultralong_jax.modeling.config import LlamaConfig
 from ultralong_jax.training import memory
+from ultralong_jax.training.run_config import RunConfig
 
-def check(c: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> None:
+def check(run: RunConfig) -> None:
   """Raises ValueError naming the first key whose files, tokenizer or memory would fail."""
-  flags = c.get("preflight", ml_collections.ConfigDict())
-  if flags.get("check_paths", True):
-    check_paths(c.data)
-    check_tokenizer_vocab(c.data, model_cfg)
-  if flags.get("check_memory", True):
-    check_memory(c, model_cfg)
+  if run.preflight.check_paths:
+    check_paths(run.data)
+    check_tokenizer_vocab(run.data, run.model)
+  if run.preflight.check_memory:
+    check_memory(run)
 
 
 def _readable_file(key: str, path: str) -> None:
@@ -39,14 +39,14 @@ def _readable_file(key: str, path: str) -> None:
     raise ValueError(f"{key}: {path} is not readable by this user.")
 
 
-def check_paths(data: ml_collections.ConfigDict) -> None:
+def check_paths(data: PretrainData | SftData) -> None:
   """Stage 1: every domain's prepared directory holds files; stage 2: every chat glob matches a
   readable file; both: the tokenizer (where set) and every TFDS data_dir exist."""
-  if data.get("tokenizer"):
+  if data.tokenizer:
     _readable_file("data.tokenizer", data.tokenizer)
   if data.stage == 1:
     for name, dom in data.domains.items():
-      if "tfds" in dom:  # the dataset itself is opened (and checked) when the pipeline builds
+      if dom.tfds:  # the dataset itself is opened (and checked) when the pipeline builds
         _readable_file(f"data.domains.{name}.data_dir", dom.data_dir)
         continue
       key = f"data.domains.{name}.path"
@@ -65,10 +65,10 @@ def check_paths(data: ml_collections.ConfigDict) -> None:
         _readable_file("data.chat_files", path)
 
 
-def check_tokenizer_vocab(data: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> None:
+def check_tokenizer_vocab(data: PretrainData | SftData, model_cfg: LlamaConfig) -> None:
   """A token id the embedding cannot index would be a silent gather of garbage on accelerators
   (XLA clamps out-of-range indices); refuse a tokenizer larger than the model's vocabulary."""
-  if not data.get("tokenizer"):
+  if not data.tokenizer:
     return
   try:
     vocab = load_tokenizer(data.tokenizer).vocab_size
@@ -80,11 +80,11 @@ def check_tokenizer_vocab(data: ml_collections.ConfigDict, model_cfg: LlamaConfi
                      f"{model_cfg.vocab_size} cannot be embedded; use the model's tokenizer.")
 
 
-def estimate_bytes_per_device(c: ml_collections.ConfigDict, model_cfg: LlamaConfig,
-                              num_devices: int, platform: str | None = None) -> dict[str, float]:
-  """training.memory.estimate for this config: bytes per device by part, and "total"."""
+def estimate_bytes_per_device(run: RunConfig, platform: str | None = None) -> dict[str, float]:
+  """training.memory.estimate for this config on its devices: bytes per device by part, and
+  "total"."""
   platform = platform or jax.default_backend()
-  return memory.estimate(memory.shape_from_config(c, model_cfg, num_devices, platform))
+  return memory.estimate(memory.shape_from_config(run, platform))
 
 
 def device_memory_bytes() -> int | None:
@@ -96,16 +96,15 @@ def device_memory_bytes() -> int | None:
   return (stats or {}).get("bytes_limit")
 
 
-def check_memory(c: ml_collections.ConfigDict, model_cfg: LlamaConfig,
-                 available: int | None = None, num_devices: int | None = None,
+def check_memory(run: RunConfig, available: int | None = None,
                  platform: str | None = None) -> None:
   """Stops with "will not fit; try ..." when even the estimate less its 20% tolerance exceeds
-  device memory; warns when the estimate is above memory.USABLE of it."""
+  device memory (`available` bytes, default the first device's); warns when the estimate is
+  above memory.USABLE of it. The devices are those the config was resolved for."""
   available = device_memory_bytes() if available is None else available
   if not available:
     return
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  est = estimate_bytes_per_device(c, model_cfg, num_devices, platform)
+  est = estimate_bytes_per_device(run, platform)
   gib = lambda x: f"{x / 2**30:.1f} GiB"
   parts = ", ".join(f"{k} {gib(v)}" for k, v in est.items() if k != "total" and v)
   if est["total"] <= memory.USABLE * available:
@@ -116,13 +115,13 @@ def check_memory(c: ml_collections.ConfigDict, model_cfg: LlamaConfig,
                     "--suggest lists meshes with more room).", gib(est["total"]), parts,
                     gib(available))
     return
-  s = memory.resolve_axis_sizes({a: c.mesh[a] for a in memory.MESH_AXES}, num_devices)
+  s = run.mesh.sizes
   activations = est["checkpoints"] + est["layer_working_set"] + est["attention"]
   weights = est["params"] + est["optimizer"] + est["gradients"] + est["weight_temps"]
   hints = []
   if activations > est["total"] / 3:
     hints.append(f"mesh.sequence={2 * s['sequence']} (CP)")
-    if c.model.remat_policy != "full":
+    if run.model.remat_policy != "full":
       hints.append("model.remat_policy=full")
   if weights > est["total"] / 3:
     hints.append(f"mesh.fsdp={2 * s['fsdp']} or optim.state_dtype=bfloat16")

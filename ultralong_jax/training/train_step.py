@@ -1,7 +1,7 @@
 """The jit-compiled, sharded train step: explicit in/out shardings, donated state, microbatches.
 
-  built = build(model_config, mesh, c.optim, total_steps, seq_len=T, batch_size=B)
-  built = from_config(c, model_config)        # the same, as a training config describes it
+  built = build(model_config, mesh, optim, total_steps, seq_len=T, batch_size=B)
+  built = from_config(run)        # the same, as a resolved training config (RunConfig) says
   state = built.init_state(built.random_params(seed))
   state, metrics = built.step(state, built.put_batch(batch))
 
@@ -27,7 +27,7 @@ sequence axis is > 1).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,8 @@ from ultralong_jax.modeling import llama
 from ultralong_jax.modeling.config import LlamaConfig
 from ultralong_jax.parallel import mesh as mesh_lib, sharding
 from ultralong_jax.parallel.ring_attention import make_attention_fn
-from ultralong_jax.training import config as config_lib, loss as loss_lib, optimizer
+from ultralong_jax.training import loss as loss_lib, optimizer
+from ultralong_jax.training.run_config import OptimConfig, RunConfig
 
 FEATURES = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
@@ -170,11 +171,11 @@ class TrainStep:
     return put_batch(batch, self.batch_shardings)
 
 
-def build(model_config: LlamaConfig, mesh: Mesh, optim: Any, total_steps: int, *, seq_len: int,
-          batch_size: int, options: StepOptions = StepOptions(),
+def build(model_config: LlamaConfig, mesh: Mesh, optim: OptimConfig, total_steps: int, *,
+          seq_len: int, batch_size: int, options: StepOptions = StepOptions(),
           attention_fn: Callable | None = None) -> TrainStep:
-  """The train step of `model_config` on `mesh`: AdamW per `optim` (an optim ConfigDict, its
-  schedule over `total_steps`), parameters and Adam moments sharded by the logical-axis rules
+  """The train step of `model_config` on `mesh`: AdamW per `optim` (its schedule over
+  `total_steps`), parameters and Adam moments sharded by the logical-axis rules
   (parallel/sharding.py), the batch [batch_size, seq_len] split over data x fsdp and sequence.
   `attention_fn` is the model's attention (None: the plain full attention)."""
   abstract = llama.abstract_model(model_config, attention_fn=attention_fn,
@@ -194,18 +195,19 @@ def build(model_config: LlamaConfig, mesh: Mesh, optim: Any, total_steps: int, *
                    batch_size, step)
 
 
-def from_config(c: Any, model_config: LlamaConfig) -> TrainStep:
-  """The train step a training config describes (configs/*.py, validated by config.validate
-  into `model_config`): its mesh, attention, optimizer and step options."""
-  mesh = mesh_lib.mesh_from_config(c)
-  attention_fn = make_attention_fn(mesh, strategy=c.attention.strategy, layout=c.attention.layout,
-                                   kernel=c.attention.kernel, chunk_size=c.attention.chunk_size)
-  options = StepOptions(microbatches=c.train.microbatches,
-                        loss_chunk_size=min(c.train.loss_chunk_size, c.data.seq_len),
-                        z_loss_weight=c.train.z_loss_weight,
-                        use_segment_ids=config_lib.uses_segment_ids(c))
-  return build(model_config, mesh, c.optim, c.train.steps, seq_len=c.data.seq_len,
-               batch_size=c.data.global_batch_size, options=options, attention_fn=attention_fn)
+def from_config(run: RunConfig) -> TrainStep:
+  """The train step a resolved training config describes (config.resolve): its model, mesh,
+  attention, optimizer and step options."""
+  mesh = mesh_lib.make_mesh(run.mesh.sizes)
+  a = run.attention
+  attention_fn = make_attention_fn(mesh, strategy=a.strategy, layout=a.layout, kernel=a.kernel,
+                                   chunk_size=a.chunk_size)
+  options = StepOptions(microbatches=run.train.microbatches,
+                        loss_chunk_size=min(run.train.loss_chunk_size, run.seq_len),
+                        z_loss_weight=run.train.z_loss_weight,
+                        use_segment_ids=run.uses_segment_ids)
+  return build(run.model, mesh, run.optim, run.train.steps, seq_len=run.seq_len,
+               batch_size=run.global_batch_size, options=options, attention_fn=attention_fn)
 
 
 def _train_state_shardings(mesh: Mesh, tx: optax.GradientTransformation, params_shardings: dict,
