@@ -62,7 +62,7 @@ import numpy as np
 
 from ultralong_jax.data import chat_template
 from ultralong_jax.data.tokenizer import load_tokenizer
-from ultralong_jax.evaluation import generate as gen_lib, loading
+from ultralong_jax.evaluation import generate as gen_lib, loading, prompt_style
 
 NAME = "ultralong_jax"
 _BOS_TOKENS = ("<|begin_of_text|>", "<s>")
@@ -79,7 +79,6 @@ def bucket(length: int, min_bucket: int) -> int:
 def _model_arg_error(e: Exception) -> Exception:
   """A flag-check error restated for model_args (the checks name the CLI flags of loading.py)."""
   return type(e)(f"{NAME} model_args: {e}".replace("--prefill-chunk", "prefill_chunk")
-                 .replace("--chat-template", "chat_template")
                  .replace("--kv-block", "kv_block").replace("--", ""))
 
 
@@ -142,10 +141,7 @@ class UltraLongLM(TemplateLM):
       if isinstance(mesh, str):
         mesh = loading.parse_mesh(mesh_text)
       model_type = flags.config.model_type if model is None else model.config.model_type
-      self._chat_style = loading.prompt_style_for(
-          loading.ModelFlags(None, tokenizer, None), argparse.Namespace(
-              chat_template=chat_template, no_chat=False, tokenizer=args.tokenizer),
-          model_type=model_type)
+      self._chat_style = prompt_style.resolve_style(chat_template, model_type, tokenizer)
     except (ValueError, FileNotFoundError) as e:
       raise _model_arg_error(e) from None
     self._bos = self._bos_text = None

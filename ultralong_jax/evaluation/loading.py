@@ -128,28 +128,15 @@ def add_prompt_flags(p: argparse.ArgumentParser) -> None:
                       "llama -> llama2); with --no-chat, whose BOS starts plain prompts")
 
 
-def prompt_style_for(flags: ModelFlags, args: argparse.Namespace, *,
-                     model_type: str | None = None):
-  """The PromptStyle of --chat-template / --no-chat for the model of --ckpt (or of `model_type`);
-  a tokenizer without the template's special tokens is refused naming --tokenizer, before any
-  weights load."""
+def prompt_style_for(flags: ModelFlags, args: argparse.Namespace):
+  """The PromptStyle of --chat-template / --no-chat for the model of --ckpt; a tokenizer without
+  the template's special tokens is refused naming --tokenizer, before any weights load."""
   from ultralong_jax.evaluation import prompt_style  # pylint: disable=g-import-not-at-top
-  template = args.chat_template
-  if template not in ("auto",) + prompt_style.TEMPLATES:
-    raise ValueError(f"--chat-template={template!r}: use auto or one of "
-                     f"{', '.join(prompt_style.TEMPLATES)}.")
-  model_type = model_type or flags.config.model_type
-  if template == "auto":
-    template = prompt_style.detect_template(model_type, flags.tokenizer)
-  style = prompt_style.PromptStyle(template, chat=not args.no_chat)
-  missing = style.missing_tokens(flags.tokenizer)
-  if missing:
-    how = ("chosen by --chat-template" if args.chat_template != "auto" else
-           f"detected for the {model_type!r} model in --ckpt")
-    raise ValueError(f"--tokenizer {args.tokenizer}: the {template!r} prompts ({how}) need the "
-                     f"special tokens {missing}, which the tokenizer lacks; give the model's own "
-                     "tokenizer or the right --chat-template.")
-  return style
+  try:
+    return prompt_style.resolve_style(args.chat_template, flags.config.model_type,
+                                      flags.tokenizer, chat=not args.no_chat)
+  except ValueError as e:
+    raise ValueError(f"--tokenizer {args.tokenizer}: {e} (--chat-template).") from None
 
 
 def _named(flag: str, load, path: str):

@@ -90,6 +90,22 @@ class PromptStyle:
     return (bos,) if bos else ()
 
 
+def resolve_style(template: str, model_type: str, tokenizer, *, chat: bool = True) -> PromptStyle:
+  """The PromptStyle of `template` ("auto": `detect_template`) for a model of `model_type`;
+  raises ValueError when the template is unknown or the tokenizer lacks its special tokens."""
+  if template not in ("auto",) + TEMPLATES:
+    raise ValueError(f"chat_template={template!r}: use auto or one of {', '.join(TEMPLATES)}.")
+  name = detect_template(model_type, tokenizer) if template == "auto" else template
+  style = PromptStyle(name, chat=chat)
+  missing = style.missing_tokens(tokenizer)
+  if missing:
+    how = f"detected for model_type {model_type!r}" if template == "auto" else "chosen"
+    raise ValueError(f"the {name!r} prompts ({how}) need the special tokens {missing}, which "
+                     "the tokenizer lacks; give the model's own tokenizer or the right chat "
+                     "template")
+  return style
+
+
 def as_style(chat: bool | PromptStyle) -> PromptStyle:
   """A PromptStyle from the `chat` argument of the prompt builders: True / False are Llama 3.1's
   chat / plain prompts."""
