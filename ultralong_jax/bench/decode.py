@@ -105,7 +105,7 @@ def _timed_here(fn) -> tuple[tuple[float, float], object]:
   return (time.perf_counter() - wall, time.process_time() - cpu), result
 
 
-def main(argv=None) -> dict:
+def _parse_args(argv) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch", type=int, default=8)
@@ -128,6 +128,89 @@ def main(argv=None) -> dict:
   for name in ("batch", "prompt", "new_tokens", "repeats"):
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')} must be >= 1")
+  return args
+
+
+NAMES = {"device": "ultralong_jax, device loop", "host": "ultralong_jax, host loop",
+         "transformers": "transformers generate"}
+
+
+def _measure(args: argparse.Namespace, model: Llama, prompts: np.ndarray):
+  """Interleaved timed rounds of each decoder after one warm-up: ({name: [(wall, cpu)]},
+  {name: tokens [B, new]}, the Baseline)."""
+  new = args.new_tokens
+  runner = gen.CachedModel(model)
+  decoders = {loop: (lambda loop=loop: runner.generate(prompts.tolist(), max_new_tokens=new,
+                                                       loop=loop))
+              for loop in ("device", "host")}
+  seconds = {name: [] for name in NAMES}
+  tokens = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_dir = ultralong_jax.save_pretrained(model, os.path.join(tmp, "hf"))
+    baseline = Baseline(pathlib.Path(args.baseline), hf_dir, prompts, new, args.threads, tmp)
+    for fn in decoders.values():  # warm-up (compiles) while the baseline loads
+      fn()
+    baseline.start()
+    if baseline.unavailable:
+      print(f"bench.decode: no transformers baseline: {baseline.unavailable}", file=sys.stderr)
+      del seconds["transformers"]
+    order = list(seconds)
+    for r in range(args.repeats):
+      for name in order[r % len(order):] + order[:r % len(order)]:
+        if name == "transformers":
+          seconds[name].append(baseline.timed())
+        else:
+          timing, out = _timed_here(decoders[name])
+          seconds[name].append(timing)
+          assert all(len(row) == new for row in out), "no stop token: every row has new tokens"
+          tokens[name] = np.asarray(out)
+    if "transformers" in seconds:
+      tokens["transformers"] = baseline.tokens()
+  return seconds, tokens, baseline
+
+
+def _rows(seconds: dict, tokens: dict, total: int) -> list[dict]:
+  """One row per decoder: tokens/s (median wall), per CPU-second, and against transformers."""
+  rows = []
+  reference = statistics.median(w for w, _ in seconds.get("transformers", [(float("nan"), 0)]))
+  for name, timings in seconds.items():
+    wall = [w for w, _ in timings]
+    cpu = [c for _, c in timings]
+    row = {"name": name, "decoder": NAMES[name], "wall_seconds": wall, "cpu_seconds": cpu,
+           "tokens_per_s": total / statistics.median(wall),
+           "tokens_per_cpu_s": total / statistics.median(cpu)}
+    if "transformers" in seconds:
+      row["vs_transformers"] = reference / statistics.median(wall)
+      row["rows_equal_transformers"] = int((tokens[name] == tokens["transformers"]).all(1).sum())
+    rows.append(row)
+  return rows
+
+
+def _print_table(args: argparse.Namespace, rows: list[dict], loads: tuple[float, float],
+                 baseline_info: dict | None) -> None:
+  B, new, total = args.batch, args.new_tokens, args.batch * args.new_tokens
+  xla_threads = (f"{args.threads} thread(s)" if args.threads
+                 else f"default threads (intra-op pool over {os.cpu_count()} cores)")
+  torch_info = (f"; {baseline_info['versions']} ({baseline_info['threads']} threads)"
+                if baseline_info else "")
+  print(f"# {datetime.date.today()}, {platform.machine()} CPU x{os.cpu_count()}, load average "
+        f"{loads[0]:.1f} before / {loads[1]:.1f} after; jax {jax.__version__} "
+        f"({jax.devices()[0].platform}, {xla_threads}){torch_info}")
+  print(f"# batch {B}, {args.prompt}-token prompts, {new} new tokens (greedy, prefill included), "
+        f"L={args.layers} D={args.hidden} F={args.mlp} N={args.heads} K={args.kv_heads} "
+        f"V={args.vocab} float32; median of {args.repeats} interleaved rounds after 1 warm-up")
+  print("| decoder | tokens/s | spread (min-max tokens/s) | vs transformers | tokens per CPU-second "
+        "| rows equal to transformers |\n|---|---|---|---|---|---|")
+  for row in rows:
+    fastest, slowest = total / min(row["wall_seconds"]), total / max(row["wall_seconds"])
+    ratio = f"{row['vs_transformers']:.2f}x" if "vs_transformers" in row else "n/a"
+    equal = f"{row['rows_equal_transformers']}/{B}" if "vs_transformers" in row else "n/a"
+    print(f"| {row['decoder']} | {row['tokens_per_s']:,.0f} | {slowest:,.0f}-{fastest:,.0f} | "
+          f"{ratio} | {row['tokens_per_cpu_s']:,.0f} | {equal} |")
+
+
+def main(argv=None) -> dict:
+  args = _parse_args(argv)
   if args.threads:
     # Read when JAX starts its CPU backend, i.e. at the first computation below.
     os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen="
@@ -141,70 +224,11 @@ def main(argv=None) -> dict:
                        bos_token_id=None, eos_token_id=None)
   model = Llama(config, rngs=nnx.Rngs(args.seed))
   prompts = np.random.default_rng(args.seed).integers(1, args.vocab, (args.batch, args.prompt))
-  B, new = args.batch, args.new_tokens
-  runner = gen.CachedModel(model)
-  decoders = {loop: (lambda loop=loop: runner.generate(prompts.tolist(), max_new_tokens=new,
-                                                       loop=loop))
-              for loop in ("device", "host")}
-  names = {"device": "ultralong_jax, device loop", "host": "ultralong_jax, host loop",
-           "transformers": "transformers generate"}
-  seconds = {name: [] for name in names}
-  tokens = {}
-  with tempfile.TemporaryDirectory() as tmp:
-    hf_dir = ultralong_jax.save_pretrained(model, os.path.join(tmp, "hf"))
-    baseline = Baseline(pathlib.Path(args.baseline), hf_dir, prompts, new, args.threads, tmp)
-    for fn in decoders.values():  # warm-up (compiles) while the baseline loads
-      fn()
-    baseline.start()
-    if baseline.unavailable:
-      print(f"bench.decode: no transformers baseline: {baseline.unavailable}", file=sys.stderr)
-      del names["transformers"], seconds["transformers"]
-    order = list(names)
-    for r in range(args.repeats):
-      for name in order[r % len(order):] + order[:r % len(order)]:
-        if name == "transformers":
-          seconds[name].append(baseline.timed())
-        else:
-          timing, out = _timed_here(decoders[name])
-          seconds[name].append(timing)
-          assert all(len(row) == new for row in out), "no stop token: every row has new tokens"
-          tokens[name] = np.asarray(out)
-    if "transformers" in names:
-      tokens["transformers"] = baseline.tokens()
-  load_after = os.getloadavg()[0]
-
-  total = B * new
-  rows = []
-  reference = statistics.median(w for w, _ in seconds.get("transformers", [(float("nan"), 0)]))
-  for name, decoder in names.items():
-    wall = [w for w, _ in seconds[name]]
-    cpu = [c for _, c in seconds[name]]
-    row = {"name": name, "decoder": decoder, "wall_seconds": wall, "cpu_seconds": cpu,
-           "tokens_per_s": total / statistics.median(wall),
-           "tokens_per_cpu_s": total / statistics.median(cpu)}
-    if "transformers" in names:
-      row["vs_transformers"] = reference / statistics.median(wall)
-      row["rows_equal_transformers"] = int((tokens[name] == tokens["transformers"]).all(1).sum())
-    rows.append(row)
-  xla_threads = (f"{args.threads} thread(s)" if args.threads
-                 else f"default threads (intra-op pool over {os.cpu_count()} cores)")
-  torch_info = (f"; {baseline.info['versions']} ({baseline.info['threads']} threads)"
-                if baseline.info else "")
-  print(f"# {datetime.date.today()}, {platform.machine()} CPU x{os.cpu_count()}, load average "
-        f"{load_before:.1f} before / {load_after:.1f} after; jax {jax.__version__} "
-        f"({jax.devices()[0].platform}, {xla_threads}){torch_info}")
-  print(f"# batch {B}, {args.prompt}-token prompts, {new} new tokens (greedy, prefill included), "
-        f"L={args.layers} D={args.hidden} F={args.mlp} N={args.heads} K={args.kv_heads} "
-        f"V={args.vocab} float32; median of {args.repeats} interleaved rounds after 1 warm-up")
-  print("| decoder | tokens/s | spread (min-max tokens/s) | vs transformers | tokens per CPU-second "
-        "| rows equal to transformers |\n|---|---|---|---|---|---|")
-  for row in rows:
-    fastest, slowest = total / min(row["wall_seconds"]), total / max(row["wall_seconds"])
-    ratio = f"{row['vs_transformers']:.2f}x" if "vs_transformers" in row else "n/a"
-    equal = f"{row['rows_equal_transformers']}/{B}" if "vs_transformers" in row else "n/a"
-    print(f"| {row['decoder']} | {row['tokens_per_s']:,.0f} | {slowest:,.0f}-{fastest:,.0f} | "
-          f"{ratio} | {row['tokens_per_cpu_s']:,.0f} | {equal} |")
-  result = {"args": vars(args), "rows": rows, "load_average": [load_before, load_after],
+  seconds, tokens, baseline = _measure(args, model, prompts)
+  loads = (load_before, os.getloadavg()[0])
+  rows = _rows(seconds, tokens, args.batch * args.new_tokens)
+  _print_table(args, rows, loads, baseline.info)
+  result = {"args": vars(args), "rows": rows, "load_average": list(loads),
             "baseline": baseline.info or {"unavailable": baseline.unavailable}}
   if args.json:
     with open(args.json, "w") as f:
