@@ -97,7 +97,8 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   attention.chunk_size: query/key tile of the chunked kernel (memory O(chunk^2) per tile); for
     splash the largest tile (capped at 512), a multiple of 128.
   data: see ultralong_jax.data.config.default_data_config.
-  optim.learning_rate / warmup_steps / schedule (constant|cosine|linear) / final_lr_fraction.
+  optim.learning_rate / warmup_steps / schedule (constant|cosine|linear|wsd) / final_lr_fraction;
+    optim.cooldown_steps: wsd's linear cooldown to final_lr_fraction over the last steps.
   optim.b1, b2, eps, weight_decay: AdamW; grad_clip_norm: global-norm clip (0 = off).
   optim.state_dtype: float32 | bfloat16 (Adam's first moment in bf16).
   train.steps: optimizer steps; train.microbatches: gradient accumulation per step (the global
@@ -145,7 +146,7 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   c.data = default_data_config(stage)
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=3e-5 if stage == 1 else 5e-6, warmup_steps=0, schedule="constant",
-      final_lr_fraction=0.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0,
+      final_lr_fraction=0.0, cooldown_steps=0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0,
       state_dtype="float32"))
   c.train = ml_collections.ConfigDict(dict(
       steps=480 if stage == 1 else 1000, microbatches=1, loss_chunk_size=4096, z_loss_weight=0.0,
@@ -294,6 +295,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
                      f"{model.vocab_size}; token ids must index the embedding.")
   if c.train.steps <= 0 or c.train.microbatches <= 0:
     raise ValueError("train.steps and train.microbatches must be positive.")
+  warmup, cooldown = c.optim.warmup_steps, c.optim.cooldown_steps
+  if c.optim.schedule == "wsd" and not 0 < cooldown <= c.train.steps - warmup:
+    raise ValueError(f"optim.cooldown_steps={cooldown}: schedule wsd cools down over the last "
+                     f"steps; use 1..{c.train.steps - warmup} (train.steps - optim.warmup_steps).")
+  if c.optim.schedule != "wsd" and cooldown:
+    raise ValueError(f"optim.cooldown_steps={cooldown} applies to optim.schedule=wsd only "
+                     f"(schedule is {c.optim.schedule!r}); set it to 0 or use wsd.")
   if c.train.max_nonfinite_steps < 0:
     raise ValueError(f"train.max_nonfinite_steps={c.train.max_nonfinite_steps}; use >= 0 "
                      "(0 = no limit).")

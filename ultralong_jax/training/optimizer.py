@@ -1,4 +1,4 @@
-"""AdamW with warmup + constant / cosine / linear decay, global-norm clipping (optax).
+"""AdamW with warmup + constant / cosine / linear / wsd decay, global-norm clipping (optax).
 
 Paper (arXiv 2504.06214, Sec. 4.1): Adam, LR 3e-5 for stage 1 and 5e-6 for stage 2.
 """
@@ -11,12 +11,17 @@ import optax
 
 from ultralong_jax.training.run_config import OptimConfig
 
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
   """Linear warmup over `cfg.warmup_steps` to `cfg.learning_rate`, then `cfg.schedule` down to
-  `cfg.learning_rate * cfg.final_lr_fraction` at `total_steps`."""
+  `cfg.learning_rate * cfg.final_lr_fraction` at `total_steps`.
+
+  `wsd` (warmup-stable-decay): the peak held, then a linear cooldown over the last
+  `cfg.cooldown_steps` steps. The weights a constant learning rate ends on are one noisy iterate;
+  a short cooldown settles them (the demo's stage 1: docs/demo.md), while the run keeps the
+  constant rate's progress until then."""
   peak, warmup = cfg.learning_rate, cfg.warmup_steps
   warm = optax.linear_schedule(peak / max(warmup, 1), peak, max(warmup, 1))
   decay_steps = max(total_steps - warmup, 1)
@@ -27,6 +32,11 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     after = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.final_lr_fraction)
   elif cfg.schedule == "linear":
     after = optax.linear_schedule(peak, end, decay_steps)
+  elif cfg.schedule == "wsd":
+    stable = max(total_steps - warmup - cfg.cooldown_steps, 0)
+    after = optax.join_schedules(
+        [optax.constant_schedule(peak), optax.linear_schedule(peak, end, cfg.cooldown_steps)],
+        [stable])
   else:
     raise ValueError(f"optim.schedule={cfg.schedule!r}; use one of {SCHEDULES}.")
   if warmup == 0:

@@ -115,6 +115,7 @@ class OptimConfig(_Section):
   warmup_steps: int
   schedule: str
   final_lr_fraction: float
+  cooldown_steps: int
   b1: float
   b2: float
   eps: float
