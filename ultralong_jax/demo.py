@@ -5,8 +5,8 @@
 1. data: a generated corpus (filler prose with pass keys), chats and a byte-level BPE tokenizer
    with Llama 3's special tokens, trained here; the corpus is tokenized into ArrayRecord shards;
 2. base: a 4-layer Llama trained at 128 tokens (data parallel over 8 devices);
-3. stage 1: its context extended 8x to 1,024 tokens with llama3 RoPE scaling, on packed documents
-   with separators, ring attention over sequence=4 x data=2 devices;
+3. stage 1: its context extended 8x to 1,024 tokens with the paper's YaRN RoPE scaling, on packed
+   documents with separators, ring attention over sequence=4 x data=2 devices;
 4. stage 2: chat SFT with loss on assistant tokens only, examples packed with per-example masks;
 5. needle-in-a-haystack heatmaps of the base, stage-1 and stage-2 models (lengths up to 1,024);
 6. the final model exported as a Hugging Face directory (stage2/hf).
