@@ -146,8 +146,8 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   c.data = default_data_config(stage)
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=3e-5 if stage == 1 else 5e-6, warmup_steps=0, schedule="constant",
-      final_lr_fraction=0.0, cooldown_steps=0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0,
-      state_dtype="float32"))
+      final_lr_fraction=0.0, cooldown_steps=0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+      grad_clip_norm=1.0, state_dtype="float32"))
   c.train = ml_collections.ConfigDict(dict(
       steps=480 if stage == 1 else 1000, microbatches=1, loss_chunk_size=4096, z_loss_weight=0.0,
       seed=0, log_every=1, nonfinite="skip", max_nonfinite_steps=20, run_name="",

@@ -19,9 +19,9 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
   `cfg.learning_rate * cfg.final_lr_fraction` at `total_steps`.
 
   `wsd` (warmup-stable-decay): the peak held, then a linear cooldown over the last
-  `cfg.cooldown_steps` steps. The weights a constant learning rate ends on are one noisy iterate;
-  a short cooldown settles them (the demo's stage 1: docs/demo.md), while the run keeps the
-  constant rate's progress until then."""
+  `cfg.cooldown_steps` steps: a constant rate's progress until the end, and weights that settle
+  instead of one noisy iterate of a constant rate. (On the demo's stage 1 a 40-step cooldown
+  scored lower than the constant rate; docs/demo.md.)"""
   peak, warmup = cfg.learning_rate, cfg.warmup_steps
   warm = optax.linear_schedule(peak / max(warmup, 1), peak, max(warmup, 1))
   decay_steps = max(total_steps - warmup, 1)
