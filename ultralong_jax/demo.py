@@ -17,7 +17,9 @@ Everything lands under --workdir.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -35,13 +37,28 @@ def load_demo_configs(root: str):
   return get, module
 
 
+def _make_documents(data_dir: str, domain: str, spec: dict, tokenizer_path: str, quick: bool,
+                    progress: bool) -> None:
+  """One domain of the corpus: generated documents (JSONL), tokenized into ArrayRecord shards."""
+  from ultralong_jax.data import prepare, synthetic  # pylint: disable=import-outside-toplevel
+  n = spec["docs"] // 10 if quick else spec["docs"]
+  docs = synthetic.write_documents(
+      os.path.join(data_dir, f"{domain}.jsonl"), n, seed=spec["seed"],
+      min_sentences=spec["min_sentences"], max_sentences=spec["max_sentences"],
+      passkey_fraction=spec["passkey_fraction"], repeat=spec["repeat"],
+      tokens=spec.get("tokens", 0), tokenizer=tokenizer_path, recalls=spec.get("recalls", 0))
+  prepare.prepare([docs], os.path.join(data_dir, domain), tokenizer_path, num_shards=4,
+                  num_workers=1, domain=domain, progress=progress)
+
+
 def make_data(data_dir: str, separator_id: int, quick: bool, corpus: dict | None = None) -> dict:
   """The generated corpus (`corpus`, default ultralong_jax/configs/demo.py CORPUS: documents per
   domain, their lengths in sentences, the share with a pass key; chats), tokenized into
-  ArrayRecord shards."""
+  ArrayRecord shards. The first domain is made here (with a progress bar), the others meanwhile
+  in one background process (each domain has its own seed: the files are the same either way)."""
   if corpus is None:
     corpus = load_demo_configs(data_dir)[1].CORPUS
-  from ultralong_jax.data import prepare, synthetic  # pylint: disable=import-outside-toplevel
+  from ultralong_jax.data import synthetic  # pylint: disable=import-outside-toplevel
   from ultralong_jax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   os.makedirs(data_dir, exist_ok=True)
   tokenizer_path = synthetic.build_tokenizer(os.path.join(data_dir, "tokenizer.json"),
@@ -50,31 +67,32 @@ def make_data(data_dir: str, separator_id: int, quick: bool, corpus: dict | None
   if tokenizer.token_id("<|end_of_text|>") != separator_id:
     raise RuntimeError("configs/demo.py: data.separator_id does not match the demo tokenizer's "
                        f"<|end_of_text|> ({tokenizer.token_id('<|end_of_text|>')}).")
-  for domain, spec in corpus["documents"].items():
-    n = spec["docs"] // 10 if quick else spec["docs"]
-    docs = synthetic.write_documents(
-        os.path.join(data_dir, f"{domain}.jsonl"), n, seed=spec["seed"],
-        min_sentences=spec["min_sentences"], max_sentences=spec["max_sentences"],
-        passkey_fraction=spec["passkey_fraction"], repeat=spec["repeat"],
-        tokens=spec.get("tokens", 0), tokenizer=tokenizer_path, recalls=spec.get("recalls", 0))
-    prepare.prepare([docs], os.path.join(data_dir, domain), tokenizer_path, num_shards=4,
-                    num_workers=1, domain=domain, progress=True)
-  chats = corpus["chats"]
-  synthetic.write_chats(os.path.join(data_dir, "chats.jsonl"),
-                        chats["count"] // 6 if quick else chats["count"], seed=chats["seed"],
-                        max_sentences=chats["max_sentences"])
+  (first, first_spec), *others = corpus["documents"].items()
+  with concurrent.futures.ProcessPoolExecutor(
+      1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    background = [pool.submit(_make_documents, data_dir, domain, spec, tokenizer_path, quick,
+                              False) for domain, spec in others]
+    _make_documents(data_dir, first, first_spec, tokenizer_path, quick, progress=True)
+    chats = corpus["chats"]
+    synthetic.write_chats(os.path.join(data_dir, "chats.jsonl"),
+                          chats["count"] // 6 if quick else chats["count"], seed=chats["seed"],
+                          max_sentences=chats["max_sentences"])
+    for future in background:
+      future.result()
   names = ",".join(corpus["documents"])
   return {"tokenizer": tokenizer_path, "documents": os.path.join(data_dir, f"{{{names}}}.jsonl")}
 
 
 def run_needle_evals(root: str, tokenizer_path: str, get_config, quick: bool, *,
                      lengths: list[int] | None = None, depths: list[float] | None = None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, workers: int | None = None) -> dict:
   """Needle-in-a-haystack grids for the base (trained at 128 tokens), stage-1 and stage-2 models
   over lengths up to the extended 1,024, with the corpus's pass-key phrasing.
 
   lengths / depths replace the grid that `quick` picks (notebooks/demo_walkthrough.ipynb runs a
-  small one); returns {stage: niah.NiahResults}.
+  small one); `workers`: lengths run at once (niah.run_niah; default: one per core, at most 4).
+  Stage 2 has stage 1's architecture and prompt lengths: it runs the programs stage 1 compiled.
+  Returns {stage: niah.NiahResults}.
   """
   import ultralong_jax  # pylint: disable=import-outside-toplevel
   from ultralong_jax.data import synthetic  # pylint: disable=import-outside-toplevel
@@ -105,7 +123,8 @@ def run_needle_evals(root: str, tokenizer_path: str, get_config, quick: bool, *,
         model, tokenizer, lengths=lengths, depths=depths, out_dir=os.path.join(root, stage, "niah"),
         needle=needle, haystack_text=filler, chat=chat, max_new_tokens=12,
         training_length=get_config(stage).data.seq_len,
-        title=f"demo {stage}: pass key retrieval", progress=progress)
+        title=f"demo {stage}: pass key retrieval", progress=progress,
+        workers=workers or min(4, os.cpu_count() or 1))
   return results
 
 
@@ -117,6 +136,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   from ultralong_jax.parallel import host_devices  # pylint: disable=import-outside-toplevel
   host_devices.simulate(8)  # the stages' meshes take 8 devices; before JAX initializes
+  host_devices.keep_freed_memory()  # XLA's per-step CPU buffers reused, not re-mapped
   import jax  # pylint: disable=import-outside-toplevel
   from ultralong_jax.training import loop  # pylint: disable=import-outside-toplevel
 

@@ -110,6 +110,31 @@ def test_run_niah_writes_every_cell(tiny_model, tokenizer, tmp_path):
   assert tokenizer.decode([t for t in out if t not in stops]) == res.cells[4]["answer"]
 
 
+def test_workers_give_the_same_cells_and_a_second_model_reuses_the_programs(
+    tiny_model, tiny_model_dir, tokenizer, tmp_path):
+  import ultralong_jax
+  lengths, depths = [192, 256, 320], [0.0, 1.0]
+  kwargs = dict(lengths=lengths, depths=depths, max_new_tokens=4, progress=False, kv_block=40)
+  first = gen.CachedModel(tiny_model, kv_block=40)
+  serial = niah.run_niah(tiny_model, tokenizer, out_dir=str(tmp_path / "a"), cached_model=first,
+                         **kwargs)
+  compiled = {k: f._cache_size() for k, f in first._compiled.items()}
+  assert sum(compiled.values()) == 2 * len(lengths)  # one prefill and one decode loop per length
+  # Another instance of the same architecture (the demo's stage 2 after stage 1) runs the
+  # programs already compiled; three threads give every cell the one-thread answer, in order.
+  other = ultralong_jax.from_pretrained(tiny_model_dir)
+  second = gen.CachedModel(other, kv_block=40)
+  threaded = niah.run_niah(other, tokenizer, out_dir=str(tmp_path / "b"), workers=3,
+                           cached_model=second, **kwargs)
+  assert threaded.cells == serial.cells
+  np.testing.assert_array_equal(threaded.scores, serial.scores)
+  assert {k: f._cache_size() for k, f in second._compiled.items()} == compiled
+  # A different kv_block is a different program: nothing shared.
+  assert not gen.CachedModel(other, kv_block=24)._compiled
+  with pytest.raises(ValueError, match="workers"):
+    niah.run_niah(other, tokenizer, out_dir=str(tmp_path / "c"), workers=0, **kwargs)
+
+
 def test_cli_with_haystack_files_and_sentence_needle(tiny_model_dir, tokenizer_path, tmp_path):
   essay = tmp_path / "essay.txt"
   essay.write_text(hay.filler_text(800, seed=3))

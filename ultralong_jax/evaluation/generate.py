@@ -26,9 +26,11 @@ token (the benchmark's baseline; same tokens for the same seed).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
+import threading
 from typing import Sequence
 
 import jax
@@ -77,6 +79,24 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) 
 
 # One compiled call per token in the host loop (eagerly, each of top-p's ops compiles on its own).
 _sample = jax.jit(sample, static_argnums=(2, 3))
+
+
+# Jitted forwards of CachedModels, by (config, mesh, kv_block, ring, unrolled decode): they take the
+# parameters as arguments, so a second model of one architecture on one mesh (the demo's stage 2
+# after its stage 1, a checkpoint sweep) runs the programs the first one compiled instead of
+# compiling them again. The newest _SHARED_MAX architectures are kept.
+_SHARED: collections.OrderedDict[tuple, dict] = collections.OrderedDict()
+_SHARED_MAX = 4
+_LOCK = threading.Lock()  # CachedModel may be called from several threads (niah --workers)
+
+
+def _shared_compiled(key: tuple) -> dict:
+  with _LOCK:
+    compiled = _SHARED.pop(key, None)
+    _SHARED[key] = compiled = {} if compiled is None else compiled
+    while len(_SHARED) > _SHARED_MAX:
+      _SHARED.popitem(last=False)
+    return compiled
 
 
 def _round_up(x: int, m: int) -> int:
@@ -144,7 +164,7 @@ class CachedModel:
     self._ring_attention = (sharded_cache.ring_cache_attention_fn(mesh, kv_block=kv_block)
                             if ring else None)
     self._constrain = sharding.constrain_fn(mesh) if mesh is not None else None
-    self._compiled = {}
+    self._compiled = _shared_compiled((self.config, mesh, kv_block, ring, unrolled_decode))
 
   def chunk_multiple(self) -> int:
     """Prefill chunks are multiples of this (the sequence size: the ring splits them evenly)."""
@@ -168,8 +188,9 @@ class CachedModel:
 
   def _fn(self, head: str, ring: bool, length: int):
     key = (head, ring, length)
-    if key in self._compiled:
-      return self._compiled[key]
+    with _LOCK:
+      if key in self._compiled:
+        return self._compiled[key]
     forward = functools.partial(
         decode.forward, self.config, constrain=self._constrain, token_fns=self._token_fns,
         cache_attention_fn=self._ring_attention if ring else self._cache_attention)
@@ -185,8 +206,8 @@ class CachedModel:
       # "logprob": log p(target) [B,T] and whether the target is the argmax (greedy) token.
       return (target_logp, jnp.argmax(logp, axis=-1) == targets), cache
 
-    self._compiled[key] = jax.jit(run, donate_argnums=(1,))
-    return self._compiled[key]
+    with _LOCK:
+      return self._compiled.setdefault(key, jax.jit(run, donate_argnums=(1,)))
 
   def step(self, cache, ids, positions, segment_ids, start: int, *, head="last", targets=None):
     """T tokens at slots [start, start+T) -> (out, cache); out by `head`: "last": last-token
@@ -308,8 +329,9 @@ class CachedModel:
     written. The cache is donated and returned.
     """
     key = ("decode_loop", max_new_tokens, temperature, top_p)
-    if key in self._compiled:
-      return self._compiled[key]
+    with _LOCK:
+      if key in self._compiled:
+        return self._compiled[key]
     forward = functools.partial(decode.forward, self.config, token_fns=self._token_fns,
                                 constrain=self._constrain)
 
@@ -343,8 +365,8 @@ class CachedModel:
           cond, body, (jnp.int32(1), last, rng, cache, positions, tokens, counts, done))
       return tokens, counts, steps, cache
 
-    self._compiled[key] = jax.jit(run, donate_argnums=(1,))
-    return self._compiled[key]
+    with _LOCK:
+      return self._compiled.setdefault(key, jax.jit(run, donate_argnums=(1,)))
 
   def _decode_on_host(self, logits, cache, positions, done, stops, start: int, seed: int,
                       max_new_tokens: int, temperature: float, top_p: float) -> list[list[int]]:

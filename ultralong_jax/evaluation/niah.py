@@ -14,6 +14,7 @@ the model's answer), OUT/niah.csv and OUT/niah_heatmap.png (training length dash
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import json
@@ -107,15 +108,20 @@ def run_niah(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[float
              chat: bool | PromptStyle = True, max_new_tokens: int = 32, batch_size: int = 1,
              training_length: int | None = None, prefill_chunk: int = 8192, kv_block: int = 512,
              seed: int = 0, progress: bool = True, title: str = "Needle in a haystack",
-             cached_model: gen_lib.CachedModel | None = None) -> NiahResults:
+             cached_model: gen_lib.CachedModel | None = None, workers: int = 1) -> NiahResults:
   """Runs the grid and writes niah.json / niah.csv / niah_heatmap.png under out_dir.
 
   model: a `modeling.llama.Llama`; tokenizer: `ultralong_jax.data.tokenizer` interface; lengths
   in tokens; depths in [0, 1]; haystack_text: defaults to `haystack.filler_text`; cells of one
-  length run `batch_size` at a time (all equally long: no padding).
+  length run `batch_size` at a time (all equally long: no padding). `workers` > 1 runs that many
+  lengths at once from threads, longest first (each length compiles its own prefill and decode
+  programs: on a CPU host, compiling one while running another keeps more cores busy); every
+  cell's answer is the same as with one worker.
   """
   if not lengths or not depths:
     raise ValueError("run_niah: lengths and depths must be non-empty.")
+  if workers < 1:
+    raise ValueError(f"run_niah: workers must be >= 1, got {workers}.")
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   text = haystack_text if haystack_text is not None else hay.filler_text(20_000, seed)
   cells = make_cells(tokenizer, hay.Haystack(tokenizer, text), lengths, depths, needle=needle,
@@ -123,10 +129,10 @@ def run_niah(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[float
   runner = cached_model or gen_lib.CachedModel(model, mesh, kv_block=kv_block)
   style = as_style(chat)
   stops = style.stop_ids(tokenizer)
-  rows = []
   bar = tqdm(total=len(cells), desc="needle cells", disable=not progress, file=sys.stderr)
-  for start in range(0, len(cells), len(depths)):
-    group = cells[start:start + len(depths)]  # one length, all depths
+
+  def run_length(group: list[Cell]) -> list[dict]:  # one length, all depths
+    rows = []
     for b in range(0, len(group), batch_size):
       batch = group[b:b + batch_size]
       outs = runner.generate([c.prompt.ids for c in batch], max_new_tokens=max_new_tokens,
@@ -141,7 +147,23 @@ def run_niah(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[float
             "score": scoring.score(cell.needle.kind, answer, cell.needle.answer)})
       bar.update(len(batch))
       bar.set_postfix(length=group[0].length)
+    return rows
+
+  groups = [cells[s:s + len(depths)] for s in range(0, len(cells), len(depths))]
+  if workers == 1:
+    per_length = [run_length(g) for g in groups]
+  else:
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      order = sorted(range(len(groups)), key=lambda i: -groups[i][0].length)
+      futures = {i: pool.submit(run_length, groups[i]) for i in order}
+      try:
+        per_length = [futures[i].result() for i in range(len(groups))]
+      except BaseException:  # the first error (or Ctrl-C) ends the grid: no new lengths start
+        for f in futures.values():
+          f.cancel()
+        raise
   bar.close()
+  rows = [row for group in per_length for row in group]
   scores = np.array([r["score"] for r in rows]).reshape(len(lengths), len(depths)).T
   settings = {"lengths": list(lengths), "depths": list(depths), "chat": style.chat,
               "chat_template": style.template,
@@ -204,6 +226,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--training-length", type=int, help="draw this length as a dashed line")
   p.add_argument("--max-new-tokens", type=int, default=32)
   p.add_argument("--batch-size", type=int, default=1)
+  p.add_argument("--workers", type=int, default=1,
+                 help="lengths run at once from threads (CPU hosts: the number of cores)")
   p.add_argument("--seed", type=int, default=0)
   return p
 
@@ -215,7 +239,7 @@ def main(argv=None) -> NiahResults:
   # Every flag is checked before the weights load (minutes for a large model); errors name the flag.
   with loading.flag_errors(parser):
     loading.positive(args, "max_length", "min_length", "num_lengths", "num_depths",
-                     "training_length", "max_new_tokens", "batch_size")
+                     "training_length", "max_new_tokens", "batch_size", "workers")
     if args.needle not in ("passkey", "sentence") and not (args.question and args.answer):
       raise ValueError("--needle with a custom sentence needs --question and --answer.")
     needle = args.needle if args.needle in ("passkey", "sentence") else hay.Needle(
@@ -246,7 +270,7 @@ def main(argv=None) -> NiahResults:
   results = run_niah(model, flags.tokenizer, lengths=lengths, depths=depths, out_dir=args.out,
                      mesh=flags.mesh, needle=needle, haystack_text=text, chat=style,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                     training_length=args.training_length, prefill_chunk=args.prefill_chunk,
+                     workers=args.workers, training_length=args.training_length, prefill_chunk=args.prefill_chunk,
                      kv_block=args.kv_block, seed=args.seed)
   print(f"needle in a haystack: mean score {results.mean:.3f} over {len(results.cells)} cells")
   for name, path in results.paths.items():
