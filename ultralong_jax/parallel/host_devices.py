@@ -33,12 +33,12 @@ def simulate(n: int, *, keep_count: bool = False, cpu: bool = False) -> None:
 
 
 def keep_freed_memory() -> bool:
-  """glibc's malloc: serve blocks up to 32 MiB (its maximum mmap threshold) from the heap and keep
-  up to 1 GiB of freed heap instead of returning it to the OS at once. XLA's CPU runtime frees
-  and reallocates its buffers every step; by default the large ones are mmap-ed and zero-filled
-  afresh each time. On the demo's base model this cut page faults ~9x and step time ~6%
-  (docs/demo.md). Memory use stays bounded by those two sizes; results are unchanged. Returns
-  False (and changes nothing) where the C library has no mallopt (musl, macOS)."""
+  """glibc's malloc: serve blocks up to 32 MiB from the heap (not mmap) and keep up to 1 GiB of
+  freed heap instead of returning it to the OS at once. XLA's CPU runtime frees and reallocates
+  its buffers every step; by default many are mapped and zero-filled afresh each time. On the
+  demo's base model this cut page faults ~8x and step time 6-15% (docs/demo.md); results are
+  unchanged. Blocks above 64 MiB allocated from threads are mmap-ed whatever the settings.
+  Returns False (and changes nothing) where the C library has no mallopt (musl, macOS)."""
   try:
     mallopt = ctypes.CDLL(None).mallopt
   except (OSError, AttributeError):
