@@ -31,8 +31,9 @@ def test_make_data_in_two_processes_writes_the_files_of_one(tmp_path):
   ref.mkdir()
   from ultralong_jax.data import synthetic
   tokenizer = synthetic.build_tokenizer(str(ref / "tokenizer.json"), corpus["vocab_size"])
+  make_documents = demo._make_documents  # pylint: disable=protected-access
   for domain, spec in corpus["documents"].items():
-    demo._make_documents(str(ref), domain, spec, tokenizer, False, False)  # pylint: disable=protected-access
+    make_documents(str(ref), domain, spec, tokenizer, quick=False, progress=False)
   synthetic.write_chats(str(ref / "chats.jsonl"), 30, seed=2, max_sentences=20)
   names = _files(ref)
   assert _files(tmp_path / "made") == names

@@ -200,6 +200,7 @@ def test_cli_bad_inputs_name_the_flag(tiny_model_dir, tokenizer_path, tmp_path, 
                       (["--lengths", "20"], "--lengths"),  # no room for the haystack
                       (["--min-length", "9000"], "--min-length"),  # above max_position_embeddings
                       (["--batch-size", "0"], "--batch-size"),
+                      (["--workers", "0"], "--workers"),
                       (["--num-lengths", "0"], "--num-lengths"),
                       (["--kv-block", "0"], "--kv-block"),
                       (["--needle", "The key is under the mat."], "--needle")]:

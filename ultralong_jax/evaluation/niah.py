@@ -270,8 +270,8 @@ def main(argv=None) -> NiahResults:
   results = run_niah(model, flags.tokenizer, lengths=lengths, depths=depths, out_dir=args.out,
                      mesh=flags.mesh, needle=needle, haystack_text=text, chat=style,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                     workers=args.workers, training_length=args.training_length, prefill_chunk=args.prefill_chunk,
-                     kv_block=args.kv_block, seed=args.seed)
+                     training_length=args.training_length, prefill_chunk=args.prefill_chunk,
+                     kv_block=args.kv_block, seed=args.seed, workers=args.workers)
   print(f"needle in a haystack: mean score {results.mean:.3f} over {len(results.cells)} cells")
   for name, path in results.paths.items():
     print(f"  {name}: {path}")
