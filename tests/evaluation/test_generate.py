@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import ultralong_jax
-from ultralong_jax.evaluation import generate as gen
+from ultralong_jax.evaluation import generate as gen, sampling
 from ultralong_jax.parallel import mesh as mesh_lib
 
 ROPE_CASES = {
@@ -162,7 +162,7 @@ def test_device_loop_ends_when_unfinished_rows_are_done(make_hf_llama):
 def test_top_p_filter_hand_computed():
   # probabilities 0.5, 0.3, 0.15, 0.05 (token order shuffled)
   logits = jnp.log(jnp.array([[0.15, 0.5, 0.05, 0.3]]))
-  keep = lambda p: np.isfinite(np.asarray(gen.top_p_filter(logits, p)))[0].tolist()  # noqa: E731
+  keep = lambda p: np.isfinite(np.asarray(sampling.top_p_filter(logits, p)))[0].tolist()  # noqa: E731
   assert keep(0.4) == [False, True, False, False]   # the top token alone reaches 0.4
   assert keep(0.8) == [False, True, False, True]    # 0.5 + 0.3 = 0.8 >= 0.8
   assert keep(0.81) == [True, True, False, True]
@@ -172,12 +172,12 @@ def test_top_p_filter_hand_computed():
 def test_sampling_seeded_and_nucleus_respected():
   logits = jnp.log(jnp.array([[0.15, 0.5, 0.05, 0.3]] * 256))
   key = jax.random.PRNGKey(0)
-  a = np.asarray(gen.sample(logits, key, 1.0, 0.8))
+  a = np.asarray(sampling.sample(logits, key, 1.0, 0.8))
   assert set(a.tolist()) == {1, 3}                  # only the 0.8 nucleus is ever drawn
-  np.testing.assert_array_equal(a, gen.sample(logits, key, 1.0, 0.8))
+  np.testing.assert_array_equal(a, sampling.sample(logits, key, 1.0, 0.8))
   frac = (a == 1).mean()                            # renormalized: 0.5 / 0.8 = 0.625
   assert abs(frac - 0.625) < 0.1
-  assert (np.asarray(gen.sample(logits, key, 0.0, 1.0)) == 1).all()
+  assert (np.asarray(sampling.sample(logits, key, 0.0, 1.0)) == 1).all()
 
 
 def test_chat_prompt_matches_transformers_generation_prompt(tokenizer, tokenizer_path):
